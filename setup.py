@@ -1,0 +1,53 @@
+"""avsd-megatron: Adaptive-View Self-Distillation (arXiv 2605.20643) on Megatron-Core.
+
+Extras:
+  train   - Megatron-Core (the training backend) and what its CPU/GPU paths import.
+  rollout - vLLM, GPU only; never needed for tests.
+  launch  - NeMo-Run (with the leptonai pin that lets 0.11.x import).
+  test    - pytest, hypothesis, transformers (the HF oracle for model math), ...
+
+Transformer Engine and NVIDIA Apex are not PyPI dependencies: they come with the NGC PyTorch container
+(docker/Dockerfile). The PyPI package named `apex` is an unrelated project; never depend on it.
+"""
+
+from setuptools import find_packages, setup
+
+TORCH = "torch>=2.6,<2.16"
+
+EXTRAS = {
+    "train": [
+        "megatron-core>=0.19.0,<0.20",
+        "psutil>=5.9",  # megatron's dist_checkpointing imports it
+    ],
+    "rollout": [
+        "vllm>=0.11,<0.34",
+    ],
+    "launch": [
+        "nemo-run>=0.11.1,<0.12",
+        "leptonai<0.47",  # nemo-run 0.11.1 fails to import with leptonai>=0.47
+    ],
+    "test": [
+        "pytest>=8",
+        "hypothesis>=6.100",
+        "transformers>=4.57,<6",
+        "safetensors>=0.4",
+    ],
+}
+
+setup(
+    name="avsd-megatron",
+    version="0.1.0",
+    description="Adaptive-View Self-Distillation (AVSD) for Qwen3-class models on Megatron-Core",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.12",
+    packages=find_packages(include=["avsd_megatron", "avsd_megatron.*"]),
+    install_requires=[
+        TORCH,
+        "numpy>=1.26",
+        "pyyaml>=6",
+        "tqdm>=4.66",
+    ],
+    extras_require=EXTRAS,
+)
