@@ -55,10 +55,11 @@ class VocabShard:
 
     def owned(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(owned, local_index) for global ids: owned = id is a real token held by this shard;
-        local_index = id - start clamped into [0, V_loc) (safe to gather with; mask the result by `owned`)."""
+        local_index = id - start clamped into [0, num_real) (safe to gather from the real columns; mask the result
+        by `owned`)."""
         local = token_ids - self.start
         owned = (local >= 0) & (local < self.num_real)
-        return owned, local.clamp(0, max(self.local_width - 1, 0))
+        return owned, local.clamp(0, max(self.num_real - 1, 0))
 
 
 def vocab_shard(local_width: int, group: dist.ProcessGroup | None, vocab_size: int | None) -> VocabShard:
