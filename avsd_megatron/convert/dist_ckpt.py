@@ -95,6 +95,7 @@ class _StreamingSavePlanner(DefaultSavePlanner):
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
         self._entries = {}
         self._items = []
+        self.error: BaseException | None = None  # first exception raised by a `produce`, re-raised by the caller
         for entry in entries:
             if entry.global_shape is None:
                 index = MetadataIndex(entry.key)
@@ -123,7 +124,11 @@ class _StreamingSavePlanner(DefaultSavePlanner):
     def resolve_data(self, write_item: WriteItem):
         offsets = tuple(write_item.index.offset) if write_item.type != WriteItemType.BYTE_IO else None
         entry = self._entries[(write_item.index.fqn, offsets)]
-        value = entry.produce()
+        try:
+            value = entry.produce()
+        except BaseException as exc:
+            self.error = self.error or exc
+            raise
         if entry.global_shape is None:
             buffer = io.BytesIO()
             torch.save([value], buffer)  # Megatron stores a ShardedObject as a one-element list
@@ -150,7 +155,12 @@ def write_torch_dist(out_dir: str | Path, entries: Sequence[ChunkEntry], common_
     writer = dcp.FileSystemWriter(str(out_dir), single_file_per_rank=True, thread_count=1, overwrite=False)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
+        try:
+            dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
+        except BaseException:  # DCP's CheckpointException derives from BaseException
+            if planner.error is not None:  # it wraps the producer's error as text; surface the error itself
+                raise planner.error from None
+            raise
     save_config(CheckpointingConfig("torch_dist", 1), str(out_dir))
 
 

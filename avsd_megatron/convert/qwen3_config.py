@@ -150,15 +150,14 @@ class Qwen3Dims:
         cfg = _as_dict(hf_config)
         archs = cfg.get("architectures")
         model_type = cfg.get("model_type")
-        if archs is not None and QWEN3_ARCHITECTURE not in archs:
+        if (
+            (archs is None and model_type is None)
+            or (archs is not None and QWEN3_ARCHITECTURE not in archs)
+            or (model_type is not None and model_type != QWEN3_MODEL_TYPE)
+        ):
             raise ValueError(
                 f"config.json: architectures={archs} (model_type={model_type!r}) is not supported; "
-                f"this converter handles {QWEN3_ARCHITECTURE} (dense Qwen3) only"
-            )
-        if archs is None and model_type != QWEN3_MODEL_TYPE:
-            raise ValueError(
-                f"config.json: model_type={model_type!r} with no architectures is not supported; "
-                f"expected model_type={QWEN3_MODEL_TYPE!r} / architectures=[{QWEN3_ARCHITECTURE!r}]"
+                f"this converter handles {QWEN3_ARCHITECTURE} (model_type={QWEN3_MODEL_TYPE!r}, dense Qwen3) only"
             )
         for field, allowed in (("hidden_act", ("silu",)), ("attention_bias", (False,)), ("use_sliding_window", (False,))):
             if field in cfg and cfg[field] not in allowed:
