@@ -8,8 +8,8 @@ non-tensor part of the state dict), and Megatron's `metadata.json` naming the ba
 global, a model at any TP/PP loads it: each rank asks for its own slices.
 
 `write_torch_dist` writes such a checkpoint from one process, one chunk at a time (a DCP `SavePlanner` whose
-`resolve_data` produces each chunk when the writer reaches it), so memory stays at about one chunk; no process group,
-no Megatron model. `TorchDistReader` reads any region of any key (e.g. one layer), whatever TP/PP wrote the
+`resolve_data` produces each chunk when the writer reaches it, one `.distcp` file per chunk), so memory stays at about
+one chunk; no process group, no Megatron model. `TorchDistReader` reads any region of any key (e.g. one layer), whatever TP/PP wrote the
 checkpoint. `load_megatron_checkpoint` is the trainer side: rank-local Megatron model(s) <- checkpoint.
 """
 
@@ -152,7 +152,9 @@ def write_torch_dist(out_dir: str | Path, entries: Sequence[ChunkEntry], common_
 
     common = ChunkEntry(sharded_object_key(COMMON_STATE_KEY, (0,), (1,)), lambda: dict(common_state or {}))
     planner = _StreamingSavePlanner([*entries, common])
-    writer = dcp.FileSystemWriter(str(out_dir), single_file_per_rank=True, thread_count=1, overwrite=False)
+    # One file per chunk: torch's FileSystemWriter keeps every tensor written to a file referenced (by key) until
+    # that file is closed, so a single file would hold the embedding, the output layer and a layer of each key.
+    writer = dcp.FileSystemWriter(str(out_dir), single_file_per_rank=False, thread_count=1, overwrite=False)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         try:
