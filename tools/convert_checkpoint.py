@@ -60,10 +60,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     start = time.perf_counter()
+    try:
+        out = _run(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:  # bad input files or arguments: no traceback
+        parser.exit(2, f"{args.command}: error: {exc}\n")
+    print(f"{args.command}: wrote {out} in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> Path:
     if args.command == "hf-to-megatron":
-        out = convert_hf_to_megatron(
+        return convert_hf_to_megatron(
             args.hf,
             args.out,
             tensor_model_parallel_size=args.tp,
@@ -71,16 +81,13 @@ def main(argv: list[str] | None = None) -> int:
             dtype=DTYPES[args.dtype],
             make_vocab_size_divisible_by=args.vocab_divisible_by,
         )
-    else:
-        out = convert_megatron_to_hf(
-            args.megatron,
-            args.out,
-            hf_reference_dir=args.hf_reference,
-            dtype=DTYPES[args.dtype] if args.dtype else None,
-            max_shard_bytes=int(args.max_shard_gb * 1e9),
-        )
-    print(f"{args.command}: wrote {out} in {time.perf_counter() - start:.1f}s")
-    return 0
+    return convert_megatron_to_hf(
+        args.megatron,
+        args.out,
+        hf_reference_dir=args.hf_reference,
+        dtype=DTYPES[args.dtype] if args.dtype else None,
+        max_shard_bytes=int(args.max_shard_gb * 1e9),
+    )
 
 
 if __name__ == "__main__":

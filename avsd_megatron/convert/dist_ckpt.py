@@ -58,7 +58,9 @@ __all__ = [
 ]
 
 MEGATRON_METADATA = "metadata.json"
-"""Megatron's checkpoint config file: {"sharded_backend": "torch_dist", "sharded_backend_version": 1}."""
+"""Megatron's checkpoint config file (`dist_checkpointing.core.save_config` of a `CheckpointingConfig`)."""
+MEGATRON_TORCH_DIST_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
+"""Its content for the torch_dist backend, written here directly so that file conversion never imports Megatron."""
 CONVERSION_METADATA = "hf_conversion.json"
 """Our file next to it: the HF config.json (to rebuild the model) and how the checkpoint was produced."""
 CONVERSION_FORMAT = "avsd-megatron/qwen3-dist-ckpt"
@@ -148,8 +150,6 @@ def write_torch_dist(out_dir: str | Path, entries: Sequence[ChunkEntry], common_
             checks: a missing or overlapping chunk raises `ValueError`).
         common_state: the non-sharded part of the state dict (Megatron's `common_state` object); default {}.
     """
-    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
-
     common = ChunkEntry(sharded_object_key(COMMON_STATE_KEY, (0,), (1,)), lambda: dict(common_state or {}))
     planner = _StreamingSavePlanner([*entries, common])
     # One file per chunk: torch's FileSystemWriter keeps every tensor written to a file referenced (by key) until
@@ -163,7 +163,8 @@ def write_torch_dist(out_dir: str | Path, entries: Sequence[ChunkEntry], common_
             if planner.error is not None:  # it wraps the producer's error as text; surface the error itself
                 raise planner.error from None
             raise
-    save_config(CheckpointingConfig("torch_dist", 1), str(out_dir))
+    with open(Path(out_dir) / MEGATRON_METADATA, "w", encoding="utf-8") as f:
+        json.dump(MEGATRON_TORCH_DIST_CONFIG, f)
 
 
 # ----------------------------------------------------------------------------------------------------------------
