@@ -59,7 +59,8 @@ def _step(kind: str, work: Path, shard_bytes: int) -> dict:
         for path in sorted((work / "hf").glob("*.safetensors")):
             state.update({name: t.clone() for name, t in load_file(path).items()})
     elif kind == "hf->mcore":
-        convert_hf_to_megatron(work / "hf", work / "mcore", tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
+        layout = dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
+        convert_hf_to_megatron(work / "hf", work / "mcore", **layout)
     else:
         convert_megatron_to_hf(work / "mcore", work / "hf-out", max_shard_bytes=shard_bytes)
     peak = _status_mb("VmHWM")

@@ -1,7 +1,7 @@
 """Convert Qwen3 checkpoints between Hugging Face (safetensors) and Megatron-Core (torch_dist dist checkpoint).
 
-    python tools/convert_checkpoint.py hf-to-megatron --hf Qwen3-8B/ --out ckpt/qwen3-8b-mcore --tp 2 --pp 2 --dtype bf16
-    python tools/convert_checkpoint.py megatron-to-hf --megatron ckpt/run/ --out Qwen3-8B-avsd/ [--hf-reference Qwen3-8B/]
+    python tools/convert_checkpoint.py hf-to-megatron --hf Qwen3-8B/ --out ckpt/qwen3-8b --tp 2 --pp 2 --dtype bf16
+    python tools/convert_checkpoint.py megatron-to-hf --megatron ckpt/run/ --out Qwen3-8B-avsd/ [--hf-reference DIR]
 
 Runs in one process on CPU, no torchrun: the Megatron checkpoint holds global tensors that Megatron loads at any
 TP/PP (`avsd_megatron.convert.load_megatron_checkpoint`); `--tp/--pp` are checked to divide the model and TP sets

@@ -12,7 +12,11 @@
 The CLI is `tools/convert_checkpoint.py`. Importing this package does not import Megatron.
 """
 
-from avsd_megatron.convert.convert import convert_hf_to_megatron, convert_megatron_to_hf, iter_hf_weights_from_checkpoint
+from avsd_megatron.convert.convert import (
+    convert_hf_to_megatron,
+    convert_megatron_to_hf,
+    iter_hf_weights_from_checkpoint,
+)
 from avsd_megatron.convert.dist_ckpt import (
     TorchDistReader,
     load_megatron_checkpoint,

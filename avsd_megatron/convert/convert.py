@@ -33,7 +33,6 @@ from avsd_megatron.convert.dist_ckpt import (
     ChunkEntry,
     TorchDistReader,
     read_conversion_metadata,
-    resolve_checkpoint_dir,
     sharded_object_key,
     write_conversion_metadata,
     write_torch_dist,
@@ -117,7 +116,9 @@ def _check_hf_tensors(reader: SafetensorsReader, dims: Qwen3Dims) -> None:
             raise ValueError(f"tensor {name!r} in {info.file.name} has non-float dtype {info.dtype}")
 
 
-def _megatron_entries(reader: SafetensorsReader, dims: Qwen3Dims, padded_vocab: int, dtype: torch.dtype) -> list[ChunkEntry]:
+def _megatron_entries(
+    reader: SafetensorsReader, dims: Qwen3Dims, padded_vocab: int, dtype: torch.dtype
+) -> list[ChunkEntry]:
     """Every chunk of the dist checkpoint, layer by layer, each producing itself from the HF files on demand."""
     entries = []
     for mapping, layer in model_mappings(dims):
@@ -132,9 +133,8 @@ def _megatron_entries(reader: SafetensorsReader, dims: Qwen3Dims, padded_vocab: 
             entries.append(ChunkEntry(megatron_key(mapping), produce, shape, (0,) * len(shape), shape, dtype))
         else:
             global_shape = (dims.num_layers, *shape)
-            entries.append(
-                ChunkEntry(megatron_key(mapping), produce, global_shape, (layer,) + (0,) * len(shape), (1, *shape), dtype)
-            )
+            offsets = (layer,) + (0,) * len(shape)
+            entries.append(ChunkEntry(megatron_key(mapping), produce, global_shape, offsets, (1, *shape), dtype))
             if mapping is LAYER_MAPPINGS[-1]:  # the linear layers' (empty) `_extra_state`, as Megatron saves it
                 for module in LINEAR_MODULES:
                     key = sharded_object_key(f"decoder.layers.{module}._extra_state", (layer,), (dims.num_layers,))
@@ -218,7 +218,9 @@ def _check_megatron_tensors(reader: TorchDistReader, dims: Qwen3Dims) -> None:
         )
 
 
-def iter_hf_weights_from_checkpoint(reader: TorchDistReader, dims: Qwen3Dims, dtype: torch.dtype | None = None) -> Iterator[tuple[str, Tensor]]:
+def iter_hf_weights_from_checkpoint(
+    reader: TorchDistReader, dims: Qwen3Dims, dtype: torch.dtype | None = None
+) -> Iterator[tuple[str, Tensor]]:
     """(HF name, tensor) for the whole model, reading one layer at a time; same order as `export_hf_weights`."""
     stored = reader.tensors()
     current_layer, layer_tensors = None, {}
@@ -253,7 +255,8 @@ def _resolve_hf_config(
     if meta is not None and reference is not None:
         ours, theirs = Qwen3Dims.from_hf_config(meta["hf_config"]), Qwen3Dims.from_hf_config(reference)
         if ours != theirs:
-            diff = {f: (getattr(ours, f), getattr(theirs, f)) for f in ours.__dataclass_fields__ if getattr(ours, f) != getattr(theirs, f)}
+            fields = [f for f in ours.__dataclass_fields__ if getattr(ours, f) != getattr(theirs, f)]
+            diff = {f: (getattr(ours, f), getattr(theirs, f)) for f in fields}
             raise ValueError(f"--hf-reference config.json disagrees with {megatron_dir}/hf_conversion.json: {diff}")
     config = dict(reference if reference is not None else meta["hf_config"])
     assets = Path(hf_reference_dir) if hf_reference_dir is not None else megatron_dir / HF_ASSETS_DIR
@@ -300,7 +303,8 @@ def convert_megatron_to_hf(
             writer.add(name, tensor)
         writer.finish()
         config = dict(hf_config)
-        config["dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"] = str(out_dtype).removeprefix("torch.")
+        dtype_field = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"  # < / >= tf 5
+        config[dtype_field] = str(out_dtype).removeprefix("torch.")
         write_json(tmp / "config.json", config)
         if assets is not None:
             copy_hf_assets(assets, tmp)

@@ -8,9 +8,10 @@ non-tensor part of the state dict), and Megatron's `metadata.json` naming the ba
 global, a model at any TP/PP loads it: each rank asks for its own slices.
 
 `write_torch_dist` writes such a checkpoint from one process, one chunk at a time (a DCP `SavePlanner` whose
-`resolve_data` produces each chunk when the writer reaches it, one `.distcp` file per chunk), so memory stays at about
-one chunk; no process group, no Megatron model. `TorchDistReader` reads any region of any key (e.g. one layer), whatever TP/PP wrote the
-checkpoint. `load_megatron_checkpoint` is the trainer side: rank-local Megatron model(s) <- checkpoint.
+`resolve_data` produces each chunk when the writer reaches it, one `.distcp` file per chunk), so memory stays at
+about one chunk; no process group, no Megatron model. `TorchDistReader` reads any region of any key (e.g. one
+layer), whatever TP/PP wrote the checkpoint. `load_megatron_checkpoint` is the trainer side: rank-local Megatron
+model(s) <- checkpoint.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ __all__ = [
     "read_conversion_metadata",
     "resolve_checkpoint_dir",
     "sharded_object_key",
+    "unwrap_model",
     "write_conversion_metadata",
     "write_torch_dist",
 ]
@@ -141,7 +143,9 @@ class _StreamingSavePlanner(DefaultSavePlanner):
         return value.detach().to(device="cpu", dtype=entry.dtype).contiguous()
 
 
-def write_torch_dist(out_dir: str | Path, entries: Sequence[ChunkEntry], common_state: Mapping[str, Any] | None = None) -> None:
+def write_torch_dist(
+    out_dir: str | Path, entries: Sequence[ChunkEntry], common_state: Mapping[str, Any] | None = None
+) -> None:
     """Write a Megatron `torch_dist` checkpoint into the empty directory `out_dir`, producing chunks in order.
 
     Args:
@@ -233,7 +237,9 @@ class TorchDistReader:
         with open(self.ckpt_dir / MEGATRON_METADATA, encoding="utf-8") as f:
             backend = json.load(f).get("sharded_backend")
         if backend != "torch_dist":
-            raise ValueError(f"{self.ckpt_dir / MEGATRON_METADATA}: sharded_backend={backend!r}; only 'torch_dist' is read")
+            raise ValueError(
+                f"{self.ckpt_dir / MEGATRON_METADATA}: sharded_backend={backend!r}; only 'torch_dist' is read"
+            )
         self._reader = dcp.FileSystemReader(str(self.ckpt_dir))
         self.metadata: Metadata = self._reader.read_metadata()
         self._reader.set_up_storage_reader(self.metadata, is_coordinator=True)
@@ -316,7 +322,7 @@ def load_megatron_checkpoint(model: torch.nn.Module | Sequence[torch.nn.Module],
     request: dict[str, dict[str, Any]] = {}
     skipped: dict[str, set[str]] = {}
     for i, chunk in enumerate(chunks):
-        sharded = _unwrap(chunk).sharded_state_dict()
+        sharded = unwrap_model(chunk).sharded_state_dict()
         keep = {}
         for name, value in sharded.items():
             if isinstance(value, ShardedObject) and name.endswith("_extra_state") and value.unique_key not in stored:
@@ -326,7 +332,7 @@ def load_megatron_checkpoint(model: torch.nn.Module | Sequence[torch.nn.Module],
         request[f"model{i}"] = keep
     loaded = dist_checkpointing.load(request, str(ckpt_dir))
     for i, chunk in enumerate(chunks):
-        result = _unwrap(chunk).load_state_dict(loaded[f"model{i}"], strict=False)
+        result = unwrap_model(chunk).load_state_dict(loaded[f"model{i}"], strict=False)
         missing = [k for k in result.missing_keys if k not in skipped.get(f"model{i}", set())]
         unexpected = list(result.unexpected_keys)
         if missing or unexpected:
@@ -335,7 +341,7 @@ def load_megatron_checkpoint(model: torch.nn.Module | Sequence[torch.nn.Module],
             )
 
 
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+def unwrap_model(module: torch.nn.Module) -> torch.nn.Module:
     """Strip DDP / Float16Module wrappers (`.module`)."""
     while hasattr(module, "module") and isinstance(module.module, torch.nn.Module):
         module = module.module

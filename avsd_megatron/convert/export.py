@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from avsd_megatron.convert.dist_ckpt import unwrap_model
 from avsd_megatron.convert.mapping import (
     GLOBAL_MAPPINGS,
     LAYER_MAPPINGS,
@@ -41,12 +42,6 @@ __all__ = ["export_hf_weights", "local_megatron_params"]
 Slot = tuple[str, int | None]  # (Megatron name of the mapping, global layer index or None)
 
 
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(module, "module") and isinstance(module.module, torch.nn.Module):
-        module = module.module
-    return module
-
-
 def _layer_param(layer: torch.nn.Module, name: str) -> Tensor:
     """A layer's parameter by TE / checkpoint name, falling back to the local-spec name of the fused norms."""
     for candidate in (name, LOCAL_SPEC_NAMES.get(name)):
@@ -62,12 +57,14 @@ def _layer_param(layer: torch.nn.Module, name: str) -> Tensor:
     )
 
 
-def local_megatron_params(model: torch.nn.Module | Sequence[torch.nn.Module], tie_word_embeddings: bool) -> dict[Slot, Tensor]:
+def local_megatron_params(
+    model: torch.nn.Module | Sequence[torch.nn.Module], tie_word_embeddings: bool
+) -> dict[Slot, Tensor]:
     """This rank's parameters (its TP shards) by (mapping name, global layer): works for TE and local layer specs.
 
     Global layer indices come from each layer's `layer_number` (1-based, PP/VPP offsets included).
     """
-    chunks = [_unwrap(c) for c in (model if isinstance(model, Sequence) else [model])]
+    chunks = [unwrap_model(c) for c in (model if isinstance(model, Sequence) else [model])]
     params: dict[Slot, Tensor] = {}
     embedding, final_norm, output = GLOBAL_MAPPINGS
     for chunk in chunks:

@@ -159,7 +159,8 @@ class Qwen3Dims:
                 f"config.json: architectures={archs} (model_type={model_type!r}) is not supported; "
                 f"this converter handles {QWEN3_ARCHITECTURE} (model_type={QWEN3_MODEL_TYPE!r}, dense Qwen3) only"
             )
-        for field, allowed in (("hidden_act", ("silu",)), ("attention_bias", (False,)), ("use_sliding_window", (False,))):
+        fixed = (("hidden_act", ("silu",)), ("attention_bias", (False,)), ("use_sliding_window", (False,)))
+        for field, allowed in fixed:
             if field in cfg and cfg[field] not in allowed:
                 raise ValueError(f"config.json: {field}={cfg[field]!r} is not supported; Qwen3 uses {allowed[0]!r}")
         heads = int(_require(cfg, "num_attention_heads"))
@@ -214,7 +215,9 @@ class Qwen3Dims:
             )
 
 
-def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int, divisible_by: int = DEFAULT_VOCAB_DIVISIBLE_BY) -> int:
+def padded_vocab_size(
+    vocab_size: int, tensor_model_parallel_size: int, divisible_by: int = DEFAULT_VOCAB_DIVISIBLE_BY
+) -> int:
     """Megatron-LM's rule: round V up to a multiple of `divisible_by * tp` (the embedding rows Megatron allocates).
 
     The padding rows are zeros in converted checkpoints and are stripped on export. A dist checkpoint stores the
@@ -278,7 +281,8 @@ def qwen3_config_to_transformer_config(
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
     )
-    shape_fields = set(fields) - {"params_dtype", "pipeline_dtype", "bf16", "fp16", "hidden_dropout", "attention_dropout"}
+    free = {"params_dtype", "pipeline_dtype", "bf16", "fp16", "hidden_dropout", "attention_dropout"}
+    shape_fields = set(fields) - free
     for key, value in (overrides or {}).items():
         if key in shape_fields and value != fields[key]:
             raise ValueError(

@@ -84,7 +84,8 @@ def _read_header(path: Path) -> dict[str, TensorInfo]:
         if entry["dtype"] not in _DTYPES:
             raise ValueError(f"{path}: tensor {name!r} has dtype {entry['dtype']!r}, not one of {sorted(_DTYPES)}")
         begin, end = entry["data_offsets"]
-        infos[name] = TensorInfo(path, _DTYPES[entry["dtype"]], tuple(entry["shape"]), 8 + header_len + begin, end - begin)
+        start = 8 + header_len + begin  # data follow the length prefix and the header
+        infos[name] = TensorInfo(path, _DTYPES[entry["dtype"]], tuple(entry["shape"]), start, end - begin)
     return infos
 
 
