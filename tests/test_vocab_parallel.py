@@ -62,7 +62,9 @@ CANDIDATE_CONFIGS = {
 }
 FULL_CONFIGS = {
     "avsd-avsd": dict(mode="avsd", gate="avsd", beta=0.5, token_clip=0.05),
-    "avsd-sigmoid-centrality": dict(mode="avsd", gate="sigmoid", beta=0.0, token_clip=0.0, weight_mode="agreement_centrality"),
+    "avsd-sigmoid-centrality": dict(
+        mode="avsd", gate="sigmoid", beta=0.0, token_clip=0.0, weight_mode="agreement_centrality"
+    ),
     "consensus-consistency_exp": dict(mode="consensus", gate="consistency_exp", beta=1.0, token_clip=0.0),
     "arithmetic-avsd": dict(mode="arithmetic", gate="avsd", beta=0.3, token_clip=0.0),
 }
@@ -143,7 +145,8 @@ def ref_candidate(case, cfg):
     jsd = generalized_jsd(log_p_s, t.log_q_T, cm, beta=beta, token_clip=clip)
     loss = torch.where(case["mask"], jsd, 0.0).sum()
     if tau_e:
-        loss = loss + torch.where(case["mask"], candidate_epistemic_terms(log_p_s, t.gate, cm, tau_e=tau_e).loss, 0.0).sum()
+        epistemic = candidate_epistemic_terms(log_p_s, t.gate, cm, tau_e=tau_e).loss
+        loss = loss + torch.where(case["mask"], epistemic, 0.0).sum()
     loss.backward()
     return loss.detach(), s.grad
 
@@ -315,7 +318,7 @@ def _check_replicated(results, key):
     """Loss, token count and metrics are identical on every TP rank."""
     first = results[0][key]
     for r in results[1:]:
-        assert r[key]["loss"] == first["loss"] and r[key]["num"] == first["num"] and r[key]["metrics"] == first["metrics"]
+        assert (r[key]["loss"], r[key]["num"], r[key]["metrics"]) == (first["loss"], first["num"], first["metrics"])
 
 
 def _unsharded_metrics(fn, case, **kwargs) -> dict:
@@ -519,7 +522,8 @@ def test_sampled_token_logprobs_ignores_nan_in_padding_columns():
 def test_sampled_token_logprobs_rejects_token_outside_vocab(bad_id):
     y = torch.zeros(N, dtype=torch.long)
     y[5] = bad_id
-    with pytest.raises(ValueError, match=rf"token_ids contains id {bad_id} at position \(5,\), outside the vocabulary \[0, {V_REAL}\)"):
+    pattern = rf"token_ids contains id {bad_id} at position \(5,\), outside the vocabulary \[0, {V_REAL}\)"
+    with pytest.raises(ValueError, match=pattern):
         sampled_token_logprobs(torch.randn(N, 384), y, vocab_size=V_REAL)
 
 
@@ -539,27 +543,29 @@ def test_sampled_token_logprobs_allows_minus_inf_logits():
 
 
 @pytest.mark.parametrize(
-    "kwargs, error, pattern",
+    "overrides, error, pattern",
     [
-        (dict(logits=torch.randn(N, 384), token_ids=torch.zeros(N)), TypeError, "token_ids must be an integer tensor"),
-        (dict(logits=torch.randn(N, 384), token_ids=torch.zeros(N + 1, dtype=torch.long)), ValueError, r"token_ids shape \(13,\)"),
-        (dict(logits=torch.zeros(N, 384, dtype=torch.long), token_ids=torch.zeros(N, dtype=torch.long)), TypeError, "logits must be bf16/fp16/fp32/fp64"),
-        (dict(logits=torch.randn(N, 384), token_ids=torch.zeros(N, dtype=torch.long), temperature=0.0), ValueError, "temperature=0.0"),
-        (dict(logits=torch.randn(N, 384), token_ids=torch.zeros(N, dtype=torch.long), vocab_size=385), ValueError, "vocab_size=385"),
-        (dict(logits=torch.randn(N, 384), token_ids=torch.zeros(N, dtype=torch.long), chunk_size=0), ValueError, "chunk_size=0"),
+        (dict(token_ids=torch.zeros(N)), TypeError, "token_ids must be an integer tensor"),
+        (dict(token_ids=torch.zeros(N + 1, dtype=torch.long)), ValueError, r"token_ids shape \(13,\)"),
+        (dict(logits=torch.zeros(N, 384, dtype=torch.long)), TypeError, "logits must be bf16/fp16/fp32/fp64"),
+        (dict(temperature=0.0), ValueError, "temperature=0.0"),
+        (dict(vocab_size=385), ValueError, "vocab_size=385"),
+        (dict(chunk_size=0), ValueError, "chunk_size=0"),
     ],
 )
-def test_sampled_token_logprobs_rejects_bad_inputs(kwargs, error, pattern):
+def test_sampled_token_logprobs_rejects_bad_inputs(overrides, error, pattern):
+    kwargs = dict(logits=torch.randn(N, 384), token_ids=torch.zeros(N, dtype=torch.long)) | overrides
     with pytest.raises(error, match=pattern):
         sampled_token_logprobs(**kwargs)
 
 
+@pytest.mark.parametrize("vocab_size", [None, 100])  # int64 / int32 sort keys
 @pytest.mark.parametrize("seed", range(5))
-def test_candidate_union_matches_python_loop(seed):
+def test_candidate_union_matches_python_loop(seed, vocab_size):
     g = torch.Generator().manual_seed(seed)
     topk_ids = torch.randint(0, 6 + 10 * seed, (M, 40, K), generator=g)  # many duplicates at small seeds
     y = torch.randint(0, 8 + 10 * seed, (40,), generator=g)
-    ids, mask = candidate_union(topk_ids, y)
+    ids, mask = candidate_union(topk_ids, y, vocab_size=vocab_size)
     ref_ids, ref_mask = _python_union(topk_ids, y)
     assert torch.equal(ids, ref_ids) and torch.equal(mask, ref_mask)
 
@@ -619,7 +625,9 @@ def test_sampled_loss_metrics_are_sum_count_pairs():
         metrics["mv_gate_open_frac"], torch.tensor([float(((t.gate > 0.5) & t.valid).sum()), count])
     )
     expected_view = torch.where(case["mask"], view_logprobs[2], 0.0).sum()
-    torch.testing.assert_close(metrics["mv_tinker_view_logprob_answer_only"], torch.stack([expected_view, torch.tensor(count)]))
+    torch.testing.assert_close(
+        metrics["mv_tinker_view_logprob_answer_only"], torch.stack([expected_view, torch.tensor(count)])
+    )
     assert all(not v.requires_grad for v in metrics.values())
 
 
@@ -627,14 +635,15 @@ def test_sampled_loss_rejects_view_count_mismatch():
     case = make_case(torch.float32)
     view_logprobs = ref_logprobs(case["views"], case["y"])
     common = dict(temperature=TAU, mode="avsd", gate="avsd", group=None)
+    student, y, mask = case["student"], case["y"], case["mask"]
     with pytest.raises(ValueError, match=r"view_names has 2 names .* but view_logprobs has M=3 views"):
-        avsd_sampled_token_loss(case["student"], case["y"], view_logprobs, case["mask"], view_names=["a", "b"], **common)
+        avsd_sampled_token_loss(student, y, view_logprobs, mask, view_names=["a", "b"], **common)
     with pytest.raises(ValueError, match=r"view_logprobs must be \[M, N=12\]"):
-        avsd_sampled_token_loss(case["student"], case["y"], view_logprobs[:, :5], case["mask"], **common)
+        avsd_sampled_token_loss(student, y, view_logprobs[:, :5], mask, **common)
     with pytest.raises(ValueError, match="view_logprobs contains NaN"):
-        avsd_sampled_token_loss(case["student"], case["y"], view_logprobs.clone().fill_(float("nan")), case["mask"], **common)
+        avsd_sampled_token_loss(student, y, view_logprobs.clone().fill_(float("nan")), mask, **common)
     with pytest.raises(TypeError, match="loss_mask must be a bool tensor"):
-        avsd_sampled_token_loss(case["student"], case["y"], view_logprobs, case["mask"].float(), **common)
+        avsd_sampled_token_loss(student, y, view_logprobs, mask.float(), **common)
 
 
 def test_full_vocab_loss_rejects_teacher_input_combinations():

@@ -79,8 +79,10 @@ def teacher_candidates(
     _check_views(view_logits, token_ids)
     with torch.no_grad():
         top = distributed_topk(view_logits, k, temperature=temperature, group=group, vocab_size=vocab_size)
-        ids, mask = candidate_union(top.ids, token_ids)
-        (z_m,) = gather_candidate_logits([view_logits], ids, temperature=temperature, group=group, vocab_size=vocab_size)
+        ids, mask = candidate_union(top.ids, token_ids, vocab_size=vocab_size)
+        (z_m,) = gather_candidate_logits(
+            [view_logits], ids, temperature=temperature, group=group, vocab_size=vocab_size
+        )
         log_p_m = masked_log_softmax(z_m, mask.expand_as(z_m))
     return CandidateSet(ids=ids, mask=mask, view_logprobs=log_p_m)
 
@@ -120,7 +122,7 @@ def avsd_candidate_loss(
     check_logits("student_logits", student_logits, ndim=2)
     with torch.no_grad():
         top = distributed_topk(view_logits, k, temperature=temperature, group=group, vocab_size=vocab_size)
-        ids, mask = candidate_union(top.ids, token_ids)
+        ids, mask = candidate_union(top.ids, token_ids, vocab_size=vocab_size)
     z_s, z_m = gather_candidate_logits(
         [student_logits, view_logits.detach()], ids, temperature=temperature, group=group, vocab_size=vocab_size
     )

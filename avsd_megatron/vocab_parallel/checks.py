@@ -60,7 +60,8 @@ def expand_token_ids(token_ids: torch.Tensor, lead_shape: torch.Size | tuple[int
     [M, N, V/tp]: the same sampled token for every view). Returns int64 [prod(lead_shape)].
     """
     if not isinstance(token_ids, torch.Tensor) or token_ids.dtype.is_floating_point or token_ids.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor, got {getattr(token_ids, 'dtype', type(token_ids).__name__)}")
+        got = getattr(token_ids, "dtype", type(token_ids).__name__)
+        raise TypeError(f"{name} must be an integer tensor, got {got}")
     lead = tuple(lead_shape)
     if token_ids.ndim > len(lead) or tuple(token_ids.shape) != lead[len(lead) - token_ids.ndim :]:
         raise ValueError(

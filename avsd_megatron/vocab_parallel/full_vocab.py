@@ -88,7 +88,7 @@ def _local_max_sumexp(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _gather_lse(parts: list[torch.Tensor], group: dist.ProcessGroup | None) -> list[torch.Tensor]:
-    """Full-vocabulary logsumexp of each fp32 [..., c, V_real_loc] part, all parts in ONE all-gather of [2, sum numel]."""
+    """Full-vocabulary logsumexp of each fp32 [..., c, V_real_loc] part; all parts in ONE all-gather of [2, total]."""
     stats = [_local_max_sumexp(p) for p in parts]
     packed = torch.stack([torch.cat([m.reshape(-1) for m, _ in stats]), torch.cat([s.reshape(-1) for _, s in stats])])
     gathered = all_gather_stacked(packed, group)  # [tp, 2, total]
@@ -284,8 +284,8 @@ def avsd_full_vocab_loss(
         raise ValueError(f"mode='single' needs exactly one view, got M={num_views}")
     if weight_mode == "agreement_centrality" and (mode == "arithmetic" or (gate == "avsd" and num_views > 1)):
         raise ValueError(
-            f"weight_mode='agreement_centrality' is not allowed with mode={mode!r}, gate={gate!r} (spec 2.3: arithmetic "
-            "uses uniform weights; the avsd gate requires them); use weight_mode='uniform'"
+            f"weight_mode='agreement_centrality' is not allowed with mode={mode!r}, gate={gate!r} (spec 2.3: "
+            "arithmetic uses uniform weights; the avsd gate requires them); use weight_mode='uniform'"
         )
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta={beta!r} must be in [0, 1]")
@@ -296,7 +296,8 @@ def avsd_full_vocab_loss(
     shard = vocab_shard(local_width, group, vocab_size)
     if chunk_size is not None and int(chunk_size) < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1 (tokens per chunk) or None")
-    tokens = int(chunk_size) if chunk_size is not None else max(1, DEFAULT_FULL_VOCAB_CHUNK_ELEMENTS // max(shard.num_real, 1))
+    default_tokens = max(1, DEFAULT_FULL_VOCAB_CHUNK_ELEMENTS // max(shard.num_real, 1))
+    tokens = int(chunk_size) if chunk_size is not None else default_tokens
     cfg = _Config(
         shard, group, tau, mode, gate, GateParams() if gate_params is None else gate_params, weight_mode, float(eta),
         float(beta), float(token_clip), float(q_a_floor), float(eps), tokens,

@@ -29,8 +29,8 @@ __all__ = [
     "sampled_token_logprobs",
 ]
 
-DEFAULT_CHUNK_ELEMENTS = 1 << 24
-"""Default fp32 working-set per chunk: 2**24 elements = 64 MiB (rows = max(1, 2**24 // V_loc))."""
+DEFAULT_CHUNK_ELEMENTS = 1 << 22
+"""Default fp32 working set per chunk: 2**22 elements = 16 MiB, cache-friendly (rows = max(1, 2**22 // V_loc))."""
 
 
 def chunk_rows(local_width: int, chunk_size: int | None) -> int:
@@ -67,19 +67,21 @@ def local_softmax_stats(
         return stats
     if token_ids is not None:
         owned, local_ids = shard.owned(token_ids)
+    # One fp32 buffer reused by every chunk: no per-chunk allocation (and page faults) of V/tp-wide rows.
+    buf = torch.empty(min(rows_per_chunk, num_rows), shard.num_real, dtype=torch.float32, device=logits2d.device)
     for lo in range(0, num_rows, rows_per_chunk):
         hi = min(lo + rows_per_chunk, num_rows)
-        x = logits2d[lo:hi, : shard.num_real].to(torch.float32, copy=True)  # [c, V_real_loc] the only big buffer
-        if tau != 1.0:
-            x.div_(tau)
+        x = buf[: hi - lo]
+        x.copy_(logits2d[lo:hi, : shard.num_real])  # [c, V_real_loc] fp32 z
         if token_ids is not None:
-            z_y = x.gather(1, local_ids[lo:hi, None]).squeeze(1)
+            z_y = x.gather(1, local_ids[lo:hi, None]).squeeze(1) / tau
             stats[2, lo:hi] = torch.where(owned[lo:hi], z_y, 0.0)
-        row_max = x.amax(dim=1)
+        row_max = x.amax(dim=1) / tau  # tau > 0 keeps the argmax
         stats[0, lo:hi] = row_max
         # exp(-inf - -inf) would be NaN for an all -inf row; shifting by 0 there keeps s_r = 0.
         shift = torch.where(torch.isfinite(row_max), row_max, 0.0)
-        stats[1, lo:hi] = x.sub_(shift[:, None]).exp_().sum(dim=1)  # in place: no second buffer
+        torch.add(-shift[:, None], x, alpha=1.0 / tau, out=x)  # z / tau - m_r in one pass, in place
+        stats[1, lo:hi] = x.exp_().sum(dim=1)
     return stats
 
 
@@ -118,7 +120,10 @@ class _SampledTokenLogprob(torch.autograd.Function):
     def forward(ctx, logits2d, token_ids, shard, tau, group, rows_per_chunk, names):
         stats = local_softmax_stats(logits2d, shard, tau, token_ids, rows_per_chunk)  # [3, R]
         lse, z_y, bad_rows = combine_softmax_stats(all_gather_stacked(stats, group))  # the one collective
-        raise_if_invalid(token_ids, shard.vocab_size, bad_rows, ids_name=names[0], logits_name=names[1], lead_shape=names[2])
+        ids_name, logits_name, lead = names
+        raise_if_invalid(
+            token_ids, shard.vocab_size, bad_rows, ids_name=ids_name, logits_name=logits_name, lead_shape=lead
+        )
         ctx.save_for_backward(logits2d, token_ids, lse)  # logits are the caller's tensor: no fp32 copy kept
         ctx.shard, ctx.tau, ctx.rows_per_chunk = shard, tau, rows_per_chunk
         return z_y - lse
@@ -132,13 +137,13 @@ class _SampledTokenLogprob(torch.autograd.Function):
         grad[:, shard.num_real :].zero_()  # padding columns are not tokens
         if shard.num_real:
             owned, local_ids = shard.owned(token_ids)
-            scale = grad_ell.to(torch.float32) / tau  # [R]
+            scale = grad_ell.reshape(-1).to(torch.float32) / tau  # [R]
+            buf = torch.empty(min(rows, logits2d.shape[0]), shard.num_real, dtype=torch.float32, device=grad.device)
             for lo in range(0, logits2d.shape[0], rows):
                 hi = min(lo + rows, logits2d.shape[0])
-                p = logits2d[lo:hi, : shard.num_real].to(torch.float32, copy=True)
-                if tau != 1.0:
-                    p.div_(tau)
-                p.sub_(lse[lo:hi, None]).exp_()  # softmax(z / tau) on this shard
+                p = buf[: hi - lo]
+                p.copy_(logits2d[lo:hi, : shard.num_real])
+                torch.add(-lse[lo:hi, None], p, alpha=1.0 / tau, out=p).exp_()  # softmax(z / tau) on this shard
                 p.mul_(-scale[lo:hi, None])
                 p.scatter_add_(1, local_ids[lo:hi, None], torch.where(owned[lo:hi], scale[lo:hi], 0.0)[:, None])
                 grad[lo:hi, : shard.num_real] = p
@@ -166,7 +171,7 @@ def sampled_token_logprobs(
         group: tensor-parallel group holding the vocab shards; None = one rank holds the whole vocabulary.
         vocab_size: real vocabulary size V; local columns with global id >= V (Megatron padding) are ignored.
             None = V/tp * tp.
-        chunk_size: rows (views x tokens) upcast to fp32 at a time; None = max(1, 2**24 // (V/tp)).
+        chunk_size: rows (views x tokens) upcast to fp32 at a time; None = max(1, 2**22 // (V/tp)) (16 MiB).
     Returns:
         [...] fp32 (the logits' leading shape), differentiable w.r.t. `logits`.
     Collectives:
