@@ -572,7 +572,7 @@ def test_candidate_union_matches_python_loop(seed, vocab_size):
 
 def test_distributed_topk_single_rank_matches_torch_topk_and_skips_padding():
     case = make_case(torch.float32)
-    top = distributed_topk(pad_vocab(case["views"], 384), K, temperature=TAU, vocab_size=V_REAL)
+    top = distributed_topk(pad_vocab(case["views"], 384), K, temperature=TAU, group=None, vocab_size=V_REAL)
     ref = case["views"].topk(K, dim=-1)
     assert torch.equal(top.ids, ref.indices)
     torch.testing.assert_close(top.values, ref.values / TAU)
@@ -581,7 +581,7 @@ def test_distributed_topk_single_rank_matches_torch_topk_and_skips_padding():
 def test_gather_candidate_logits_rejects_padding_ids():
     ids = torch.full((N, 2), V_REAL + 3)
     with pytest.raises(ValueError, match=rf"candidate_ids contains id {V_REAL + 3}"):
-        gather_candidate_logits([torch.randn(N, 384)], ids, vocab_size=V_REAL)
+        gather_candidate_logits([torch.randn(N, 384)], ids, group=None, vocab_size=V_REAL)
 
 
 @pytest.mark.parametrize("loss", ["sampled", "candidate", "full"])

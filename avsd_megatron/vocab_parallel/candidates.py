@@ -39,7 +39,7 @@ def distributed_topk(
     k: int,
     *,
     temperature: float = 1.0,
-    group: dist.ProcessGroup | None = None,
+    group: dist.ProcessGroup | None,
     vocab_size: int | None = None,
 ) -> TopK:
     """Top-k tokens of every view over the whole real vocabulary from vocab-sharded logits (no grad).
@@ -181,7 +181,7 @@ def gather_candidate_logits(
     candidate_ids: torch.Tensor,
     *,
     temperature: float = 1.0,
-    group: dist.ProcessGroup | None = None,
+    group: dist.ProcessGroup | None,
     vocab_size: int | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """z / tau at the candidate ids, for several vocab-sharded logits tensors, in one reduction.
