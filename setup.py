@@ -3,6 +3,7 @@
 Extras:
   train   - Megatron-Core (the training backend) and what its CPU/GPU paths import.
   rollout - vLLM, GPU only; never needed for tests.
+  eval    - math-verify, for grading math answers.
   launch  - NeMo-Run (with the leptonai pin that lets 0.11.x import).
   test    - pytest, hypothesis, transformers (the HF oracle for model math), ...
 
@@ -18,9 +19,13 @@ EXTRAS = {
     "train": [
         "megatron-core>=0.19.0,<0.20",
         "psutil>=5.9",  # megatron's dist_checkpointing imports it
+        "datasets>=5,<6",  # avsd_megatron.data: jsonl/parquet/hub rows (mixed-type columns load as Json)
     ],
     "rollout": [
         "vllm>=0.11,<0.34",
+    ],
+    "eval": [
+        "math-verify>=0.8,<1",  # avsd_megatron.grading: math answer equivalence
     ],
     "launch": [
         "nemo-run>=0.11.1,<0.12",
@@ -31,6 +36,8 @@ EXTRAS = {
         "hypothesis>=6.100",
         "transformers>=4.57,<6",
         "safetensors>=0.4",
+        "datasets>=5,<6",
+        "math-verify>=0.8,<1",
     ],
 }
 
