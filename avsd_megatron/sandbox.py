@@ -1,0 +1,341 @@
+"""Run untrusted Python (student completions) on stdin -> stdout tests: a bubblewrap sandbox and the test judge.
+
+Sandbox (spec 3.4; the reference's training default was an unsandboxed subprocess, spec 6 item 9):
+
+    bwrap --ro-bind / /              whole host filesystem read-only
+          --size N --tmpfs /tmp      private, size-capped tmpfs; host /tmp is hidden; the work dir is /tmp/work
+          --ro-bind <prog> /tmp/work/main.py
+          --dev /dev --proc /proc
+          --unshare-net --unshare-pid --unshare-ipc --unshare-uts
+          --die-with-parent --new-session --clearenv (+ a few PYTHON*/PATH variables)
+          <python> -c <launcher> ...  sets RLIMIT_AS (memory), RLIMIT_CPU, RLIMIT_FSIZE (output), no core
+                                      files, then execs <python> main.py
+
+Limits: wall time (the whole process group is SIGKILLed), address space (MemoryError inside Python),
+CPU seconds (SIGXCPU), bytes written per file (stdout/stderr are files, so a program that floods its output
+fails with EFBIG, "File too large", instead of filling the trainer's memory). Reported stdout/stderr are cut to
+`max_output_chars` (4000, spec 3.4); the judge compares the whole captured stdout (see `run_tests`).
+
+`SandboxConfig(kind="subprocess")` runs the same launcher without bubblewrap (same resource limits, no
+filesystem or network isolation); it warns, and must be asked for explicitly. A missing or unusable bwrap is an
+error that says how to install it; there is no silent fallback.
+
+Statuses of `run_tests` (spec 3.4), checked in this order, first failure returned:
+    extraction_failure  no code (empty after extraction)
+    syntax_error        `compile` fails (in the trainer process; nothing is executed)
+    timeout             a test ran past the wall-time limit
+    runtime_error       non-zero exit (exception, MemoryError, SIGXCPU, output past max_output_bytes, ...)
+    wrong_answer        stdout differs from the expected output after `normalize_output`
+    passed              every test passed
+"""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from avsd_megatron.data import TestCase
+
+SANDBOX_KINDS = ("bwrap", "subprocess")
+STATUSES = ("passed", "syntax_error", "runtime_error", "wrong_answer", "timeout", "extraction_failure")
+Status = Literal["passed", "syntax_error", "runtime_error", "wrong_answer", "timeout", "extraction_failure"]
+
+INSTALL_BWRAP = (
+    "install bubblewrap (Debian/Ubuntu as root: `apt-get update && apt-get install -y bubblewrap`; "
+    "Fedora: `dnf install bubblewrap`), or pass SandboxConfig(bwrap_path=...)"
+)
+_WORKDIR = "/tmp/work"
+_PROGRAM = "main.py"
+# Runs inside the sandbox: apply the resource limits to itself, then exec the student program (limits are
+# inherited across exec). Passing limits as argv keeps this one constant string.
+_LAUNCHER = (
+    "import os, resource, sys\n"
+    "mem, cpu, fsize = (int(v) for v in sys.argv[1:4])\n"
+    "resource.setrlimit(resource.RLIMIT_AS, (mem, mem))\n"
+    "resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))\n"  # soft < hard: SIGXCPU, not SIGKILL
+    "resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))\n"
+    "resource.setrlimit(resource.RLIMIT_CORE, (0, 0))\n"
+    "os.execv(sys.executable, [sys.executable, sys.argv[4]])\n"
+)
+
+
+class SandboxUnavailableError(RuntimeError):
+    """bwrap is missing, or present but cannot create its namespaces here."""
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    """How student code is executed (spec 3.4 defaults)."""
+
+    kind: Literal["bwrap", "subprocess"] = "bwrap"
+    """"bwrap": bubblewrap sandbox. "subprocess": same limits, NO isolation (warns; local debugging only)."""
+    wall_time_s: float = 2.0
+    """Wall-clock limit per run (per test); past it the run is killed and the test is a timeout."""
+    memory_mb: int = 512
+    """RLIMIT_AS of the program, MiB (the Python interpreter itself needs ~30 MiB of it)."""
+    cpu_time_s: int = 30
+    """RLIMIT_CPU of the program, seconds (SIGXCPU past it)."""
+    max_output_chars: int = 4000
+    """Reported stdout/stderr are cut to this many characters."""
+    max_output_bytes: int = 16 * 2**20
+    """RLIMIT_FSIZE: writing more than this to stdout, stderr or any one file fails (EFBIG / SIGXFSZ)."""
+    tmpfs_mb: int = 64
+    """Size of the sandbox's private /tmp (bwrap only)."""
+    python: str = field(default_factory=lambda: sys.executable)
+    """Interpreter that runs the program (default: the one running this code)."""
+    bwrap_path: str | None = None
+    """bwrap executable; None = look up `bwrap` on PATH."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in SANDBOX_KINDS:
+            raise ValueError(f"sandbox.kind={self.kind!r} is not one of {SANDBOX_KINDS}")
+        for name in ("wall_time_s", "memory_mb", "cpu_time_s", "max_output_chars", "max_output_bytes", "tmpfs_mb"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"sandbox.{name}={getattr(self, name)!r} must be > 0")
+        if self.kind == "subprocess":
+            warnings.warn(
+                "SandboxConfig(kind='subprocess') runs model-written code WITHOUT a sandbox (no filesystem or "
+                "network isolation; only resource limits); use kind='bwrap' for training and evaluation",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One execution of a program on one stdin."""
+
+    returncode: int | None
+    """Exit code; -N if killed by signal N (also for a program killed inside bwrap); None on timeout."""
+    stdout: str
+    """Captured stdout, cut to max_output_chars."""
+    stderr: str
+    """Captured stderr, cut to max_output_chars."""
+    timed_out: bool
+    wall_s: float
+    full_stdout: str = field(repr=False, default="")
+    """Whole captured stdout (at most max_output_bytes), for the judge."""
+
+
+class Sandbox:
+    """Executes Python programs under `SandboxConfig`. Construction checks that bwrap works (for kind="bwrap").
+
+    Raises:
+        SandboxUnavailableError: kind="bwrap" and bwrap is missing or cannot start a sandbox here.
+    """
+
+    def __init__(self, cfg: SandboxConfig):
+        self.cfg = cfg
+        self.bwrap = None
+        if cfg.kind == "bwrap":
+            self.bwrap = _find_bwrap(cfg.bwrap_path)
+            probe = self.run("print('ok')", "")
+            if probe.returncode != 0 or probe.stdout.strip() != "ok":
+                raise SandboxUnavailableError(
+                    f"bwrap at {self.bwrap!r} could not run a sandboxed program (exit {probe.returncode}): "
+                    f"{probe.stderr.strip()[:500]!r}. It needs permission to create mount/pid/net namespaces "
+                    "(root, or unprivileged user namespaces enabled); in a container, allow them or "
+                    "run as root"
+                )
+
+    def run(self, code: str, stdin: str) -> RunResult:
+        """Run `code` as a Python 3 program with `stdin`; never raises for anything the program does."""
+        cfg = self.cfg
+        with tempfile.TemporaryDirectory(prefix="avsd_sandbox_") as host_dir:
+            host = Path(host_dir)
+            program = host / _PROGRAM
+            program.write_text(code, encoding="utf-8")
+            (host / "stdin").write_text(stdin, encoding="utf-8")
+            argv = self._argv(program)
+            with (
+                open(host / "stdin", "rb") as fin,
+                open(host / "stdout", "wb") as fout,
+                open(host / "stderr", "wb") as ferr,
+            ):
+                start = time.perf_counter()
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=fin,
+                    stdout=fout,
+                    stderr=ferr,
+                    cwd=host_dir if cfg.kind == "subprocess" else "/",
+                    env=_program_env(host_dir if cfg.kind == "subprocess" else _WORKDIR),
+                    start_new_session=True,  # own process group: a timeout kills everything it started
+                    close_fds=True,
+                )
+                timed_out = False
+                try:
+                    returncode = proc.wait(timeout=cfg.wall_time_s)
+                except subprocess.TimeoutExpired:
+                    timed_out = True
+                    _kill_group(proc)
+                    returncode = None
+                wall_s = time.perf_counter() - start
+            stdout = (host / "stdout").read_bytes().decode("utf-8", errors="replace")
+            stderr = (host / "stderr").read_bytes().decode("utf-8", errors="replace")
+        if self.bwrap is not None and returncode is not None and returncode > 128:
+            returncode = 128 - returncode  # bwrap reports a child killed by signal N as exit 128 + N
+        limit = cfg.max_output_chars
+        return RunResult(returncode, stdout[:limit], stderr[:limit], timed_out, wall_s, full_stdout=stdout)
+
+    def _argv(self, program: Path) -> list[str]:
+        cfg = self.cfg
+        limits = [str(cfg.memory_mb * 2**20), str(cfg.cpu_time_s), str(cfg.max_output_bytes)]
+        if self.bwrap is None:
+            return [cfg.python, "-c", _LAUNCHER, *limits, str(program)]
+        argv = [self.bwrap, "--ro-bind", "/", "/", "--size", str(cfg.tmpfs_mb * 2**20), "--tmpfs", "/tmp"]
+        argv += _rebind_under_tmp(cfg.python)
+        argv += ["--dir", _WORKDIR, "--ro-bind", str(program), f"{_WORKDIR}/{_PROGRAM}", "--chdir", _WORKDIR]
+        argv += ["--dev", "/dev", "--proc", "/proc"]
+        argv += ["--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts"]
+        argv += ["--die-with-parent", "--new-session", "--clearenv"]
+        for key, value in _program_env(_WORKDIR).items():
+            argv += ["--setenv", key, value]
+        return argv + [cfg.python, "-c", _LAUNCHER, *limits, _PROGRAM]
+
+
+def _find_bwrap(path: str | None) -> str:
+    found = shutil.which(path or "bwrap")
+    if found is None:
+        what = f"bwrap_path={path!r} is not an executable" if path else "`bwrap` is not on PATH"
+        raise SandboxUnavailableError(f"SandboxConfig(kind='bwrap'): {what}; {INSTALL_BWRAP}")
+    return found
+
+
+def _program_env(home: str) -> dict[str, str]:
+    """The program's whole environment: nothing of the trainer's (tokens, paths) leaks in."""
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": home,
+        "LANG": "C.UTF-8",
+        "PYTHONIOENCODING": "utf-8",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONHASHSEED": "0",
+    }
+
+
+def _rebind_under_tmp(python: str) -> list[str]:
+    """The private /tmp hides host /tmp; re-expose (read-only) an interpreter or venv that lives there."""
+    out = []
+    for path in {sys.prefix, sys.base_prefix, os.path.dirname(python), os.path.dirname(os.path.realpath(python))}:
+        if path == "/tmp" or path.startswith("/tmp/"):
+            out += ["--ro-bind", path, path]
+    return out
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Judge
+
+
+@dataclass(frozen=True)
+class ExecutionResult:
+    """Outcome of running a program on a list of tests (first failure, spec 3.4)."""
+
+    status: Status
+    tests_run: int = 0
+    """Tests executed, the failing one included."""
+    failing_input: str | None = None
+    expected_output: str | None = None
+    actual_output: str | None = None
+    """stdout of the failing run, cut to max_output_chars."""
+    error_type: str | None = None
+    """Exception class name from the traceback, or "killed by SIGXCPU", "exit code 3", ... (runtime_error)."""
+    traceback: str | None = None
+    """Traceback (syntax_error: the compile error; runtime_error: stderr), cut to max_output_chars."""
+    wall_s: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+
+def normalize_output(text: str) -> str:
+    """Output comparison form (spec 3.4): \\r\\n and \\r -> \\n, each line right-stripped, trailing blank lines
+    dropped. Leading whitespace and blank lines in the middle still count."""
+    lines = [line.rstrip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
+    while lines and not lines[-1]:
+        lines.pop()
+    return "\n".join(lines)
+
+
+def run_tests(
+    code: str,
+    tests: Sequence[TestCase],
+    sandbox: Sandbox,
+    *,
+    compare_truncated_output: bool = False,
+) -> ExecutionResult:
+    """Run `code` on each test in order and return the first failure, else "passed" (statuses: module docstring).
+
+    Args:
+        code: the extracted program ("" -> extraction_failure).
+        tests: stdin/expected-stdout pairs; an empty list passes once the code compiles.
+        sandbox: where to run.
+        compare_truncated_output: compare stdout cut to max_output_chars, as the reference did (a correct
+            program whose output is longer than that then fails). Default False: compare the whole stdout.
+    """
+    if not code.strip():
+        return ExecutionResult("extraction_failure")
+    limit = sandbox.cfg.max_output_chars
+    try:
+        compile(code, _PROGRAM, "exec")
+    except (SyntaxError, ValueError) as err:  # ValueError: NUL bytes in the source
+        text = "".join(traceback.format_exception_only(err))
+        return ExecutionResult("syntax_error", error_type=type(err).__name__, traceback=text[:limit])
+    total_s = 0.0
+    for i, case in enumerate(tests):
+        result = sandbox.run(code, case.input)
+        total_s += result.wall_s
+        common = dict(tests_run=i + 1, failing_input=case.input, wall_s=total_s)
+        if result.timed_out:
+            return ExecutionResult("timeout", **common)
+        if result.returncode != 0:
+            return ExecutionResult(
+                "runtime_error",
+                actual_output=result.stdout,
+                error_type=error_type(result.stderr, result.returncode),
+                traceback=result.stderr,
+                **common,
+            )
+        produced = result.stdout if compare_truncated_output else result.full_stdout
+        if normalize_output(produced) != normalize_output(case.output):
+            return ExecutionResult(
+                "wrong_answer", expected_output=case.output, actual_output=result.stdout, **common
+            )
+    return ExecutionResult("passed", tests_run=len(tests), wall_s=total_s)
+
+
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*)(?::|$)")
+
+
+def error_type(stderr: str, returncode: int | None) -> str:
+    """Exception class from the last traceback line, else the signal or exit code."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    if lines and not lines[-1].startswith(" "):
+        match = _EXCEPTION_LINE.match(lines[-1])
+        if match and any(line.startswith("Traceback") for line in lines):
+            return match.group(1)
+    if returncode is not None and returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit code {returncode}"
