@@ -297,7 +297,7 @@ def code_prompts(
     cfg: PromptConfig,
     report: PromptReport,
     *,
-    hint_stats: Counter | None = None,
+    view_stats: ViewStats | None = None,
 ) -> EncodedPrompts | None:
     """Student prompt and the teacher prompts of the views known before the rollout (reference, hint);
     "feedback" in `views` is ignored here and built per rollout with `code_feedback_prompt`."""
@@ -308,7 +308,7 @@ def code_prompts(
     teachers = {
         view: render_chat(
             tokenizer,
-            code_teacher_message(example, view, code_view_payload(view, example, stats=hint_stats)),
+            code_teacher_message(example, view, code_view_payload(view, example, stats=view_stats)),
             thinking=cfg.teacher_thinking,
             ensure_empty_think=True,
         )

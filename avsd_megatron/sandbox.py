@@ -132,11 +132,14 @@ class Sandbox:
 
     Raises:
         SandboxUnavailableError: kind="bwrap" and bwrap is missing or cannot start a sandbox here.
+        ValueError: cfg.python is not an executable.
     """
 
     def __init__(self, cfg: SandboxConfig):
         self.cfg = cfg
         self.bwrap = None
+        if shutil.which(cfg.python) is None:
+            raise ValueError(f"sandbox.python={cfg.python!r} is not an executable")
         if cfg.kind == "bwrap":
             self.bwrap = _find_bwrap(cfg.bwrap_path)
             probe = self.run("print('ok')", "")
@@ -227,7 +230,8 @@ def _program_env(home: str) -> dict[str, str]:
 def _rebind_under_tmp(python: str) -> list[str]:
     """The private /tmp hides host /tmp; re-expose (read-only) an interpreter or venv that lives there."""
     out = []
-    for path in {sys.prefix, sys.base_prefix, os.path.dirname(python), os.path.dirname(os.path.realpath(python))}:
+    candidates = {sys.prefix, sys.base_prefix, os.path.dirname(python), os.path.dirname(os.path.realpath(python))}
+    for path in sorted(candidates):  # parents before children
         if path == "/tmp" or path.startswith("/tmp/"):
             out += ["--ro-bind", path, path]
     return out

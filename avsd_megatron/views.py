@@ -56,12 +56,14 @@ def normalize_views(views: str | Iterable[str], allowed: Sequence[str], *, name:
 
 @dataclass
 class ViewStats:
-    """Counts of the rule that produced each answer_only answer and each partial_solution cut."""
+    """Counts of the rule behind each answer_only answer and partial_solution cut, and of static hints."""
 
     answer_rules: Counter = field(default_factory=Counter)
     """"boxed" | "answer_line" | "last_line" | "empty" -> count. Anything but "boxed" is a fallback."""
     partial_strategies: Counter = field(default_factory=Counter)
     """"blank_lines" | "step_lines" | "sentences" | "char_prefix" | "empty" -> count."""
+    static_hints: int = 0
+    """hint payloads that fell back to `static_hint` (no algorithm_hint)."""
 
     @property
     def answer_fallbacks(self) -> int:
@@ -254,13 +256,13 @@ def reference_payload(example: CodeExample, max_chars: int = REFERENCE_MAX_CHARS
     return f"An accepted solution to this problem:\n```python\n{code}\n```"
 
 
-def hint_payload(example: CodeExample, max_chars: int = HINT_MAX_CHARS, stats: Counter | None = None) -> str:
-    """hint view: `algorithm_hint` (first `max_chars` characters), or `static_hint` when it is blank.
-    `stats["static_hint"]` counts the fallbacks."""
+def hint_payload(example: CodeExample, max_chars: int = HINT_MAX_CHARS, stats: ViewStats | None = None) -> str:
+    """hint view: `algorithm_hint` (first `max_chars` characters), or `static_hint` when it is blank
+    (counted in `stats.static_hints`)."""
     hint = example.algorithm_hint.strip()[:max_chars].rstrip()
     if not hint:
         if stats is not None:
-            stats["static_hint"] += 1
+            stats.static_hints += 1
         hint = static_hint(example.problem, example.reference_solution, max_chars)
     return f"How to solve it:\n{hint}"
 
@@ -365,7 +367,7 @@ def feedback_payload(completion: str, tests: Sequence[TestCase], sandbox: Sandbo
 
 
 def code_view_payload(
-    view: str, example: CodeExample, *, feedback: CodeFeedback | None = None, stats: Counter | None = None
+    view: str, example: CodeExample, *, feedback: CodeFeedback | None = None, stats: ViewStats | None = None
 ) -> str:
     """Payload text of one code view (`CODE_VIEWS`); "feedback" needs the rollout's `feedback_payload`."""
     if view == "reference":

@@ -181,13 +181,13 @@ def test_math_prompts_toggle_thinking_separately_for_student_and_teachers(qwen):
 
 def test_code_prompts_end_in_one_empty_think_block_when_thinking_is_off(qwen, deepseek):
     cfg = PromptConfig()
-    stats = Counter()
-    q = code_prompts(qwen, CODE, ["reference", "hint", "feedback"], cfg, PromptReport(), hint_stats=stats)
+    stats = ViewStats()
+    q = code_prompts(qwen, CODE, ["reference", "hint", "feedback"], cfg, PromptReport(), view_stats=stats)
     assert q.student_text.endswith("<|im_start|>assistant\n" + EMPTY_THINK)
     assert q.student_text.count("<think>") == 1  # the template's own block, not a second one
     assert list(q.teacher_texts) == ["reference", "hint"]  # feedback is built per rollout
     assert q.teacher_texts["hint"].endswith("<|im_start|>assistant\n")  # teachers think
-    assert stats["static_hint"] == 1  # CODE has no algorithm_hint
+    assert stats.static_hints == 1  # CODE has no algorithm_hint
     d = code_prompts(deepseek, CODE, ["reference"], cfg, PromptReport())
     assert d.student_text.endswith("<|Assistant|>" + EMPTY_THINK)  # the template's open <think> is closed
     assert d.teacher_texts["reference"].endswith("<|Assistant|><think>\n")  # thinking on: left as rendered

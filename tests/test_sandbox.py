@@ -151,6 +151,11 @@ def test_sandbox_missing_bwrap_raises_with_install_hint():
         Sandbox(SandboxConfig(bwrap_path="/nonexistent/bwrap"))
 
 
+def test_sandbox_rejects_missing_interpreter():
+    with pytest.raises(ValueError, match="sandbox.python='/nonexistent/python3' is not an executable"):
+        Sandbox(SandboxConfig(python="/nonexistent/python3"))
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

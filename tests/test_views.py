@@ -197,14 +197,14 @@ def test_reference_payload_truncates_to_12000_chars():
 
 
 def test_hint_payload_uses_hint_truncated_or_static_fallback():
-    stats = Counter()
+    stats = ViewStats()
     given = hint_payload(code_example(algorithm_hint="  Use a greedy scan.  "), stats=stats)
     assert given.endswith("\nUse a greedy scan.")
     long_hint = hint_payload(code_example(algorithm_hint="h" * 5000))
     assert long_hint.endswith("\n" + "h" * HINT_MAX_CHARS)
-    assert stats["static_hint"] == 0
+    assert stats.static_hints == 0
     fallback = hint_payload(code_example(algorithm_hint="   "), stats=stats)
-    assert stats["static_hint"] == 1
+    assert stats.static_hints == 1
     expected = static_hint(code_example().problem, code_example().reference_solution)
     assert fallback.endswith("\n" + expected)
 
