@@ -1,0 +1,191 @@
+"""Which weights score the views: the frozen initial policy, the live student, or an EMA of the student (spec 3.2).
+
+All three are the *same* network as the student (AVSD is self-distillation); a kind only decides which parameter
+values sit in the model during the teacher scoring pass:
+
+| kind     | weights during scoring                                     | extra memory (this rank's shard)   |
+|----------|------------------------------------------------------------|------------------------------------|
+| `frozen` | θ₀, copied at construction (paper default, `--fixed_teacher`) | θ₀ + a swap buffer, param dtype |
+| `live`   | the current student weights θ (no swap)                    | none                               |
+| `ema`    | ē ← d·ē + (1 − d)·θ after each step (d = 0.999, `--use_ema_teacher`) | ē in fp32 + a swap buffer |
+
+Swapping (slime's in-place pattern): `scoring_weights()` copies θ into a swap buffer, copies the teacher values into
+the model's parameters in place (so DDP's contiguous param buffers and the distributed optimizer's views stay valid),
+yields, and copies θ back. Copies are exact, so θ after the pass is bit-identical to θ before and θ₀ never drifts
+(the reference's bf16 LoRA merge/unmerge does drift, spec 6 item 3). The EMA is kept in fp32: with d = 0.999 a bf16
+EMA would not move. It starts at θ₀ (the reference initialises lazily at the first optimizer step [inferred]).
+
+`storage="cpu"` keeps θ₀ / ē and the swap buffer in host memory (pinned when CUDA is available): two host<->device
+copies of the rank's parameters per scoring pass. `storage="device"` keeps them next to the parameters: faster,
+at the cost of that memory on the accelerator.
+
+Choose once at construction (`build_teacher(TeacherConfig(kind=...), params)`); the step only calls
+`scoring_weights()` and `after_optimizer_step()`.
+
+Not supported: DDP's `overlap_param_gather=True` (an asynchronous parameter all-gather in flight would race with
+the swap); `build_teacher` refuses such a model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+
+__all__ = [
+    "EMATeacher",
+    "FrozenTeacher",
+    "LiveTeacher",
+    "TEACHER_KINDS",
+    "Teacher",
+    "TeacherConfig",
+    "build_teacher",
+]
+
+TEACHER_KINDS = ("frozen", "live", "ema")
+STORAGES = ("cpu", "device")
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """Teacher weights for the scoring pass."""
+
+    kind: Literal["frozen", "live", "ema"] = "frozen"
+    """frozen: θ₀ (the paper's default); live: the current student; ema: EMA of the student."""
+    ema_decay: float = 0.999
+    """d in ē ← d·ē + (1 − d)·θ (spec 2.5 `ema_decay`); only read by kind='ema'."""
+    storage: Literal["cpu", "device"] = "cpu"
+    """Where θ₀ / ē and the swap buffer live: host memory or next to the parameters."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in TEACHER_KINDS:
+            raise ValueError(f"teacher.kind={self.kind!r} is not one of {TEACHER_KINDS}")
+        if self.storage not in STORAGES:
+            raise ValueError(f"teacher.storage={self.storage!r} is not one of {STORAGES}")
+        if not (math.isfinite(self.ema_decay) and 0.0 <= self.ema_decay < 1.0):
+            raise ValueError(f"teacher.ema_decay={self.ema_decay!r} must be in [0, 1)")
+
+
+class Teacher(Protocol):
+    """What the scoring pass and the training step need from a teacher kind."""
+
+    kind: str
+
+    def scoring_weights(self) -> contextlib.AbstractContextManager[None]:
+        """Context in which the model's parameters hold the teacher's weights; restores θ exactly on exit."""
+
+    def after_optimizer_step(self) -> None:
+        """Called once after every optimizer step (the EMA update; a no-op for the other kinds)."""
+
+
+class LiveTeacher:
+    """The current student weights score the views: nothing to swap or store."""
+
+    kind = "live"
+
+    def __init__(self, params: Iterable[torch.nn.Parameter]) -> None:
+        del params
+
+    def scoring_weights(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def after_optimizer_step(self) -> None:
+        pass
+
+
+class _SwappingTeacher:
+    """Holds a teacher copy of every parameter and swaps it in for the scoring pass."""
+
+    kind = ""
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], storage: str, dtype: torch.dtype | None) -> None:
+        self._params = list(params)
+        if not self._params:
+            raise ValueError("the model has no parameters to build a teacher from")
+        self._teacher = [_stored_copy(p, storage, dtype) for p in self._params]  # θ₀ or ē
+        self._swap = [torch.empty_like(p, device=t.device) for p, t in zip(self._params, self._teacher)]
+        if storage == "cpu" and torch.cuda.is_available():
+            self._swap = [t.pin_memory() for t in self._swap]
+
+    @property
+    def teacher_tensors(self) -> list[torch.Tensor]:
+        """The stored teacher values (θ₀ or ē), in `model.parameters()` order; read-only by convention."""
+        return self._teacher
+
+    @contextlib.contextmanager
+    def scoring_weights(self) -> Iterator[None]:
+        with torch.no_grad():
+            for param, swap, teacher in zip(self._params, self._swap, self._teacher):
+                swap.copy_(param)  # θ -> swap buffer
+                param.copy_(teacher)  # teacher -> model, in place (cast to the param dtype for the EMA)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for param, swap in zip(self._params, self._swap):
+                    param.copy_(swap)  # exact: θ is back bit for bit
+
+    def after_optimizer_step(self) -> None:
+        pass
+
+
+class FrozenTeacher(_SwappingTeacher):
+    """θ₀, copied at construction (exactly, in the parameters' dtype), swapped in for every scoring pass."""
+
+    kind = "frozen"
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], *, storage: str = "cpu") -> None:
+        super().__init__(params, storage, dtype=None)
+
+
+class EMATeacher(_SwappingTeacher):
+    """ē (fp32), initialised to θ₀ and updated after each optimizer step: ē ← d·ē + (1 − d)·θ."""
+
+    kind = "ema"
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], *, decay: float = 0.999, storage: str = "cpu") -> None:
+        super().__init__(params, storage, dtype=torch.float32)
+        self.decay = float(decay)
+
+    def after_optimizer_step(self) -> None:
+        with torch.no_grad():
+            for param, ema in zip(self._params, self._teacher):
+                ema.mul_(self.decay).add_(param.to(ema.device, torch.float32), alpha=1.0 - self.decay)
+
+
+def build_teacher(config: TeacherConfig, params: Iterable[torch.nn.Parameter], model: object = None) -> Teacher:
+    """The teacher of `config.kind` over `params` (this rank's parameters, e.g. `model.parameters()`).
+
+    Build it before the first optimizer step: frozen / ema copy the current values as θ₀.
+
+    Args:
+        config: TeacherConfig.
+        params: the model's parameters, in a fixed order.
+        model: the (DDP-wrapped) model, only to refuse `overlap_param_gather=True`; None skips the check.
+    Raises:
+        ValueError: a swapping kind on a DDP model with overlap_param_gather=True.
+    """
+    ddp_config = getattr(model, "ddp_config", None)
+    if config.kind != "live" and ddp_config is not None and getattr(ddp_config, "overlap_param_gather", False):
+        raise ValueError(
+            f"teacher.kind={config.kind!r} swaps weights in place, which races with DDP's asynchronous parameter "
+            "all-gather; set DistributedDataParallelConfig(overlap_param_gather=False) or use teacher.kind='live'"
+        )
+    if config.kind == "frozen":
+        return FrozenTeacher(params, storage=config.storage)
+    if config.kind == "ema":
+        return EMATeacher(params, decay=config.ema_decay, storage=config.storage)
+    return LiveTeacher(params)
+
+
+def _stored_copy(param: torch.Tensor, storage: str, dtype: torch.dtype | None) -> torch.Tensor:
+    """An exact copy of `param` (optionally upcast) in host memory (pinned with CUDA) or on the param's device."""
+    device = torch.device("cpu") if storage == "cpu" else param.device
+    copy = param.detach().to(device=device, dtype=dtype or param.dtype, copy=True)
+    if device.type == "cpu" and torch.cuda.is_available():
+        copy = copy.pin_memory()
+    return copy
