@@ -12,7 +12,10 @@ micro-batches of 2 prompts) runs:
   3. one full `AVSDStep` (frozen teacher, sampled loss, microbatch_token_mean, Adam) -> loss and weights.
 TP2, PP2, TP2xPP2 and TP2xDP2 (each DP rank gets half of the prompts) must match TP1PP1. The TP1PP1 launch also
 recomputes every teacher and student log-prob directly: each sequence alone through the plain model, log_softmax in
-float64 on the full logits. A single-rank launch runs the teacher-kind and 20-step learning checks.
+float64 on the full logits. A single-rank launch runs the teacher-kind checks (fp32, and bf16 params under
+Float16Module) and the 20-step learning check. In-process unit tests cover the configs, the teacher swap and EMA
+on a plain layer, the normalizations, and what the step hands to the schedules (one forward-only schedule of M * B
+rows per micro-batch; student micro-batch i paired with teacher outputs i).
 """
 
 from __future__ import annotations
@@ -108,6 +111,21 @@ def _model_and_optimizer(tp: int, pp: int, full_state: dict | None, **adam):
     model = DistributedDataParallel(config, ddp_config, gpt)
     adam = adam or ADAM
     opt_config = OptimizerConfig(optimizer="adam", use_distributed_optimizer=True, clip_grad=0.0, **adam)
+    return model, get_megatron_optimizer(opt_config, [model], use_gloo_process_groups=False)
+
+
+def _bf16_model_and_optimizer(adam: dict):
+    """TP1 DDP(Float16Module(GPTModel)) with bf16 params and the distributed optimizer's fp32 main params."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.transformer.module import Float16Module
+
+    config = tiny_qwen3_config(bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16)
+    config.finalize_model_grads_func = finalize_model_grads
+    gpt = build_tiny_gpt_model(config, V, MAX_SEQ, seed=SEED)
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True)
+    model = DistributedDataParallel(config, ddp_config, Float16Module(config, gpt))
+    opt_config = OptimizerConfig(optimizer="adam", bf16=True, use_distributed_optimizer=True, clip_grad=0.0, **adam)
     return model, get_megatron_optimizer(opt_config, [model], use_gloo_process_groups=False)
 
 
@@ -243,6 +261,7 @@ def _params(model) -> list[torch.Tensor]:
 def teacher_kinds_rank() -> dict:
     """One rank (TP1): frozen / live / EMA teachers over 3 steps each, and 20 steps of learning on a fixed batch."""
     init_megatron(1, 1, seed=SEED)
+    from avsd_megatron.loss import AVSDForwardStep
     from avsd_megatron.signals import sampled_token_targets
     from avsd_megatron.step import AVSDStep, MegatronGroups
     from avsd_megatron.teacher_kinds import build_teacher
@@ -271,6 +290,20 @@ def teacher_kinds_rank() -> dict:
     out["frozen"] = dict(
         theta0=theta0, stored=[t.clone() for t in teacher.teacher_tensors], inside=inside, before=before,
         after=_params(model), scores0=scores0, scores3=scores3,
+    )
+
+    # frozen with bf16 params (Float16Module + fp32 main params in the distributed optimizer): no drift either
+    model, optimizer = _bf16_model_and_optimizer(adam)
+    theta0 = _params(model)
+    teacher = build_teacher(TeacherConfig(kind="frozen"), model.parameters(), model)
+    step = AVSDStep(model, optimizer, AVSDLossConfig(temperature=TAU), teacher, groups=groups)
+    scores0 = _scores(step, batch)
+    for _ in range(3):
+        step(batch)
+    output, _ = AVSDForwardStep(step.loss_config, tp_group=None)(iter([(batch.micro_batches[0], None)]), model)
+    out["frozen_bf16"] = dict(
+        dtypes={p.dtype for p in theta0}, theta0=theta0, stored=[t.clone() for t in teacher.teacher_tensors],
+        scores0=scores0, scores3=_scores(step, batch), moved=_params(model), logits_dtype=output.logits.dtype,
     )
 
     # live: the teacher is the current student
@@ -438,6 +471,65 @@ def test_avsd_step_rejects_incomplete_model_config(overrides, match):
         AVSDStep(model, None, AVSDLossConfig(temperature=TAU), None, groups=groups, forward_backward_func=print)
 
 
+class _RecordingSchedule:
+    """Stands in for get_forward_backward_func(): records its keywords and drains the data iterator."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, **kwargs):
+        items = list(kwargs["data_iterator"])
+        self.calls.append(dict(kwargs, items=items))
+        return [f"out{i}" for i in range(kwargs["num_microbatches"])] if kwargs["forward_only"] else []
+
+
+def test_score_teachers_runs_all_views_together_in_one_forward_only_schedule():
+    from avsd_megatron.teacher import score_teachers
+    from avsd_megatron.teacher_kinds import LiveTeacher
+
+    batch = _batch(_examples())
+    model, schedule = torch.nn.Linear(2, 2), _RecordingSchedule()
+    outputs = score_teachers(
+        model, batch, AVSDLossConfig(temperature=TAU), teacher=LiveTeacher([]), tp_group=None, is_last_stage=True,
+        forward_backward_func=schedule,
+    )
+    (call,) = schedule.calls  # one schedule for all views and micro-batches, not M passes
+    assert call["micro_batch_size"] == len(VIEWS) * MBS and call["num_microbatches"] == NUM_EXAMPLES // MBS
+    assert call["seq_length"] == batch.teacher_seq_length
+    assert call["forward_only"] and call["collect_non_loss_data"]
+    assert call["items"] == list(batch.micro_batches)
+    assert outputs == ["out0", "out1", "out2", "out3"] and model.training  # train mode restored
+    not_last = score_teachers(
+        model, batch, AVSDLossConfig(temperature=TAU), teacher=LiveTeacher([]), tp_group=None, is_last_stage=False,
+        forward_backward_func=schedule,
+    )
+    assert not_last == [None] * 4
+
+
+def test_update_student_pairs_micro_batch_i_with_teacher_outputs_i():
+    import types
+
+    from avsd_megatron.step import AVSDStep, MegatronGroups
+
+    batch = _batch(_examples())
+    model, schedule = torch.nn.Linear(2, 2), _RecordingSchedule()
+    model.config = types.SimpleNamespace(
+        calculate_per_token_loss=True, finalize_model_grads_func=print, context_parallel_size=1
+    )
+    step = AVSDStep(
+        model, None, AVSDLossConfig(temperature=TAU), None, groups=MegatronGroups(None, None, True),
+        forward_backward_func=schedule,
+    )
+    teacher_outputs = [f"teacher{i}" for i in range(batch.num_microbatches)]
+    step.update_student(batch, teacher_outputs)
+    (call,) = schedule.calls
+    assert call["items"] == list(zip(batch.micro_batches, teacher_outputs))
+    assert call["micro_batch_size"] == MBS and call["seq_length"] == batch.student_seq_length
+    assert not call["forward_only"]
+    with pytest.raises(ValueError, match="3 teacher outputs for 4 micro-batches"):
+        step.update_student(batch, teacher_outputs[:3])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Integration tests (gloo ranks)
 # ----------------------------------------------------------------------------------------------------------------
@@ -549,6 +641,17 @@ def test_frozen_teacher_stays_bit_identical_over_three_steps():
     assert all(torch.equal(a, b) for a, b in zip(frozen["before"], frozen["after"], strict=True)), "swap-back"
     assert all(torch.equal(a, b) for a, b in zip(frozen["scores0"], frozen["scores3"], strict=True))
     assert any(not torch.equal(a, b) for a, b in zip(frozen["theta0"], frozen["before"])), "the student trained"
+
+
+@pytest.mark.integration
+def test_frozen_teacher_bf16_params_stay_bit_identical():
+    """bf16 params under Float16Module: θ₀ in bf16, swapped in and out exactly (no merge/unmerge rounding)."""
+    frozen = _teacher_kinds_launch()["frozen_bf16"]
+    assert frozen["dtypes"] == {torch.bfloat16}
+    assert all(torch.equal(a, b) for a, b in zip(frozen["theta0"], frozen["stored"], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(frozen["scores0"], frozen["scores3"], strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(frozen["theta0"], frozen["moved"])), "the student trained"
+    assert frozen["logits_dtype"] == torch.bfloat16, "Float16Module must not upcast the [N, V/tp] logits"
 
 
 @pytest.mark.integration
