@@ -136,6 +136,9 @@ class TeacherOutputs:
             (loss='full_vocab').
         view_output_weight: [V/tp, H] the teacher's output-layer weight shard (loss='full_vocab'; a copy when the
             teacher's weights are swapped in only for the scoring pass).
+
+    Memory: every micro-batch's outputs live from the scoring pass until the student pass, i.e. per step about
+    num_microbatches * M * N fp32 scalars (sampled), * Kc (candidate) or * H model-dtype values (full_vocab).
     """
 
     view_logprobs: torch.Tensor | None = None

@@ -1,6 +1,6 @@
 """The teacher scoring pass: one forward-only Megatron schedule over all M * B teacher rows of every micro-batch.
 
-    outputs = score_teachers(model, batch, loss_config, teacher=teacher, tp_group=tp_group)
+    outputs = score_teachers(model, batch, loss_config, teacher=teacher, tp_group=tp_group, is_last_stage=last)
 
 runs `get_forward_backward_func()(forward_only=True, collect_non_loss_data=True)` with `batch.num_microbatches`
 micro-batches of `M * B` rows (all views of the micro-batch's B prompts together, not M separate passes) and row

@@ -157,6 +157,16 @@ def _student_logprobs(model, batch, tp_group) -> list[torch.Tensor]:
     return out
 
 
+def _teacher_outputs_equal(a, b) -> bool:
+    if a.view_logprobs is not None:
+        return torch.allclose(a.view_logprobs, b.view_logprobs, rtol=0, atol=1e-6)
+    return (
+        torch.equal(a.candidates.ids, b.candidates.ids)
+        and torch.equal(a.candidates.mask, b.candidates.mask)
+        and torch.allclose(a.candidates.view_logprobs, b.candidates.view_logprobs, rtol=0, atol=1e-6)
+    )
+
+
 def _direct_logprobs(model, prompts, completions) -> torch.Tensor:
     """Each sequence alone through the plain model (no output processor); float64 log_softmax on full logits."""
     values = []
@@ -216,6 +226,19 @@ def layout_rank(tp: int, pp: int, full_state: dict | None) -> dict:
         is_last_stage=groups.is_last_stage,
     )
     result["view_logprobs"] = [s.view_logprobs if s is not None else None for s in scores]
+    result["chunked_equal"] = {}  # teacher_chunk_tokens=3 (several output-layer chunks per micro-batch) == one chunk
+    for kind in ("sampled", "candidate"):
+        whole, chunked = (
+            score_teachers(
+                model, batch, AVSDLossConfig(temperature=TAU, loss=kind, topk=8, teacher_chunk_tokens=chunk),
+                teacher=live, tp_group=groups.tp, is_last_stage=groups.is_last_stage,
+            )
+            for chunk in (None, 3)
+        )
+        if groups.is_last_stage:
+            result["chunked_equal"][kind] = all(
+                _teacher_outputs_equal(a, b) for a, b in zip(whole, chunked, strict=True)
+            )
     if groups.is_last_stage:
         result["student_logprobs"] = _student_logprobs(model, batch, groups.tp)
     if (tp, pp, dp_size) == (1, 1, 1):
@@ -624,6 +647,14 @@ def test_scoring_pass_matches_tp1pp1(tp, pp, dp):
         first = result["dp_rank"] * per_rank
         for got, want in zip(result["view_logprobs"], ref[first : first + per_rank], strict=True):
             torch.testing.assert_close(got, want, rtol=0, atol=LOSS_ATOL)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("tp,pp,dp", [(1, 1, 1)] + LAYOUTS, ids=["tp1pp1dp1"] + LAYOUT_IDS)
+def test_scoring_pass_chunked_output_layer_equals_unchunked(tp, pp, dp):
+    for result in _launch(tp, pp, dp):
+        if result["is_last_stage"]:
+            assert result["chunked_equal"] == {"sampled": True, "candidate": True}
 
 
 @pytest.mark.integration
