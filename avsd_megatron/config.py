@@ -1,0 +1,612 @@
+"""Run configuration: one frozen dataclass per concern, composed into `TrainConfig`, loaded from / dumped to YAML.
+
+Defaults are the paper's released math setting (spec §1, `scripts/math/train_avsd_qwen3_8b.sh`); a default that
+differs from the reference says so in its field docstring, and so does every flag that switches a deviation on.
+Deviations that are not switchable (for the record, spec §6): full-parameter training instead of LoRA r=64 (the
+frozen teacher is a copy of θ₀, `teacher_kinds`), fp32 log-probs instead of bf16, packed sequences with contiguous
+positions instead of right padding, and rollouts seeded per request instead of by process rank.
+
+| section      | dataclass          | concern                                                       |
+|--------------|--------------------|---------------------------------------------------------------|
+| `model`      | `ModelConfig`      | where the weights come from, dtype, Megatron layer spec       |
+| `parallel`   | `ParallelConfig`   | TP, PP (DP is derived from the world size)                    |
+| `rollout`    | `RolloutConfig`    | engine, sampling, weight sync; `rollout.vllm`: `VLLMConfig`    |
+| `avsd`       | `AVSDConfig`       | views, target mode, gate, teacher kind, loss and normaliser   |
+| `optim`      | `OptimConfig`      | AdamW, clipping, LR schedule, seed                            |
+| `data`       | `data.DataConfig`  | training rows                                                 |
+| `prompts`    | `prompts.PromptConfig` | thinking on/off per side, prompt length cap               |
+| `logging`    | `LoggingConfig`    | jsonl / TensorBoard, cadences                                 |
+| `checkpoint` | `CheckpointConfig` | where and how often to save, how many to keep, resume         |
+
+YAML: `load_config(path)` builds a `TrainConfig` from a mapping of these sections (every key optional, defaults
+fill the rest); an unknown key, a value of the wrong type or a failed check raises `ConfigError` naming the file
+and the dotted field. `to_dict(cfg)` gives plain dicts/lists back (`dump_config` writes them), and
+`load_config(dump_config(cfg))` == cfg. The dataclasses are plain, with defaults, so NeMo-Run can wrap them
+(`run.Config(TrainConfig, optim=run.Config(OptimConfig, lr=1e-5))`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from avsd_megatron.candidate_signals import WEIGHT_MODES
+from avsd_megatron.data import DataConfig
+from avsd_megatron.loss import LOSS_KINDS, NORMALIZATIONS, AVSDLossConfig
+from avsd_megatron.prompts import PromptConfig
+from avsd_megatron.signals import GATE_MODES, MODES, GateParams
+from avsd_megatron.teacher_kinds import STORAGES, TEACHER_KINDS, TeacherConfig
+from avsd_megatron.views import CODE_VIEWS, MATH_VIEWS, normalize_views
+
+__all__ = [
+    "AVSDConfig",
+    "CheckpointConfig",
+    "ConfigError",
+    "LoggingConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ParallelConfig",
+    "RolloutConfig",
+    "TrainConfig",
+    "VLLMConfig",
+    "dump_config",
+    "load_config",
+    "to_dict",
+]
+
+DTYPES = ("bfloat16", "float16", "float32")
+LAYER_SPECS = ("local", "te")
+RECOMPUTE = ("none", "selective", "full")
+ENGINES = ("vllm", "hf")
+LR_DECAYS = ("linear", "constant", "cosine")
+PAPER_MODEL = "Qwen/Qwen3-8B"
+PAPER_DATASET = "siyanzhao/Openthoughts_math_30k_opsd"
+
+
+class ConfigError(ValueError):
+    """A config file or value that cannot be used; the message names the file (if any) and the dotted field."""
+
+
+def _choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not one of {choices}")
+
+
+def _at_least(name: str, value: Any, low: float) -> None:
+    if value < low:
+        raise ConfigError(f"{name}={value!r} must be >= {low}")
+
+
+def _finite(name: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}={value!r} must be finite")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The policy network (student = teacher)."""
+
+    hf_path: str = PAPER_MODEL
+    """HF checkpoint directory (config.json, tokenizer, safetensors), or a hub id already in the local HF cache.
+    The architecture and tokenizer always come from here; so do the initial weights unless megatron_checkpoint is
+    set. The rollout engine is built from it too."""
+    megatron_checkpoint: str | None = None
+    """Initial weights from a Megatron dist checkpoint (`convert.convert_hf_to_megatron` output) instead of the
+    HF safetensors; it must have been converted from hf_path's architecture."""
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """Parameter / activation dtype (the reference: bf16). Log-probs are fp32 regardless (spec §6 item 2)."""
+    layer_spec: Literal["local", "te"] = "te"
+    """Megatron layer spec: 'te' (Transformer Engine, GPU) or 'local' (plain PyTorch; CPU and tests)."""
+    recompute: Literal["none", "selective", "full"] = "full"
+    """Activation recomputation (the reference: HF gradient checkpointing, i.e. every layer = 'full')."""
+
+    def __post_init__(self) -> None:
+        if not self.hf_path:
+            raise ConfigError("model.hf_path must name an HF checkpoint directory (or cached hub id)")
+        _choice("model.dtype", self.dtype, DTYPES)
+        _choice("model.layer_spec", self.layer_spec, LAYER_SPECS)
+        _choice("model.recompute", self.recompute, RECOMPUTE)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Megatron model parallelism. Data parallelism takes the remaining ranks (`data_parallel_size`)."""
+
+    tp: int = 1
+    """Tensor-parallel size (also the vLLM engine's TP: one engine per Megatron TP group)."""
+    pp: int = 1
+    """Pipeline-parallel size."""
+
+    def __post_init__(self) -> None:
+        _at_least("parallel.tp", self.tp, 1)
+        _at_least("parallel.pp", self.pp, 1)
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """dp = world_size / (tp * pp) (derived; there is no dp field to set)."""
+        if world_size < 1 or world_size % (self.tp * self.pp):
+            raise ConfigError(
+                f"world size {world_size} is not a multiple of parallel.tp * parallel.pp = {self.tp} * {self.pp}"
+            )
+        return world_size // (self.tp * self.pp)
+
+
+@dataclass(frozen=True)
+class VLLMConfig:
+    """vLLM engine options (spec §1 rollout row; vllm-rollouts.md §1). Sleep level 2 and the external_launcher
+    backend are fixed by the adapter (`rollout_vllm`), not configurable."""
+
+    gpu_memory_utilization: float = 0.4
+    """Fraction of *total* GPU memory vLLM may take (weights + KV cache); the reference: 0.4."""
+    max_model_len: int = 16384
+    """Longest prompt + completion (the reference's --max_length 16384)."""
+    max_num_seqs: int = 8
+    """Concurrent sequences per engine (the reference: per-device batch 4 x GA 2 = 8)."""
+    max_num_batched_tokens: int | None = None
+    """Tokens per scheduler step; None = vLLM's default."""
+    enforce_eager: bool = False
+    """Disable CUDA graphs (saves the graph memory that sleep does not free)."""
+    enable_prefix_caching: bool = True
+    """Share KV of identical prompt prefixes; the cache is reset after every weight sync."""
+
+    def __post_init__(self) -> None:
+        if not (0.0 < self.gpu_memory_utilization < 1.0):
+            raise ConfigError(
+                f"rollout.vllm.gpu_memory_utilization={self.gpu_memory_utilization!r} must be in (0, 1)"
+            )
+        _at_least("rollout.vllm.max_model_len", self.max_model_len, 2)
+        _at_least("rollout.vllm.max_num_seqs", self.max_num_seqs, 1)
+        if self.max_num_batched_tokens is not None:
+            _at_least("rollout.vllm.max_num_batched_tokens", self.max_num_batched_tokens, 1)
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """How the student samples completions, and how often the rollout engine gets the new weights."""
+
+    engine: Literal["vllm", "hf"] = "vllm"
+    """'vllm' (GPU, `rollout_vllm.VLLMEngine`, the reference) or 'hf' (transformers generate, `rollout.HFEngine`;
+    CPU runs and tests)."""
+    temperature: float = 0.7
+    """Sampling temperature; also τ, the divisor of every training logit (spec 2.1). Must be > 0 for training."""
+    top_p: float = 0.95
+    """Nucleus mass (1 = off). Training log-probs are not truncated (spec 2.1)."""
+    top_k: int = 20
+    """Top-k (0 or -1 = off; the DeepSeek-R1-Distill scripts use off)."""
+    max_new_tokens: int = 4096
+    """Completion length cap (the reference's --max_completion_length)."""
+    n: int = 1
+    """Completions per prompt (the reference: 1)."""
+    seed: int = 0
+    """Base of the per-request sampling seeds (`rollout.request_seed(seed, step, index)`). The reference seeds
+    each vLLM engine with its process rank instead; the samples differ, the distribution does not."""
+    sync_every: int = 1
+    """Push the trainer's weights to the engine every k optimizer steps. The reference: 1 (strictly on-policy);
+    k > 1 DEVIATES: rollouts then come from weights up to k - 1 steps old."""
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    """vLLM-only options; ignored by engine='hf'."""
+
+    def __post_init__(self) -> None:
+        _choice("rollout.engine", self.engine, ENGINES)
+        _finite("rollout.temperature", self.temperature)
+        _at_least("rollout.temperature", self.temperature, 0.0)
+        if not (0.0 < self.top_p <= 1.0):
+            raise ConfigError(f"rollout.top_p={self.top_p!r} must be in (0, 1]")
+        _at_least("rollout.top_k", self.top_k, -1)
+        _at_least("rollout.max_new_tokens", self.max_new_tokens, 1)
+        _at_least("rollout.n", self.n, 1)
+        _at_least("rollout.sync_every", self.sync_every, 1)
+
+
+@dataclass(frozen=True)
+class AVSDConfig:
+    """The AVSD objective: views, target, gate, teacher weights, loss and normaliser (spec 2, 3.2, 3.3).
+
+    Field names and choices are those of `loss.AVSDLossConfig` and `teacher_kinds.TeacherConfig`, which
+    `loss_config()` / `teacher_config()` build; the reference's flag names are given per field.
+    """
+
+    views: tuple[str, ...] = MATH_VIEWS
+    """Privileged views in order (`--pi_views`); math: full_solution, partial_solution, answer_only; code:
+    reference, hint, feedback. Duplicates are dropped."""
+    partial_solution_ratio: float = 0.5
+    """Share of solution segments the partial_solution view keeps (`--partial_solution_ratio`), in (0, 1)."""
+    mode: Literal["avsd", "consensus", "arithmetic", "single"] = "avsd"
+    """Target (`--multi_view_mode`): avsd = log q_G + g·J; consensus = log q_G; arithmetic = log q_A; single =
+    the one view's ℓ (needs exactly one view)."""
+    gate: Literal["avsd", "sigmoid", "consistency_exp"] = "avsd"
+    """Gate g (`--avsd_gate_mode`); read by mode='avsd' only."""
+    gate_params: GateParams = field(default_factory=GateParams)
+    """Constants of the sigmoid / consistency_exp gates (spec 2.5)."""
+    teacher: Literal["frozen", "live", "ema"] = "frozen"
+    """Teacher weights (spec 3.2): frozen θ₀ (`--fixed_teacher`, the paper), the live student, or an EMA."""
+    ema_decay: float = 0.999
+    """EMA decay d (`--ema_decay`); read by teacher='ema' only."""
+    teacher_storage: Literal["cpu", "device"] = "cpu"
+    """Where θ₀ / the EMA and the swap buffer live (`teacher_kinds`); no reference counterpart."""
+    loss: Literal["sampled", "candidate", "full_vocab"] = "sampled"
+    """sampled: the sampled-token loss (spec 2.2, `--use_tinker_loss`, the paper); candidate: generalized JSD on
+    the views' top-k union (2.3); full_vocab: generalized JSD over the whole vocabulary (not in the reference)."""
+    normalization: Literal["microbatch_token_mean", "global_token_mean"] = "microbatch_token_mean"
+    """microbatch_token_mean (the reference, spec 2.6): mean over micro-batches x DP ranks of per-micro-batch token
+    means; global_token_mean DEVIATES: one token mean over the whole step."""
+    topk: int = 64
+    """Per-view top-k of the candidate loss (`--multi_view_teacher_topk`)."""
+    beta: float = 0.5
+    """Generalized-JSD β of the candidate / full_vocab losses (`--beta`)."""
+    token_clip: float = 0.05
+    """Per-token JSD clamp from above of the candidate / full_vocab losses (`--jsd_token_clip`; 0 = off)."""
+    weight_mode: Literal["uniform", "agreement_centrality"] = "uniform"
+    """View weights of the candidate / full_vocab targets (`--view_weight_mode`)."""
+    eta: float = 5.0
+    """Agreement-centrality η (`--view_agreement_eta`)."""
+    detach_target: bool = True
+    """Candidate loss: hold the target constant. True DEVIATES from the reference, whose target is not detached so
+    gradient flows through the gate (spec §6 item 4); False reproduces it."""
+    epistemic_tau: float = 0.0
+    """τ_e of the epistemic-preservation term (`--epistemic_tau` with `--use_epistemic_preservation`); 0 = off,
+    as in every released script. Needs mode='avsd'."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.views, str) or not isinstance(self.views, (tuple, list)):
+            raise ConfigError(f"avsd.views={self.views!r} must be a list of view names")
+        try:
+            views = normalize_views(self.views, MATH_VIEWS + CODE_VIEWS, name="avsd.views")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if set(views) & set(MATH_VIEWS) and set(views) & set(CODE_VIEWS):
+            raise ConfigError(f"avsd.views={views!r} mixes math views {MATH_VIEWS} and code views {CODE_VIEWS}")
+        object.__setattr__(self, "views", views)
+        _choice("avsd.mode", self.mode, MODES)
+        _choice("avsd.gate", self.gate, GATE_MODES)
+        _choice("avsd.teacher", self.teacher, TEACHER_KINDS)
+        _choice("avsd.teacher_storage", self.teacher_storage, STORAGES)
+        _choice("avsd.loss", self.loss, LOSS_KINDS)
+        _choice("avsd.normalization", self.normalization, NORMALIZATIONS)
+        _choice("avsd.weight_mode", self.weight_mode, WEIGHT_MODES)
+        if not isinstance(self.gate_params, GateParams):
+            raise ConfigError(f"avsd.gate_params must be a GateParams, got {type(self.gate_params).__name__}")
+        if not (0.0 < self.partial_solution_ratio < 1.0):
+            raise ConfigError(f"avsd.partial_solution_ratio={self.partial_solution_ratio!r} must be in (0, 1)")
+        if not (math.isfinite(self.ema_decay) and 0.0 <= self.ema_decay < 1.0):
+            raise ConfigError(f"avsd.ema_decay={self.ema_decay!r} must be in [0, 1)")
+        if not (0.0 <= self.beta <= 1.0):
+            raise ConfigError(f"avsd.beta={self.beta!r} must be in [0, 1]")
+        for name in ("token_clip", "eta", "epistemic_tau"):
+            _finite(f"avsd.{name}", getattr(self, name))
+            _at_least(f"avsd.{name}", getattr(self, name), 0.0)
+        _at_least("avsd.topk", self.topk, 1)
+        if self.mode == "single" and len(views) != 1:
+            raise ConfigError(f"avsd.mode='single' needs exactly one view, avsd.views={views!r}")
+        if self.epistemic_tau and self.mode != "avsd":
+            raise ConfigError(f"avsd.epistemic_tau={self.epistemic_tau!r} needs avsd.mode='avsd' (spec §4)")
+        if self.gate == "avsd" and self.mode == "avsd" and self.weight_mode != "uniform" and self.loss != "sampled":
+            raise ConfigError(
+                "avsd.gate='avsd' is defined for uniform view weights only (spec 2.3 step 8): set "
+                "avsd.weight_mode='uniform' or choose another avsd.gate"
+            )
+        try:
+            self.loss_config(temperature=1.0)  # the loss's own cross-field checks
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+    def loss_config(self, temperature: float, vocab_size: int | None = None, **overrides: Any) -> AVSDLossConfig:
+        """The `loss.AVSDLossConfig` of this objective; temperature = rollout.temperature (τ), vocab_size = the
+        real (unpadded) vocabulary. `overrides` set the loss's execution knobs (chunk sizes)."""
+        return AVSDLossConfig(
+            temperature=temperature,
+            vocab_size=vocab_size,
+            loss=self.loss,
+            normalization=self.normalization,
+            mode=self.mode,
+            gate=self.gate,
+            gate_params=self.gate_params,
+            epistemic_tau=self.epistemic_tau,
+            topk=self.topk,
+            beta=self.beta,
+            token_clip=self.token_clip,
+            weight_mode=self.weight_mode,
+            eta=self.eta,
+            detach_target=self.detach_target,
+            **overrides,
+        )
+
+    def teacher_config(self) -> TeacherConfig:
+        """The `teacher_kinds.TeacherConfig` of this objective."""
+        return TeacherConfig(kind=self.teacher, ema_decay=self.ema_decay, storage=self.teacher_storage)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW and the LR schedule (the reference: HF Trainer defaults plus lr 5e-6, max_grad_norm 0.1)."""
+
+    lr: float = 5e-6
+    """Peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW (β1, β2)."""
+    eps: float = 1e-8
+    """AdamW eps."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    max_grad_norm: float = 0.1
+    """Global gradient-norm clip (0 = off)."""
+    lr_decay: Literal["linear", "constant", "cosine"] = "linear"
+    """Schedule after warmup: linear to min_lr at max_steps (the reference, HF default), constant, or cosine."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 (the reference: none)."""
+    min_lr: float = 0.0
+    """LR at the last step (the reference: 0)."""
+    distributed_optimizer: bool = True
+    """Shard optimizer state over DP (Megatron's ZeRO-1-like optimizer; the reference: ZeRO-2 with CPU offload)."""
+    seed: int = 42
+    """Seed of model init and data order (the reference: HF default 42)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.betas, list):
+            object.__setattr__(self, "betas", tuple(self.betas))
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optim.betas={self.betas!r} must be two numbers in [0, 1)")
+        for name in ("lr", "eps", "weight_decay", "max_grad_norm", "min_lr"):
+            _finite(f"optim.{name}", getattr(self, name))
+            _at_least(f"optim.{name}", getattr(self, name), 0.0)
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr={self.lr!r} must be > 0")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"optim.min_lr={self.min_lr!r} must be <= optim.lr={self.lr!r}")
+        _choice("optim.lr_decay", self.lr_decay, LR_DECAYS)
+        _at_least("optim.warmup_steps", self.warmup_steps, 0)
+
+    def lr_at(self, step: int, max_steps: int) -> float:
+        """LR used by optimizer step `step` (0-based) of `max_steps` (HF's `get_linear_schedule_with_warmup`
+        for lr_decay='linear', min_lr = 0: lr · (max_steps − step) / (max_steps − warmup) after warmup)."""
+        if not (0 <= step < max_steps):
+            raise ValueError(f"step={step} must be in [0, max_steps={max_steps})")
+        if step < self.warmup_steps:
+            return self.lr * step / self.warmup_steps
+        if self.lr_decay == "constant":
+            return self.lr
+        progress = (step - self.warmup_steps) / max(1, max_steps - self.warmup_steps)
+        if self.lr_decay == "linear":
+            return self.min_lr + (self.lr - self.min_lr) * (1.0 - progress)
+        return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Metric and sample logging (rank 0 writes, after reducing metrics over DP)."""
+
+    jsonl: bool = True
+    """Append one JSON object per logged step to <output_dir>/metrics.jsonl."""
+    tensorboard: bool = False
+    """Also write TensorBoard scalars under <output_dir>/tensorboard (needs the tensorboard package)."""
+    log_every: int = 2
+    """Log metrics every k optimizer steps (the reference: 2)."""
+    generations_every: int = 5
+    """Write the step's prompts and completions to <output_dir>/generations/ every k steps (the reference: 5);
+    0 = never."""
+
+    def __post_init__(self) -> None:
+        _at_least("logging.log_every", self.log_every, 1)
+        _at_least("logging.generations_every", self.generations_every, 0)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Saving and resuming."""
+
+    dir: str | None = None
+    """Checkpoint directory; None = <output_dir>/checkpoints."""
+    save_every: int = 10
+    """Save every k optimizer steps (the reference: 10); 0 = only at the end."""
+    keep_last: int | None = None
+    """Keep the newest k checkpoints; None = keep all (the reference keeps all, no save_total_limit)."""
+    resume: str | None = "auto"
+    """'auto' = continue from the newest checkpoint in dir if there is one; a path = continue from it (error if
+    missing); None = always start from model.hf_path / model.megatron_checkpoint."""
+
+    def __post_init__(self) -> None:
+        _at_least("checkpoint.save_every", self.save_every, 0)
+        if self.keep_last is not None:
+            _at_least("checkpoint.keep_last", self.keep_last, 1)
+        if self.resume is not None and not self.resume.strip():
+            raise ConfigError("checkpoint.resume='' must be 'auto', a checkpoint path, or null")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One AVSD run. Per optimizer step: prompts_per_step prompts over all DP ranks, rollout.n completions each,
+    micro-batches of micro_batch_size prompts per rank, one gradient step per rollout (strictly on-policy)."""
+
+    output_dir: str = "outputs/avsd"
+    """Metrics, generations and (by default) checkpoints go here."""
+    prompts_per_step: int = 32
+    """Prompts per optimizer step over all DP ranks (the reference: 4 per device x GA 2 x 4 GPUs)."""
+    micro_batch_size: int = 4
+    """Prompts per micro-batch per DP rank (the reference: per-device batch 4); the rest is accumulation."""
+    max_steps: int = 500
+    """Optimizer steps (the reference: 500, about 0.53 epoch of the 30k rows)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    avsd: AVSDConfig = field(default_factory=AVSDConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(sources=(PAPER_DATASET,), task="math"))
+    """Training rows (the reference: the OPSD OpenThoughts math 30k set, train split)."""
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    """Student thinking off / teachers on, prompt cap 12288 (spec §1). Its overlong='skip' default DEVIATES from
+    the reference's truncation (see prompts.PromptConfig)."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        if not self.output_dir:
+            raise ConfigError("output_dir must be a directory path")
+        _at_least("prompts_per_step", self.prompts_per_step, 1)
+        _at_least("micro_batch_size", self.micro_batch_size, 1)
+        _at_least("max_steps", self.max_steps, 1)
+        if self.prompts_per_step % self.micro_batch_size:
+            raise ConfigError(
+                f"prompts_per_step={self.prompts_per_step} is not a multiple of micro_batch_size="
+                f"{self.micro_batch_size}"
+            )
+        allowed = MATH_VIEWS if self.data.task == "math" else CODE_VIEWS
+        if not set(self.avsd.views) <= set(allowed):
+            raise ConfigError(
+                f"avsd.views={self.avsd.views!r} do not fit data.task={self.data.task!r}: choose from {allowed}"
+            )
+        if self.rollout.temperature <= 0:
+            raise ConfigError(
+                f"rollout.temperature={self.rollout.temperature!r} must be > 0 for training: it is τ, the divisor of "
+                "student and teacher logits (spec 2.1)"
+            )
+        if self.rollout.engine == "vllm":
+            need = self.prompts.max_prompt_tokens + self.rollout.max_new_tokens
+            if need > self.rollout.vllm.max_model_len:
+                raise ConfigError(
+                    f"rollout.vllm.max_model_len={self.rollout.vllm.max_model_len} < prompts.max_prompt_tokens + "
+                    f"rollout.max_new_tokens = {self.prompts.max_prompt_tokens} + {self.rollout.max_new_tokens}"
+                )
+
+    def num_microbatches(self, world_size: int) -> int:
+        """Micro-batches per rank per optimizer step: prompts_per_step / (micro_batch_size · dp)."""
+        dp = self.parallel.data_parallel_size(world_size)
+        if self.prompts_per_step % (self.micro_batch_size * dp):
+            raise ConfigError(
+                f"prompts_per_step={self.prompts_per_step} is not a multiple of micro_batch_size * dp = "
+                f"{self.micro_batch_size} * {dp}"
+            )
+        return self.prompts_per_step // (self.micro_batch_size * dp)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """checkpoint.dir, or <output_dir>/checkpoints."""
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.output_dir) / "checkpoints"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# YAML
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Build and validate a TrainConfig from a YAML file of sections (module docstring).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ConfigError: unknown key, wrong type, failed check, or not a mapping; the message names file and field.
+    """
+    import yaml
+
+    path = Path(path)
+    with path.open(encoding="utf-8") as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return from_dict(data if data is not None else {}, source=str(path))
+
+
+def from_dict(data: Mapping[str, Any], source: str = "<dict>") -> TrainConfig:
+    """Build and validate a TrainConfig from nested plain data (what `to_dict` returns)."""
+    return _build(TrainConfig, data, "", source)
+
+
+def to_dict(cfg: Any) -> Any:
+    """A config dataclass as nested dicts / lists / scalars (YAML- and JSON-safe); inverse of `from_dict`."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.init}
+    if isinstance(cfg, (tuple, list)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, Mapping):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def dump_config(cfg: TrainConfig, path: str | Path) -> Path:
+    """Write `to_dict(cfg)` as YAML (sections in field order); returns the path."""
+    import yaml
+
+    path = Path(path)
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def _build(cls: type, data: Any, where: str, source: str) -> Any:
+    label = where or "the top level"
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: {label} must be a mapping of {cls.__name__} fields, got {_kind(data)}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise ConfigError(f"{source}: unknown key {dotted!r}; {cls.__name__} fields: {', '.join(names)}")
+        kwargs[key] = _convert(hints[key], value, dotted, source)
+    try:
+        return cls(**kwargs)
+    except ValueError as err:  # every section's checks name their dotted field
+        raise ConfigError(f"{source}: {err}") from None
+    except TypeError as err:  # a required field without a default is missing (data.sources, data.task)
+        raise ConfigError(f"{source}: {label}: {err}") from None
+
+
+def _kind(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _convert(tp: Any, value: Any, where: str, source: str) -> Any:
+    """Check / convert one YAML value against a field's type hint."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{source}: {where} must not be null")
+        (inner,) = [a for a in args if a is not type(None)]  # every union here is `X | None`
+        return _convert(inner, value, where, source)
+    if value is None:
+        raise ConfigError(f"{source}: {where} must not be null")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where, source)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{source}: {where}={value!r} is not one of {args}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {where} must be a list, got {_kind(value)}")
+        items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
+        if len(items) != len(value):
+            raise ConfigError(f"{source}: {where} must have {len(items)} items, got {len(value)}")
+        return tuple(_convert(t, v, f"{where}[{i}]", source) for i, (t, v) in enumerate(zip(items, value)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {where} must be true or false, got {_kind(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {where} must be an integer, got {_kind(value)}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 5e-6 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {where} must be a number, got {_kind(value)}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {where} must be a string, got {_kind(value)}")
+        return value
+    raise TypeError(f"config field {where} has an unsupported type {tp!r}")  # a bug in this module
