@@ -187,8 +187,9 @@ class RolloutConfig:
     n: int = 1
     """Completions per prompt (the reference: 1)."""
     seed: int = 0
-    """Base of the per-request sampling seeds (`rollout.request_seed(seed, step, index)`). The reference seeds
-    each vLLM engine with its process rank instead; the samples differ, the distribution does not."""
+    """Base of the sampling seeds: step s calls `generate(..., seed=rollout.request_seed(seed, s))`, which seeds
+    prompt i with `request_seed(that, i)`. The reference seeds each vLLM engine with its process rank instead;
+    the samples differ, the distribution does not."""
     sync_every: int = 1
     """Push the trainer's weights to the engine every k optimizer steps. The reference: 1 (strictly on-policy);
     k > 1 DEVIATES: rollouts then come from weights up to k - 1 steps old."""

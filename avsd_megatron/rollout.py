@@ -1,0 +1,406 @@
+"""Rollout engines: the student samples completions y for prompt token ids, and takes the trainer's new weights.
+
+The trainer talks to one `RolloutEngine` protocol, whatever generates:
+
+| engine                             | where      | module                          |
+|------------------------------------|------------|---------------------------------|
+| `HFEngine` (transformers generate) | CPU or GPU | here                            |
+| `VLLMEngine` (vLLM, colocated)     | GPU only   | `rollout_vllm` (imports vllm lazily) |
+
+Life cycle per optimizer step (vllm-rollouts.md §1), identical for both:
+
+    engine.wake_up(("weights",))              # level-2 sleep left the weight memory garbage
+    engine.update_weights(export_hf_weights(model, hf_config, tp_group=..., pp_group=...))
+    engine.wake_up(("kv_cache",))
+    completions = engine.generate(prompt_ids, params, seed=request_seed(cfg.rollout.seed, step))
+    engine.sleep()
+
+The engines enforce that order as a small state machine: `update_weights` needs the "weights" tag awake,
+`generate` needs both tags awake *and* a complete `update_weights` since the last `sleep()` (vLLM's level-2 sleep
+discards the weights; `HFEngine` keeps them but refuses in the same way, so a CPU run exercises the same sequence).
+Violations raise `RuntimeError`.
+
+Sampling semantics (both engines, vLLM's): logits / T, then top-k, then top-p on the renormalised distribution
+(T = 0: greedy; top_k 0 or -1 and top_p 1: off; no other processor). Generation stops after the first stop token
+(the checkpoint's EOS ids from generation_config.json plus `SamplingParams.stop_token_ids`), which is *kept* in
+`Completion.token_ids` (the `<|im_end|>` EOS is trained, spec 3.5), finish_reason "stop"; otherwise after
+max_new_tokens, finish_reason "length". `Completion.text` is decoded without special tokens.
+
+Seeds: prompt i of a call draws from `request_seed(seed, i)`; an engine's output for a prompt depends only on the
+weights, the prompt, the params, `seed` and i (never on the other prompts of the batch, nor on global RNG state,
+which `generate` leaves untouched). With n > 1 the n completions of a prompt are consecutive in the output.
+
+Weights: `update_weights` takes (HF name, tensor) pairs, the layout `convert.export_hf_weights` yields, and is
+strict: an unknown name, a repeated name, a wrong shape, or the `lm_head.weight` alias of a tied model raises
+`ValueError` before anything is copied from that tensor; names missing at the end raise `ValueError` too (the
+engine is then left partially updated and refuses to generate until a complete update).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import torch
+from torch import Tensor
+
+from avsd_megatron.config import RolloutConfig
+
+if TYPE_CHECKING:  # transformers is imported inside the functions
+    from transformers import PreTrainedModel
+
+__all__ = [
+    "Completion",
+    "EngineState",
+    "HFEngine",
+    "RolloutEngine",
+    "SamplingParams",
+    "TAGS",
+    "WeightNameCheck",
+    "request_seed",
+]
+
+TAGS = ("weights", "kv_cache")
+"""Memory an engine can wake separately (vLLM's sleep-mode tags)."""
+FINISH_REASONS = ("stop", "length")
+_SEED_BITS = 63  # fits torch.manual_seed and vLLM's per-request seed (+ n children)
+
+
+def request_seed(seed: int, index: int) -> int:
+    """A 63-bit seed for request `index` under `seed`: a hash, so (seed, index) pairs never collide in practice."""
+    digest = hashlib.blake2b(f"{int(seed)}:{int(index)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> (64 - _SEED_BITS)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What to sample (vLLM's `SamplingParams`, the fields AVSD uses)."""
+
+    temperature: float = 0.7
+    """T > 0 samples from softmax(z / T); 0 = greedy."""
+    top_p: float = 0.95
+    """Nucleus mass in (0, 1]; 1 = off."""
+    top_k: int = 20
+    """Keep the k most likely tokens; 0 or -1 = off."""
+    max_new_tokens: int = 4096
+    """Completion length cap (vLLM's max_tokens)."""
+    n: int = 1
+    """Completions per prompt."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Extra stop ids on top of the checkpoint's EOS ids."""
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"SamplingParams.temperature={self.temperature!r} must be a finite number >= 0")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"SamplingParams.top_p={self.top_p!r} must be in (0, 1]")
+        if self.top_k < -1:
+            raise ValueError(f"SamplingParams.top_k={self.top_k!r} must be >= 1, or 0 / -1 for off")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingParams.max_new_tokens={self.max_new_tokens!r} must be >= 1")
+        if self.n < 1:
+            raise ValueError(f"SamplingParams.n={self.n!r} must be >= 1")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+    @classmethod
+    def from_config(cls, cfg: RolloutConfig, stop_token_ids: Sequence[int] = ()) -> SamplingParams:
+        """The sampling part of `config.RolloutConfig`."""
+        return cls(
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            top_k=cfg.top_k,
+            max_new_tokens=cfg.max_new_tokens,
+            n=cfg.n,
+            stop_token_ids=tuple(stop_token_ids),
+        )
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One sampled completion y."""
+
+    token_ids: tuple[int, ...]
+    """Sampled ids, the final stop token included when finish_reason is "stop"."""
+    text: str
+    """token_ids decoded without special tokens ("" when the engine has no tokenizer)."""
+    finish_reason: Literal["stop", "length"]
+
+
+class RolloutEngine(Protocol):
+    """What the trainer needs from a rollout engine (module docstring for the call order)."""
+
+    def generate(
+        self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams, seed: int
+    ) -> list[Completion]:
+        """len(prompt_token_ids) * params.n completions, prompt-major (prompt i's n completions at i*n ...)."""
+        ...
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
+        """Load a full set of HF-named tensors (streamed; strict names and shapes)."""
+        ...
+
+    def sleep(self) -> None:
+        """Free the engine's memory (weights and KV cache); the weights must be reloaded after waking."""
+        ...
+
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Re-allocate the memory of `tags` (subset of TAGS; None = all)."""
+        ...
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared engine bookkeeping
+
+
+class EngineState:
+    """Which memory is awake and whether the weights are valid; raises on an out-of-order call."""
+
+    def __init__(self, *, awake: bool, weights_valid: bool) -> None:
+        self.awake: set[str] = set(TAGS) if awake else set()
+        self.weights_valid = weights_valid
+
+    def sleep(self) -> None:
+        self.awake.clear()
+        self.weights_valid = False
+
+    def to_wake(self, tags: Sequence[str] | None) -> list[str]:
+        """The tags of `tags` that are asleep (validated), in TAGS order; marks them awake."""
+        requested = list(TAGS) if tags is None else list(tags)
+        unknown = [t for t in requested if t not in TAGS]
+        if unknown or isinstance(tags, str):
+            raise ValueError(f"wake_up tags={tags!r}: each must be one of {TAGS}")
+        new = [t for t in TAGS if t in requested and t not in self.awake]
+        self.awake.update(new)
+        return new
+
+    def check_can_load(self) -> None:
+        if "weights" not in self.awake:
+            raise RuntimeError("update_weights while the weights are asleep: call wake_up(('weights',)) first")
+        self.weights_valid = False  # until the load completes
+
+    def check_can_generate(self) -> None:
+        asleep = [t for t in TAGS if t not in self.awake]
+        if asleep:
+            raise RuntimeError(f"generate while {asleep} asleep: call wake_up() first")
+        if not self.weights_valid:
+            raise RuntimeError(
+                "generate without valid weights: sleep() discarded them (or the last update_weights failed); "
+                "call update_weights first"
+            )
+
+
+class WeightNameCheck:
+    """Strict (name, tensor) stream check against the expected HF names and shapes (module docstring)."""
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]], aliases: Mapping[str, str] | None = None) -> None:
+        """shapes: expected name -> shape; aliases: tied name -> the name to send instead."""
+        self.shapes = dict(shapes)
+        self.aliases = dict(aliases or {})
+        self.seen: set[str] = set()
+
+    def check(self, name: str, tensor: Tensor) -> None:
+        if name in self.aliases:
+            raise ValueError(f"update_weights: {name!r} is tied to {self.aliases[name]!r}; send only the latter")
+        if name not in self.shapes:
+            raise ValueError(
+                f"update_weights: unknown tensor {name!r}; expected the model's HF names, "
+                f"e.g. {next(iter(self.shapes))!r}"
+            )
+        if name in self.seen:
+            raise ValueError(f"update_weights: tensor {name!r} was sent twice")
+        if tuple(tensor.shape) != self.shapes[name]:
+            raise ValueError(
+                f"update_weights: tensor {name!r} has shape {tuple(tensor.shape)}, the model needs {self.shapes[name]}"
+            )
+        self.seen.add(name)
+
+    def wrap(self, named_tensors: Iterable[tuple[str, Tensor]]) -> Iterator[tuple[str, Tensor]]:
+        """The stream, each pair checked before it is passed on."""
+        for name, tensor in named_tensors:
+            self.check(name, tensor)
+            yield name, tensor
+
+    def finish(self) -> None:
+        missing = [name for name in self.shapes if name not in self.seen]
+        if missing:
+            shown = ", ".join(repr(n) for n in missing[:5])
+            if len(missing) > 5:
+                shown += f" and {len(missing) - 5} more"
+            raise ValueError(f"update_weights: {len(missing)} of {len(self.shapes)} tensors were not sent: {shown}")
+
+
+def as_id_list(prompt_token_ids: Sequence[Sequence[int]], vocab_size: int | None) -> list[list[int]]:
+    """Validated prompts: a non-empty list of non-empty int sequences within [0, vocab_size)."""
+    if isinstance(prompt_token_ids, (str, Tensor)) or not isinstance(prompt_token_ids, Sequence):
+        raise TypeError(f"prompt_token_ids must be a list of token-id lists, got {type(prompt_token_ids).__name__}")
+    prompts = []
+    for i, ids in enumerate(prompt_token_ids):
+        ids = [int(t) for t in ids]
+        if not ids:
+            raise ValueError(f"prompt_token_ids[{i}] is empty")
+        bad = [t for t in ids if t < 0 or (vocab_size is not None and t >= vocab_size)]
+        if bad:
+            raise ValueError(f"prompt_token_ids[{i}] has ids outside [0, {vocab_size}): {bad[:5]}")
+        prompts.append(ids)
+    return prompts
+
+
+def eos_ids_of(generation_config: Any, config: Any) -> tuple[int, ...]:
+    """The checkpoint's EOS ids: generation_config.eos_token_id, else config.eos_token_id (int or list)."""
+    for source in (generation_config, config):
+        eos = getattr(source, "eos_token_id", None)
+        if eos is not None:
+            return tuple(int(t) for t in ([eos] if isinstance(eos, int) else eos))
+    return ()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# HFEngine
+
+
+class HFEngine:
+    """Rollouts with `transformers` `generate` on an HF causal LM (CPU or one GPU). The engine owns the model.
+
+    Build with `HFEngine.from_pretrained(hf_dir)` (model + tokenizer + EOS ids of the directory) or
+    `HFEngine.from_config(config, tokenizer, seed=...)` (random init), or wrap a model: `HFEngine(model, tokenizer)`.
+    The model's own generation defaults are discarded: only SamplingParams decide how to sample.
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer: Any = None, *, eos_token_ids: Sequence[int] | None = None):
+        from transformers import GenerationConfig
+
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        eos = tuple(eos_token_ids) if eos_token_ids is not None else eos_ids_of(model.generation_config, model.config)
+        if not eos:
+            raise ValueError("HFEngine: the model has no eos_token_id (generation_config.json or config.json)")
+        self.eos_token_ids = eos
+        pad = getattr(model.generation_config, "pad_token_id", None)
+        if pad is None and tokenizer is not None:
+            pad = tokenizer.pad_token_id
+        self.pad_token_id = int(pad) if pad is not None else eos[0]
+        self.vocab_size = int(model.config.vocab_size)
+        # Only what we pass applies: no sampling defaults from generation_config.json (e.g. Qwen3's T=0.6).
+        model.generation_config = GenerationConfig(eos_token_id=list(eos), pad_token_id=self.pad_token_id)
+        self._params = dict(model.named_parameters(remove_duplicate=False))
+        self._shapes, self._aliases = _hf_names(model)
+        self.state = EngineState(awake=True, weights_valid=True)
+
+    @classmethod
+    def from_pretrained(
+        cls, hf_dir: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    ) -> HFEngine:
+        """Model, tokenizer and EOS ids of an HF checkpoint directory."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype).to(device)
+        return cls(model, AutoTokenizer.from_pretrained(str(hf_dir)))
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Mapping[str, Any] | Any,
+        tokenizer: Any = None,
+        *,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> HFEngine:
+        """A randomly initialised model (transformers' init under `seed`; global RNG untouched)."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        if isinstance(config, Mapping):
+            fields = dict(config)
+            config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return cls(model.to(device), tokenizer)
+
+    # -- RolloutEngine ---------------------------------------------------------------------------------------------
+
+    def sleep(self) -> None:
+        """Marks the weights invalid (vLLM level-2 semantics); memory stays allocated."""
+        self.state.sleep()
+
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        self.state.to_wake(tags)
+
+    @torch.no_grad()
+    def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
+        self.state.check_can_load()
+        check = WeightNameCheck(self._shapes, self._aliases)
+        for name, tensor in check.wrap(named_tensors):
+            self._params[name].copy_(tensor)  # casts to the model's dtype and device
+        check.finish()
+        self.state.weights_valid = True
+
+    @torch.no_grad()
+    def generate(
+        self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams, seed: int
+    ) -> list[Completion]:
+        self.state.check_can_generate()
+        prompts = as_id_list(prompt_token_ids, self.vocab_size)
+        stop = tuple(dict.fromkeys(self.eos_token_ids + params.stop_token_ids))
+        generation_config = self._generation_config(params, stop)
+        device = next(iter(self._params.values())).device
+        completions = []
+        for index, ids in enumerate(prompts):
+            input_ids = torch.tensor([ids], dtype=torch.long, device=device)  # [1, P]
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(request_seed(seed, index))
+                out = self.model.generate(
+                    input_ids, attention_mask=torch.ones_like(input_ids), generation_config=generation_config
+                )  # [n, P + new]
+            for row in out[:, len(ids) :].tolist():
+                completions.append(self._completion(row, stop, params.max_new_tokens))
+        return completions
+
+    # -- helpers ---------------------------------------------------------------------------------------------------
+
+    def _generation_config(self, params: SamplingParams, stop: tuple[int, ...]):
+        from transformers import GenerationConfig
+
+        common = dict(
+            max_new_tokens=params.max_new_tokens,
+            num_return_sequences=params.n,
+            eos_token_id=list(stop),
+            pad_token_id=self.pad_token_id,
+            repetition_penalty=1.0,
+        )
+        if params.temperature == 0:
+            return GenerationConfig(do_sample=False, **common)
+        return GenerationConfig(
+            do_sample=True,
+            temperature=params.temperature,
+            top_k=params.top_k if params.top_k > 0 else 0,  # transformers: 0 = off
+            top_p=params.top_p,
+            **common,
+        )
+
+    def _completion(self, row: list[int], stop: tuple[int, ...], max_new_tokens: int) -> Completion:
+        end = next((i for i, t in enumerate(row) if t in stop), None)
+        if end is None:
+            token_ids, reason = tuple(row[:max_new_tokens]), "length"
+        else:
+            token_ids, reason = tuple(row[: end + 1]), "stop"
+        text = self.tokenizer.decode(list(token_ids), skip_special_tokens=True) if self.tokenizer is not None else ""
+        return Completion(token_ids=token_ids, text=text, finish_reason=reason)
+
+
+def _hf_names(model: torch.nn.Module) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """(checkpoint name -> shape, tied alias -> the name it shares storage with) of an HF model's parameters."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    aliases: dict[str, str] = {}
+    first_name: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first_name:
+            aliases[name] = first_name[id(param)]
+        else:
+            first_name[id(param)] = name
+            shapes[name] = tuple(param.shape)
+    return shapes, aliases
