@@ -1,0 +1,275 @@
+"""`VLLMEngine`: colocated vLLM rollouts inside the torchrun trainer process (GPU only), coded to the vLLM 0.33 API
+as read in vllm-rollouts.md (not yet run on a GPU; `SUPPORTED_VLLM` pins the minor version and is checked).
+
+One in-process `vllm.LLM` per rank with `distributed_executor_backend="external_launcher"`: it joins the existing
+default process group, TP innermost, so each engine is one Megatron TP group (vLLM TP = Megatron TP, vLLM PP = 1).
+All ranks of an engine must call every method together with identical arguments (prompts, params, seed).
+
+| protocol call          | vLLM 0.33                                                                               |
+|------------------------|-----------------------------------------------------------------------------------------|
+| construction           | `LLM(**vllm_engine_kwargs(...))` (load_format="dummy", sleep mode), then `sleep(level=2)` |
+| `wake_up(tags)`        | `torch.cuda.empty_cache()`; `llm.wake_up(tags=[...])` for the tags still asleep          |
+| `update_weights(it)`   | `llm.collective_rpc("reload_weights", kwargs={"weights_iterator": checked(it),          |
+|                        | "is_checkpoint_format": True})`, missing names checked, `llm.reset_prefix_cache()`      |
+| `generate(ids, p, s)`  | `llm.generate([{"prompt_token_ids": ids_i}], [SamplingParams(seed=request_seed(s, i))])` |
+| `sleep()`              | `llm.sleep(level=2)`; `torch.cuda.empty_cache()` (level 2: the weights must be reloaded)  |
+
+`update_weights` streams: the iterator goes to vLLM's layer-wise reload unmaterialised (feed it
+`convert.export_hf_weights(model, hf_config, tp_group=..., pp_group=..., dtype=torch.bfloat16)`); each pair is name-
+and shape-checked on the way (`rollout.WeightNameCheck`), and the names never sent are reported after the reload,
+since vLLM only warns about them and they would stay garbage after a level-2 sleep.
+
+Construction side effects are contained: vLLM reseeds Python's, NumPy's and torch's RNGs and sets the float32
+matmul precision; the engine restores all of them after building the LLM.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from avsd_megatron.config import RolloutConfig
+from avsd_megatron.rollout import (
+    FINISH_REASONS,
+    Completion,
+    EngineState,
+    SamplingParams,
+    WeightNameCheck,
+    as_id_list,
+    request_seed,
+)
+
+__all__ = ["SUPPORTED_VLLM", "VLLMEngine", "import_vllm", "vllm_engine_kwargs"]
+
+SUPPORTED_VLLM = "0.33"
+"""The vLLM minor version this adapter is written against (the RL-facing API changes between minors)."""
+SLEEP_LEVEL = 2  # the weights are overwritten by every sync, so level 1's CPU copy would be wasted
+_INSTALL_HINT = (
+    f"VLLMEngine needs vLLM {SUPPORTED_VLLM}.x and a CUDA GPU (pip install 'vllm=={SUPPORTED_VLLM}.*'); "
+    "on CPU use rollout.engine='hf' (avsd_megatron.rollout.HFEngine)"
+)
+
+
+def import_vllm() -> Any:
+    """The `vllm` module, checked to be SUPPORTED_VLLM.x.
+
+    Raises:
+        ImportError: vllm is not installed (the message says what to install or use instead).
+        RuntimeError: another vLLM version.
+    """
+    try:
+        import vllm
+    except ImportError as err:
+        raise ImportError(f"{_INSTALL_HINT}: {err}") from err
+    version = str(getattr(vllm, "__version__", "unknown"))
+    if version.split("+")[0].split(".")[:2] != SUPPORTED_VLLM.split("."):
+        raise RuntimeError(
+            f"VLLMEngine is written against vLLM {SUPPORTED_VLLM}.x (reload_weights(weights_iterator=..., "
+            f"is_checkpoint_format=...), wake_up tags); found vLLM {version}. Install vllm=={SUPPORTED_VLLM}.*"
+        )
+    return vllm
+
+
+def vllm_engine_kwargs(
+    model_dir: str | Path,
+    cfg: RolloutConfig,
+    *,
+    tensor_parallel_size: int,
+    rank: int,
+    world_size: int,
+    max_prompt_tokens: int,
+    dtype: str = "bfloat16",
+    gpus_per_node: int | None = None,
+) -> dict[str, Any]:
+    """Keyword arguments of `vllm.LLM` for this rank's colocated engine (pure; checked).
+
+    Args:
+        model_dir: HF directory (config.json, tokenizer); its weights are not read (load_format="dummy").
+        cfg: the rollout section; cfg.vllm supplies the engine options.
+        tensor_parallel_size: = Megatron TP; must divide world_size (and fit in one node).
+        rank / world_size: this process's global rank and the world size (torchrun's RANK / WORLD_SIZE).
+        max_prompt_tokens: longest prompt; max_model_len must hold it plus cfg.max_new_tokens.
+    Raises:
+        ValueError: a size that does not fit, naming the field and values.
+    """
+    tp = tensor_parallel_size
+    if tp < 1 or world_size % tp:
+        raise ValueError(f"tensor_parallel_size={tp} must be >= 1 and divide the world size {world_size}")
+    if gpus_per_node is not None and tp > gpus_per_node:
+        raise ValueError(f"tensor_parallel_size={tp} exceeds the {gpus_per_node} GPUs of a node")
+    if not (0 <= rank < world_size):
+        raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+    need = max_prompt_tokens + cfg.max_new_tokens
+    if cfg.vllm.max_model_len < need:
+        raise ValueError(
+            f"rollout.vllm.max_model_len={cfg.vllm.max_model_len} < max_prompt_tokens + rollout.max_new_tokens = "
+            f"{max_prompt_tokens} + {cfg.max_new_tokens}"
+        )
+    kwargs: dict[str, Any] = dict(
+        model=str(model_dir),
+        tokenizer=str(model_dir),
+        dtype=dtype,
+        load_format="dummy",  # the first update_weights brings the trainer's weights
+        tensor_parallel_size=tp,
+        pipeline_parallel_size=1,
+        distributed_executor_backend="external_launcher",
+        enable_sleep_mode=True,
+        gpu_memory_utilization=cfg.vllm.gpu_memory_utilization,
+        max_model_len=cfg.vllm.max_model_len,
+        max_num_seqs=cfg.vllm.max_num_seqs,
+        enable_prefix_caching=cfg.vllm.enable_prefix_caching,
+        enforce_eager=cfg.vllm.enforce_eager,
+        disable_custom_all_reduce=True,
+        seed=rank // tp,  # engine index; identical on the engine's TP ranks
+    )
+    if cfg.vllm.max_num_batched_tokens is not None:
+        kwargs["max_num_batched_tokens"] = cfg.vllm.max_num_batched_tokens
+    return kwargs
+
+
+def _global_state() -> dict[str, Any]:
+    """What vLLM's construction changes in this process."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "matmul_precision": torch.get_float32_matmul_precision(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+    }
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:  # numpy is an install requirement; kept optional here
+        state["numpy"] = None
+    return state
+
+
+def _restore_global_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    torch.set_float32_matmul_precision(state["matmul_precision"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["numpy"] is not None:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+
+
+class VLLMEngine:
+    """Colocated vLLM engine behind the `rollout.RolloutEngine` protocol (module docstring).
+
+    After construction the engine is asleep with no valid weights: wake_up(("weights",)), update_weights(...),
+    wake_up(("kv_cache",)), then generate.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        cfg: RolloutConfig,
+        *,
+        tensor_parallel_size: int,
+        rank: int,
+        world_size: int,
+        max_prompt_tokens: int,
+        dtype: str = "bfloat16",
+    ) -> None:
+        """Build this rank's engine; every rank of the world constructs its engine together (the KV budget is
+        MIN-reduced over the world). torch.distributed must already be initialised (torchrun env://).
+
+        Raises:
+            ImportError / RuntimeError: vLLM missing or not SUPPORTED_VLLM.x (import_vllm); no CUDA device.
+            ValueError: sizes that do not fit (vllm_engine_kwargs).
+        """
+        vllm = import_vllm()
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"{_INSTALL_HINT}: no CUDA device is visible")
+        kwargs = vllm_engine_kwargs(
+            model_dir,
+            cfg,
+            tensor_parallel_size=tensor_parallel_size,
+            rank=rank,
+            world_size=world_size,
+            max_prompt_tokens=max_prompt_tokens,
+            dtype=dtype,
+            gpus_per_node=torch.cuda.device_count(),
+        )
+        from avsd_megatron.convert.mapping import expected_hf_shapes
+        from avsd_megatron.convert.qwen3_config import Qwen3Dims, read_hf_config
+
+        dims = Qwen3Dims.from_hf_config(read_hf_config(model_dir))
+        self._shapes = expected_hf_shapes(dims)
+        self._aliases = {"lm_head.weight": "model.embed_tokens.weight"} if dims.tie_word_embeddings else {}
+        self._vllm_sampling_params = vllm.SamplingParams
+        saved = _global_state()
+        try:
+            self.llm = vllm.LLM(**kwargs)
+        finally:
+            _restore_global_state(saved)
+        self.state = EngineState(awake=True, weights_valid=False)  # dummy weights
+        self.sleep()
+
+    # -- RolloutEngine ---------------------------------------------------------------------------------------------
+
+    def sleep(self) -> None:
+        self.llm.sleep(level=SLEEP_LEVEL)
+        self.state.sleep()
+        torch.cuda.empty_cache()
+
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        new = self.state.to_wake(tags)
+        if new:
+            torch.cuda.empty_cache()
+            self.llm.wake_up(tags=new)
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
+        self.state.check_can_load()
+        check = WeightNameCheck(self._shapes, self._aliases)
+        self.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": check.wrap(named_tensors), "is_checkpoint_format": True}
+        )
+        check.finish()
+        self.llm.reset_prefix_cache()  # a reload does not clear it; stale KV of the old weights would be reused
+        self.state.weights_valid = True
+
+    def generate(
+        self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams, seed: int
+    ) -> list[Completion]:
+        self.state.check_can_generate()
+        prompts = as_id_list(prompt_token_ids, None)
+        sampling = [self._sampling_params(params, request_seed(seed, i)) for i in range(len(prompts))]
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompts], sampling, use_tqdm=False)
+        if len(outputs) != len(prompts):
+            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
+        completions = []
+        for index, output in enumerate(outputs):
+            if len(output.outputs) != params.n:
+                raise RuntimeError(
+                    f"vLLM returned {len(output.outputs)} completions for prompt {index}, n={params.n}"
+                )
+            for sample in output.outputs:
+                if sample.finish_reason not in FINISH_REASONS:
+                    raise RuntimeError(
+                        f"vLLM finished prompt {index} with reason {sample.finish_reason!r} (aborted?); "
+                        f"expected one of {FINISH_REASONS}"
+                    )
+                completions.append(Completion(tuple(sample.token_ids), sample.text, sample.finish_reason))
+        return completions
+
+    def _sampling_params(self, params: SamplingParams, seed: int) -> Any:
+        return self._vllm_sampling_params(
+            n=params.n,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k if params.top_k > 0 else -1,  # vLLM: 0 or -1 = off
+            min_p=0.0,
+            max_tokens=params.max_new_tokens,
+            seed=seed,
+            stop_token_ids=list(params.stop_token_ids),
+            skip_special_tokens=True,
+        )

@@ -1,0 +1,239 @@
+"""vLLM adapter (avsd_megatron/rollout_vllm.py) without a GPU: the clear error without vllm, the version pin, the
+LLM kwargs and their checks, and the call sequence against a fake `vllm` module (vllm-rollouts.md §5). The real
+engine runs only in the GPU smoke test at the end (skipped without CUDA and vLLM).
+
+Run: python -m pytest -q tests/test_rollout_vllm.py
+"""
+
+import importlib.util
+import os
+import random
+import sys
+import types
+
+import pytest
+import torch
+
+from avsd_megatron import tiny
+from avsd_megatron.config import RolloutConfig, VLLMConfig
+from avsd_megatron.convert.mapping import expected_hf_shapes
+from avsd_megatron.convert.qwen3_config import Qwen3Dims, read_hf_config
+from avsd_megatron.rollout import Completion, SamplingParams, request_seed
+from avsd_megatron.rollout_vllm import SUPPORTED_VLLM, VLLMEngine, import_vllm, vllm_engine_kwargs
+
+ENGINE_ARGS = dict(tensor_parallel_size=1, rank=0, world_size=1, max_prompt_tokens=512)
+
+
+def _weights(dims: Qwen3Dims, skip: str = ""):
+    return ((n, torch.zeros(shape)) for n, shape in expected_hf_shapes(dims).items() if not skip or skip not in n)
+
+
+def test_vllm_engine_without_vllm_raises_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError, installed or not
+    with pytest.raises(ImportError, match=rf"VLLMEngine needs vLLM {SUPPORTED_VLLM}\.x .*rollout.engine='hf'"):
+        VLLMEngine(tiny.TINY_CONFIG_DIR, RolloutConfig(), **ENGINE_ARGS)
+
+
+def test_import_vllm_rejects_another_version(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(__version__="0.25.1"))
+    with pytest.raises(RuntimeError, match=rf"written against vLLM {SUPPORTED_VLLM}\.x .* found vLLM 0.25.1"):
+        import_vllm()
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(__version__=f"{SUPPORTED_VLLM}.2+cu129"))
+    assert import_vllm().__version__.startswith(SUPPORTED_VLLM)
+
+
+def test_vllm_engine_kwargs_are_the_colocated_setup():
+    cfg = RolloutConfig(max_new_tokens=4096, vllm=VLLMConfig(max_num_batched_tokens=4096))
+    kwargs = vllm_engine_kwargs(
+        "/ckpt", cfg, tensor_parallel_size=2, rank=5, world_size=8, max_prompt_tokens=12288, gpus_per_node=8
+    )
+    assert kwargs == dict(
+        model="/ckpt",
+        tokenizer="/ckpt",
+        dtype="bfloat16",
+        load_format="dummy",
+        tensor_parallel_size=2,
+        pipeline_parallel_size=1,
+        distributed_executor_backend="external_launcher",
+        enable_sleep_mode=True,
+        gpu_memory_utilization=0.4,
+        max_model_len=16384,
+        max_num_seqs=8,
+        enable_prefix_caching=True,
+        enforce_eager=False,
+        disable_custom_all_reduce=True,
+        seed=2,  # engine index rank // tp, the same on both ranks of the engine
+        max_num_batched_tokens=4096,
+    )
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (dict(tensor_parallel_size=3, world_size=8), r"tensor_parallel_size=3 must be >= 1 and divide the world size"),
+        (dict(tensor_parallel_size=4, world_size=8, gpus_per_node=2), r"exceeds the 2 GPUs of a node"),
+        (dict(rank=8, world_size=8), r"rank=8 must be in \[0, world_size=8\)"),
+        (dict(max_prompt_tokens=12289), r"rollout.vllm.max_model_len=16384 < max_prompt_tokens \+ rollout.max_new"),
+    ],
+)
+def test_vllm_engine_kwargs_reject_sizes_that_do_not_fit(args, match):
+    full = dict(tensor_parallel_size=1, rank=0, world_size=8, max_prompt_tokens=12288) | args
+    with pytest.raises(ValueError, match=match):
+        vllm_engine_kwargs("/ckpt", RolloutConfig(), **full)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fake vllm: records calls, checks argument shapes, returns deterministic outputs
+
+
+class _FakeLLM:
+    calls: list = []
+
+    def __init__(self, **kwargs):
+        self.calls.clear()
+        self.calls.append(("LLM", kwargs))
+        random.seed(0)  # vLLM reseeds the global RNGs and sets the matmul precision at start-up
+        torch.manual_seed(0)
+        torch.set_float32_matmul_precision("medium")
+        self.finish_reason = "stop"
+
+    def sleep(self, level):
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags=None):
+        self.calls.append(("wake_up", tuple(tags)))
+
+    def collective_rpc(self, method, kwargs=None):
+        names = [name for name, _ in kwargs["weights_iterator"]]  # the worker consumes the stream in-process
+        self.calls.append(("collective_rpc", method, kwargs["is_checkpoint_format"], len(names)))
+        return [None]
+
+    def reset_prefix_cache(self):
+        self.calls.append(("reset_prefix_cache",))
+
+    def generate(self, prompts, sampling_params, use_tqdm=True):
+        self.calls.append(("generate", prompts, sampling_params, use_tqdm))
+        return [
+            types.SimpleNamespace(
+                outputs=[
+                    types.SimpleNamespace(
+                        token_ids=[sp.seed % 100, k, 509], text=f"{i}.{k}", finish_reason=self.finish_reason
+                    )
+                    for k in range(sp.n)
+                ]
+            )
+            for i, (prompt, sp) in enumerate(zip(prompts, sampling_params))
+        ]
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    module = types.SimpleNamespace(
+        __version__=f"{SUPPORTED_VLLM}.0", LLM=_FakeLLM, SamplingParams=lambda **kw: types.SimpleNamespace(**kw)
+    )
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    return module
+
+
+def test_vllm_engine_call_sequence(fake_vllm):
+    rng, python_rng, precision = torch.get_rng_state(), random.getstate(), torch.get_float32_matmul_precision()
+    engine = VLLMEngine(tiny.TINY_CONFIG_DIR, RolloutConfig(max_new_tokens=64), **ENGINE_ARGS)
+    assert torch.equal(torch.get_rng_state(), rng) and random.getstate() == python_rng
+    assert torch.get_float32_matmul_precision() == precision
+    calls = _FakeLLM.calls
+    assert calls[0][0] == "LLM" and calls[0][1]["distributed_executor_backend"] == "external_launcher"
+    assert calls[1:] == [("sleep", 2)]
+    params = SamplingParams(temperature=0.7, top_p=0.95, top_k=0, max_new_tokens=64, n=2, stop_token_ids=(7,))
+    with pytest.raises(RuntimeError, match="asleep"):
+        engine.generate([[1, 2]], params, seed=3)
+    dims = Qwen3Dims.from_hf_config(read_hf_config(tiny.TINY_CONFIG_DIR))
+    with pytest.raises(RuntimeError, match="update_weights while the weights are asleep"):
+        engine.update_weights(_weights(dims))
+    engine.wake_up(("weights",))
+    engine.update_weights(_weights(dims))
+    engine.wake_up()  # only kv_cache is still asleep
+    out = engine.generate([[1, 2], [3]], params, seed=3)
+    assert calls[2:6] == [
+        ("wake_up", ("weights",)),
+        ("collective_rpc", "reload_weights", True, len(expected_hf_shapes(dims))),
+        ("reset_prefix_cache",),
+        ("wake_up", ("kv_cache",)),
+    ]
+    _, prompts, sampling, use_tqdm = calls[6]
+    assert prompts == [{"prompt_token_ids": [1, 2]}, {"prompt_token_ids": [3]}] and use_tqdm is False
+    for i, sp in enumerate(sampling):
+        assert vars(sp) == dict(
+            n=2, temperature=0.7, top_p=0.95, top_k=-1, min_p=0.0, max_tokens=64, seed=request_seed(3, i),
+            stop_token_ids=[7], skip_special_tokens=True,
+        )  # fmt: skip
+    assert out[1] == Completion((request_seed(3, 0) % 100, 1, 509), "0.1", "stop") and len(out) == 4
+    engine.sleep()
+    assert calls[-1] == ("sleep", 2)
+    engine.wake_up()
+    with pytest.raises(RuntimeError, match="discarded"):
+        engine.generate([[1]], params, seed=0)
+
+
+def test_vllm_engine_weight_stream_is_checked(fake_vllm):
+    engine = VLLMEngine(tiny.TINY_CONFIG_DIR, RolloutConfig(max_new_tokens=64), **ENGINE_ARGS)
+    engine.wake_up()
+    dims = Qwen3Dims.from_hf_config(read_hf_config(tiny.TINY_CONFIG_DIR))
+    with pytest.raises(ValueError, match=r"3 of 46 tensors were not sent: 'model.layers.0.mlp"):
+        engine.update_weights(_weights(dims, skip="layers.0.mlp"))
+    assert _FakeLLM.calls[-1][0] == "collective_rpc"  # no prefix-cache reset: the engine stays unusable
+    with pytest.raises(RuntimeError, match="last update_weights failed"):
+        engine.generate([[1]], SamplingParams(max_new_tokens=4), seed=0)
+    bad = [("lm_head.weight", torch.zeros(512, 128)), *_weights(dims)]
+    with pytest.raises(ValueError, match="'lm_head.weight' is tied to 'model.embed_tokens.weight'"):
+        engine.update_weights(iter(bad))
+
+
+def test_vllm_engine_rejects_an_aborted_request(fake_vllm):
+    engine = VLLMEngine(tiny.TINY_CONFIG_DIR, RolloutConfig(max_new_tokens=64), **ENGINE_ARGS)
+    engine.wake_up()
+    engine.update_weights(_weights(Qwen3Dims.from_hf_config(read_hf_config(tiny.TINY_CONFIG_DIR))))
+    engine.llm.finish_reason = "abort"
+    with pytest.raises(RuntimeError, match="reason 'abort'"):
+        engine.generate([[1]], SamplingParams(max_new_tokens=4), seed=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU smoke test (vllm-rollouts.md §5 item 5); never runs on CPU machines
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM (the rollout extra)")
+def test_vllm_engine_greedy_equals_transformers_and_follows_weight_updates(tmp_path, monkeypatch):
+    """Tiny Qwen3, TP 1, one process: sleep(2) -> wake -> reload from the HF stream; greedy output equals HFEngine's
+    fp32 greedy output; changed weights change the output."""
+    from safetensors.torch import load_file
+
+    from avsd_megatron.rollout import HFEngine
+
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MASTER_PORT", os.environ.get("MASTER_PORT", "29517"))
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl")
+    hf_dir = tiny.make_tiny_hf_checkpoint(tmp_path / "hf", seed=0)
+    cfg = RolloutConfig(max_new_tokens=16, vllm=VLLMConfig(gpu_memory_utilization=0.2, max_model_len=1024))
+    engine = VLLMEngine(hf_dir, cfg, **ENGINE_ARGS, dtype="float32")
+    weights = load_file(hf_dir / "model.safetensors", device="cuda")
+    engine.wake_up(("weights",))
+    engine.update_weights(iter(weights.items()))
+    engine.wake_up(("kv_cache",))
+    params = SamplingParams(temperature=0.0, max_new_tokens=16)
+    prompts = [[1, 2, 3, 4], [100, 200, 300]]
+    got = engine.generate(prompts, params, seed=0)
+    reference = HFEngine.from_pretrained(hf_dir, device="cuda").generate(prompts, params, seed=0)
+    assert [c.token_ids for c in got] == [c.token_ids for c in reference]
+    engine.sleep()
+    engine.wake_up(("weights",))
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 25.0
+    engine.update_weights(iter(weights.items()))
+    engine.wake_up(("kv_cache",))
+    assert [c.token_ids for c in engine.generate(prompts, params, seed=0)] != [c.token_ids for c in got]
