@@ -56,6 +56,7 @@ __all__ = [
     "TrainConfig",
     "VLLMConfig",
     "dump_config",
+    "from_dict",
     "load_config",
     "to_dict",
 ]

@@ -255,3 +255,31 @@ def test_request_seed_is_stable_and_distinct():
     seeds = {request_seed(s, i) for s in range(50) for i in range(50)}
     assert len(seeds) == 2500 and all(0 <= s < 2**63 for s in seeds)
     assert request_seed(1, 2) == request_seed(1, 2) != request_seed(2, 1)
+
+
+def test_tiny_cpu_config_pieces_compose(tmp_path):
+    """examples/configs/tiny_cpu.yaml -> tiny checkpoint -> bundled rows -> prompts -> HFEngine rollouts -> grades."""
+    from pathlib import Path
+
+    from avsd_megatron.config import load_config
+    from avsd_megatron.data import DataConfig, load_examples
+    from avsd_megatron.grading import grade_math_completion, math_answer
+    from avsd_megatron.prompts import PromptReport, math_prompts
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "examples" / "configs" / "tiny_cpu.yaml")
+    engine = HFEngine.from_pretrained(tiny.make_tiny_hf_checkpoint(tmp_path / "hf_init", seed=cfg.optim.seed))
+    examples, _ = load_examples(DataConfig(sources=(str(root / cfg.data.sources[0]),), task=cfg.data.task))
+    report = PromptReport()
+    encoded = [
+        math_prompts(engine.tokenizer, ex, cfg.avsd.views, cfg.prompts, report, ratio=cfg.avsd.partial_solution_ratio)
+        for ex in examples[: cfg.micro_batch_size]
+    ]
+    assert report.overlong.total() == 0 and all(e is not None for e in encoded)
+    params = SamplingParams.from_config(cfg.rollout)
+    completions = engine.generate([e.student_ids for e in encoded], params, seed=request_seed(cfg.rollout.seed, 0))
+    assert len(completions) == cfg.micro_batch_size * cfg.rollout.n
+    for example, completion in zip(examples, completions):
+        assert 1 <= len(completion.token_ids) <= cfg.rollout.max_new_tokens
+        grade = grade_math_completion(completion.text, math_answer(example.solution))
+        assert grade.correct in (True, False)
