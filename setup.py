@@ -22,7 +22,7 @@ EXTRAS = {
         "datasets>=5,<6",  # avsd_megatron.data: jsonl/parquet/hub rows (mixed-type columns load as Json)
     ],
     "rollout": [
-        "vllm>=0.11,<0.34",
+        "vllm==0.33.*",  # avsd_megatron.rollout_vllm is coded to and checks the 0.33 API
     ],
     "eval": [
         "math-verify>=0.8,<1",  # avsd_megatron.grading: math answer equivalence
