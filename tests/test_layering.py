@@ -42,8 +42,13 @@ LAYERS = {
     "rollout_vllm": 3,
     "tiny": 3,
     "assets": 3,
+    "checkpointing": 3,
+    "metrics_log": 3,
+    "trainer": 3,
     # test utilities
     "testing": 4,
+    # entry point: on a machine without CUDA it installs testing's CPU patches before building the trainer
+    "train": 5,
 }
 TESTING_RANK = LAYERS["testing"]
 

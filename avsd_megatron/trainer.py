@@ -1,0 +1,530 @@
+"""The AVSD trainer on Megatron-Core: one optimizer step reads rollout -> score_teachers -> update_student -> sync.
+
+    trainer = Trainer(load_config("examples/configs/tiny_cpu.yaml"))   # torch.distributed already initialised
+    trainer.train()                                                     # max_steps optimizer steps, then a save
+
+Construction (`Trainer.__init__`), done once, with every mode chosen here and never inside the loop:
+1. Megatron's parallel state (TP, PP from `parallel`; DP = the rest) unless the caller initialised it (sizes checked).
+2. The policy `GPTModel` from `model.hf_path`'s config.json (`convert.qwen3_config_to_transformer_config`), its
+   initial weights from `model.megatron_checkpoint`, or else from `<output_dir>/megatron_init` (rank 0 converts
+   `model.hf_path` there once with `convert.convert_hf_to_megatron`), wrapped in `Float16Module` for bf16/fp16 and in
+   Megatron's DDP; Megatron's optimizer (Adam, optionally the distributed optimizer); the LR of step s is
+   `optim.lr_at(s, max_steps)`.
+3. The teacher (`avsd.teacher`: frozen θ₀ / live / EMA) over the initial weights, and `AVSDStep` with
+   `avsd.loss_config(rollout.temperature, V)` (mode single / consensus / arithmetic / avsd and its gate all live in
+   the loss config: baselines need nothing here).
+4. The rollout engine (`rollout.engine`: `HFEngine` or `VLLMEngine`) and the prompt stream (`PromptStream`).
+5. Resume (`checkpoint.resume`): model, optimizer, Adam step count, RNG, EMA teacher, step and data cursor
+   (`checkpointing`); then the engine gets the current weights.
+
+One step (`train_step`), per rank:
+- `rollout()`: the next `prompts_per_step` prompts (identical on every rank), this DP rank's slice, `generate` with
+  seed `request_seed(rollout.seed, step)`; the completions of the model-parallel group's first rank are broadcast
+  to the others, so every TP/PP rank of a DP replica trains on identical samples;
+- `build_batch()`: `build_avsd_batch` of student rows and M view rows sharing each completion;
+- `score_teachers()` and `update_student()` (`AVSDStep`'s phases), then the optimizer step and the teacher update;
+- `sync_weights()` every `rollout.sync_every` steps: `export_hf_weights` -> `engine.update_weights`;
+- metrics (rank 0, `metrics_log`), generations every `logging.generations_every` steps, a checkpoint every
+  `checkpoint.save_every` steps.
+
+Raises at construction (`ValueError`/`ConfigError` naming the field): data.task='code' (code views need sandbox
+feedback per rollout; not wired into the trainer yet), logging.tensorboard=true (not implemented), a parallel layout
+that differs from an already-initialised Megatron, prompts_per_step not divisible by micro_batch_size * dp, a
+dataset whose every prompt is over prompts.max_prompt_tokens (at the first step).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from avsd_megatron.batch import AVSDBatch, build_avsd_batch
+from avsd_megatron.checkpointing import CheckpointManager, adam_step_count, prime_optimizer
+from avsd_megatron.config import ConfigError, TrainConfig, to_dict
+from avsd_megatron.convert import (
+    convert_hf_to_megatron,
+    export_hf_weights,
+    load_megatron_checkpoint,
+    qwen3_config_to_transformer_config,
+    qwen3_gpt_model_kwargs,
+    read_hf_config,
+)
+from avsd_megatron.data import MathExample, load_examples
+from avsd_megatron.metrics_log import MetricsLog, PhaseTimer
+from avsd_megatron.prompts import EncodedPrompts, PromptReport, math_prompts
+from avsd_megatron.rollout import Completion, HFEngine, SamplingParams, request_seed
+from avsd_megatron.step import AVSDStep, MegatronGroups, StepResult, reduce_metrics
+from avsd_megatron.teacher_kinds import build_teacher
+
+__all__ = ["PromptStream", "Rollout", "Trainer", "build_gpt_model"]
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+INIT_DIR = "megatron_init"
+# TransformerConfig switches for CPU runs (no fused kernels, master-weight init, plain p2p); see testing.megatron_cpu.
+CPU_OVERRIDES = dict(
+    use_cpu_initialization=True,
+    gradient_accumulation_fusion=False,
+    bias_activation_fusion=False,
+    bias_dropout_fusion=False,
+    masked_softmax_fusion=False,
+    apply_rope_fusion=False,
+    persist_layer_norm=False,
+    batch_p2p_comm=False,
+)
+RECOMPUTE = {
+    "none": {},
+    "selective": dict(recompute_granularity="selective"),
+    "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: the prompt stream
+
+
+class PromptStream:
+    """Encoded prompts in a seeded per-epoch order; the cursor (examples consumed) is the resumable data position.
+
+    Every rank draws the same global batch; examples whose prompts are too long (prompts.overlong='skip') are
+    passed over and counted in `report`.
+    """
+
+    def __init__(self, examples: Sequence[MathExample], encode: Callable[[MathExample], EncodedPrompts | None],
+                 *, seed: int, cursor: int = 0) -> None:
+        if not examples:
+            raise ValueError("data.sources gave no examples")
+        self.examples = list(examples)
+        self.encode = encode
+        self.seed = seed
+        self.cursor = cursor
+        self._order: tuple[int, list[int]] = (-1, [])  # (epoch, permutation) of the current epoch
+
+    def _permutation(self, epoch: int) -> list[int]:
+        gen = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(len(self.examples), generator=gen).tolist()
+
+    def take(self, count: int) -> list[tuple[MathExample, EncodedPrompts]]:
+        """The next `count` encodable examples. Raises ValueError if a whole epoch in a row encodes none."""
+        out, passed = [], 0
+        while len(out) < count:
+            epoch, index = divmod(self.cursor, len(self.examples))
+            if self._order[0] != epoch:
+                self._order = (epoch, self._permutation(epoch))
+            example = self.examples[self._order[1][index]]
+            self.cursor += 1
+            encoded = self.encode(example)
+            passed = 0 if encoded is not None else passed + 1
+            if passed > len(self.examples):
+                raise ValueError(
+                    "every prompt exceeds prompts.max_prompt_tokens; raise it or set prompts.overlong='truncate'"
+                )
+            if encoded is not None:
+                out.append((example, encoded))
+        return out
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """This DP rank's prompts and sampled completions of one step (n completions per prompt, consecutive)."""
+
+    examples: list[MathExample]
+    prompts: list[EncodedPrompts]
+    completions: list[Completion]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
+
+
+def build_gpt_model(cfg: TrainConfig, hf_config: dict, *, on_cpu: bool) -> Any:
+    """This rank's `GPTModel` (random init; load weights next) for `hf_config` at `cfg.parallel`'s TP/PP."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.models.gpt import GPTModel
+
+    overrides = dict(calculate_per_token_loss=True, **RECOMPUTE[cfg.model.recompute])
+    if on_cpu:
+        from megatron.core.transformer.enums import AttnBackend
+
+        overrides |= CPU_OVERRIDES | {"attention_backend": AttnBackend.local}
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    config = qwen3_config_to_transformer_config(
+        hf_config, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        params_dtype=DTYPES[cfg.model.dtype], overrides=overrides,
+    )
+    config.finalize_model_grads_func = finalize_model_grads
+    model = GPTModel(
+        config,
+        _layer_spec(cfg.model.layer_spec),
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=True),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=True),
+        parallel_output=True,
+        **qwen3_gpt_model_kwargs(hf_config, tensor_model_parallel_size=tp),
+    )
+    return model if on_cpu else model.cuda()
+
+
+def _layer_spec(name: str) -> Any:
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if name == "te":
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True)
+    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+
+
+def _wrap_ddp(gpt: Any, cfg: TrainConfig) -> Any:
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer.module import Float16Module
+
+    module = gpt if cfg.model.dtype == "float32" else Float16Module(gpt.config, gpt)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.optim.distributed_optimizer
+    )
+    return DistributedDataParallel(gpt.config, ddp_config, module)
+
+
+def _build_optimizer(model: Any, cfg: TrainConfig) -> Any:
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    o = cfg.optim
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.betas[0],
+        adam_beta2=o.betas[1], adam_eps=o.eps, clip_grad=o.max_grad_norm,
+        bf16=cfg.model.dtype == "bfloat16", fp16=cfg.model.dtype == "float16",
+        params_dtype=DTYPES[cfg.model.dtype], use_distributed_optimizer=o.distributed_optimizer,
+    )
+    return get_megatron_optimizer(opt_config, [model], use_gloo_process_groups=False)
+
+
+def _initial_checkpoint(cfg: TrainConfig) -> Path:
+    """model.megatron_checkpoint, or <output_dir>/megatron_init converted from model.hf_path by rank 0 (once)."""
+    if cfg.model.megatron_checkpoint:
+        return Path(cfg.model.megatron_checkpoint)
+    out = Path(cfg.output_dir) / INIT_DIR
+    if dist.get_rank() == 0 and not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        convert_hf_to_megatron(cfg.model.hf_path, out, tensor_model_parallel_size=cfg.parallel.tp,
+                               pipeline_model_parallel_size=cfg.parallel.pp, dtype=DTYPES[cfg.model.dtype])
+    dist.barrier()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Engines (chosen once)
+
+
+def _hf_engine(cfg: TrainConfig, *, on_cpu: bool) -> Any:
+    return HFEngine.from_pretrained(cfg.model.hf_path, dtype=DTYPES[cfg.model.dtype], device="cpu" if on_cpu else
+                                    torch.device("cuda", torch.cuda.current_device()))
+
+
+def _vllm_engine(cfg: TrainConfig, *, on_cpu: bool) -> Any:
+    from avsd_megatron.rollout_vllm import VLLMEngine
+
+    if on_cpu:
+        raise ConfigError("rollout.engine='vllm' needs a GPU; use rollout.engine='hf' on CPU")
+    return VLLMEngine(cfg.model.hf_path, cfg.rollout, tensor_parallel_size=cfg.parallel.tp, rank=dist.get_rank(),
+                      world_size=dist.get_world_size(), max_prompt_tokens=cfg.prompts.max_prompt_tokens,
+                      dtype=cfg.model.dtype)
+
+
+ENGINES = {"hf": _hf_engine, "vllm": _vllm_engine}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Trainer
+
+
+class Trainer:
+    """An AVSD run (module docstring). Needs `torch.distributed` initialised; every rank constructs one.
+
+    Args:
+        cfg: the run config.
+        engine: a `RolloutEngine` to use instead of building `rollout.engine` (tests); it must hold the HF weights
+            of `model.hf_path` or accept `update_weights` (the trainer always syncs once before the first rollout).
+        progress: show rank 0's tqdm bar.
+    Raises:
+        ConfigError / ValueError: see the module docstring.
+    """
+
+    def __init__(self, cfg: TrainConfig, *, engine: Any = None, progress: bool = True) -> None:
+        from transformers import AutoTokenizer
+
+        _check_supported(cfg)
+        self.cfg = cfg
+        self.on_cpu = not torch.cuda.is_available()
+        self.rank = dist.get_rank()
+        self.groups = _init_parallel(cfg)
+        self.dp_rank, self.dp_size = self.groups["dp_rank"], self.groups["dp_size"]
+        self.prompts_per_rank = cfg.prompts_per_step // self.dp_size
+        cfg.num_microbatches(dist.get_world_size())  # raises ConfigError if DP does not divide the batch
+
+        self.hf_config = read_hf_config(cfg.model.hf_path)
+        self.vocab_size = int(self.hf_config["vocab_size"])
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
+        gpt = build_gpt_model(cfg, self.hf_config, on_cpu=self.on_cpu)
+        load_megatron_checkpoint(gpt, _initial_checkpoint(cfg))
+        self.model = _wrap_ddp(gpt, cfg)
+        self.optimizer = _build_optimizer(self.model, cfg)
+        self.teacher = build_teacher(cfg.avsd.teacher_config(), self.model.parameters(), self.model)
+        self.megatron_groups = MegatronGroups.from_parallel_state()
+        self.avsd = AVSDStep(self.model, self.optimizer, cfg.avsd.loss_config(cfg.rollout.temperature,
+                             self.vocab_size), self.teacher, groups=self.megatron_groups)
+
+        self.engine = engine if engine is not None else ENGINES[cfg.rollout.engine](cfg, on_cpu=self.on_cpu)
+        self.sampling = SamplingParams.from_config(cfg.rollout)
+        self._after_generate = self.engine.sleep if cfg.rollout.sync_every == 1 else (lambda: None)
+        self.prompt_report = PromptReport()
+        examples, self.load_report = load_examples(cfg.data)
+        self.stream = PromptStream(examples, self._encode, seed=cfg.optim.seed)
+
+        self.step = 0
+        self.checkpoints = CheckpointManager(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last)
+        self.resumed_from = self.checkpoints.resolve(cfg.checkpoint.resume)
+        if self.resumed_from is not None:
+            self.load_checkpoint(self.resumed_from)
+        self.timer = PhaseTimer(None if self.on_cpu else torch.cuda.synchronize)
+        self.log = MetricsLog.for_rank(self.rank, cfg.output_dir, jsonl=cfg.logging.jsonl, total_steps=cfg.max_steps,
+                                       first_step=self.step, progress=progress)
+        self.sync_weights()  # the engine starts from model.hf_path; the model may hold resumed weights
+
+    # -- the loop ----------------------------------------------------------------------------------------------------
+
+    def train(self) -> list[dict[str, Any]]:
+        """Run steps until max_steps; save at the end (unless that step was just saved). Returns the metrics of the
+        steps run."""
+        history = []
+        while self.step < self.cfg.max_steps:
+            history.append(self.train_step())
+        if not self._saves_at(self.step):
+            self.save_checkpoint()
+        self.log.close()
+        return history
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step (module docstring); returns its metrics."""
+        with self.timer("rollout"):
+            rollout = self.rollout()
+        batch = self.build_batch(rollout)
+        lr = self.set_lr()
+        with self.timer("score_teachers"):
+            teacher_outputs = self.score_teachers(batch)
+        with self.timer("update_student"):
+            result = self.update_student(batch, teacher_outputs)
+        self.step += 1
+        if self.step % self.cfg.rollout.sync_every == 0:
+            with self.timer("sync_weights"):
+                self.sync_weights()
+        metrics = self.step_metrics(result, rollout, lr)
+        self.write_logs(metrics, rollout)
+        if self._saves_at(self.step):
+            self.save_checkpoint()
+        return metrics
+
+    # -- phases ------------------------------------------------------------------------------------------------------
+
+    def rollout(self) -> Rollout:
+        """This DP rank's prompts of the next global batch and their sampled completions."""
+        drawn = self.stream.take(self.cfg.prompts_per_step)
+        mine = drawn[self.dp_rank * self.prompts_per_rank : (self.dp_rank + 1) * self.prompts_per_rank]
+        self.engine.wake_up(("kv_cache",))
+        completions = self.engine.generate([p.student_ids for _, p in mine], self.sampling,
+                                           seed=request_seed(self.cfg.rollout.seed, self.step))
+        self._after_generate()
+        completions = self._share_within_replica(completions)
+        return Rollout([e for e, _ in mine], [p for _, p in mine], completions)
+
+    def build_batch(self, rollout: Rollout) -> AVSDBatch:
+        n = self.cfg.rollout.n
+        prompts = [p for p in rollout.prompts for _ in range(n)]  # completions of a prompt are consecutive
+        views = self.cfg.avsd.views
+        return build_avsd_batch(
+            [p.student_ids for p in prompts],
+            [[p.teacher_ids[v] for v in views] for p in prompts],
+            [list(c.token_ids) for c in rollout.completions],
+            view_names=views, micro_batch_size=self.cfg.micro_batch_size * n,
+            pad_id=self.tokenizer.pad_token_id, vocab_size=self.vocab_size,
+        )
+
+    def set_lr(self) -> float:
+        lr = self.cfg.optim.lr_at(self.step, self.cfg.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def score_teachers(self, batch: AVSDBatch) -> list:
+        self.avsd.zero_grads()
+        return self.avsd.score_teachers(batch.to(self._device))
+
+    def update_student(self, batch: AVSDBatch, teacher_outputs: list) -> StepResult:
+        per_microbatch = self.avsd.update_student(batch.to(self._device), teacher_outputs)
+        update_successful, grad_norm, _ = self.optimizer.step()
+        if update_successful:
+            self.teacher.after_optimizer_step()
+        return self._result(per_microbatch, bool(update_successful), grad_norm)
+
+    def sync_weights(self) -> None:
+        """Push the current weights to the rollout engine (HF names, TP-gathered, PP-broadcast)."""
+        self.engine.wake_up(("weights",))
+        weights = export_hf_weights(self.model, self.hf_config, tp_group=self.megatron_groups.tp,
+                                    pp_group=self.groups["pp_group"])
+        self.engine.update_weights(weights)  # every rank of the TP x PP grid drives the collective export
+
+    # -- metrics, logs, checkpoints -----------------------------------------------------------------------------------
+
+    def step_metrics(self, result: StepResult, rollout: Rollout, lr: float) -> dict[str, Any]:
+        lengths = [len(c.token_ids) for c in rollout.completions]
+        metrics = {
+            "loss": result.loss, "grad_norm": result.grad_norm, "num_tokens": result.num_tokens, "lr": lr,
+            "update_successful": result.update_successful, **result.metrics,
+            "rollout/completion_len_mean": sum(lengths) / len(lengths),
+            "rollout/stop_rate": sum(c.finish_reason == "stop" for c in rollout.completions) / len(lengths),
+            "data/cursor": self.stream.cursor, "data/prompts_skipped": self.prompt_report.skipped,
+        }
+        metrics = self._from_last_stage(metrics)
+        return metrics | self.timer.pop()
+
+    def write_logs(self, metrics: dict[str, Any], rollout: Rollout) -> None:
+        if self.step % self.cfg.logging.log_every == 0:
+            self.log.step(self.step, metrics)
+        every = self.cfg.logging.generations_every
+        if every and self.step % every == 0:
+            self.log.generations(self.step, [
+                {"problem": e.problem, "prompt": p.student_text, "completion": c.text, "finish_reason": c.finish_reason}
+                for e, p, c in zip(rollout.examples, rollout.prompts, rollout.completions[:: self.cfg.rollout.n])
+            ])
+
+    def save_checkpoint(self) -> Path:
+        with self.timer("checkpoint"):
+            state = {"step": self.step, "data_cursor": self.stream.cursor, "adam_step": adam_step_count(self.optimizer),
+                     "prompt_skipped": self.prompt_report.skipped, "config": to_dict(self.cfg)}
+            return self.checkpoints.save(self.step, self.model, self.optimizer, state, self._rank_state())
+
+    def load_checkpoint(self, path: Path) -> None:
+        prime_optimizer(self.model, self.optimizer)
+        state, rank_state = self.checkpoints.load(path, self.model, self.optimizer)
+        self.step = int(state["step"])
+        self.stream.cursor = int(state["data_cursor"])
+        self.prompt_report.skipped = int(state.get("prompt_skipped", 0))
+        _set_rng_state(rank_state["rng"])
+        if rank_state["teacher"] is not None:
+            with torch.no_grad():
+                for stored, saved in zip(self.teacher.teacher_tensors, rank_state["teacher"]):
+                    stored.copy_(saved)
+
+    # -- helpers -----------------------------------------------------------------------------------------------------
+
+    def _saves_at(self, step: int) -> bool:
+        every = self.cfg.checkpoint.save_every
+        return every > 0 and step % every == 0
+
+    @property
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _encode(self, example: MathExample) -> EncodedPrompts | None:
+        return math_prompts(self.tokenizer, example, self.cfg.avsd.views, self.cfg.prompts, self.prompt_report,
+                            ratio=self.cfg.avsd.partial_solution_ratio)
+
+    def _share_within_replica(self, completions: list[Completion] | None) -> list[Completion]:
+        """The model-parallel group's first rank's completions, on every rank of the group. Every rank generated
+        with identical prompts and seeds already; this makes a numerical divergence between their engines (thread
+        counts, kernels) harmless instead of a silent mismatch between TP shards."""
+        group = self.groups["mp_group"]
+        if group is None:
+            return completions
+        box = [completions]
+        dist.broadcast_object_list(box, src=self.groups["mp_src"], group=group)
+        return box[0]
+
+    def _result(self, per_microbatch: list, update_successful: bool, grad_norm: Any) -> StepResult:
+        grad_norm = None if grad_norm is None else float(grad_norm)
+        if not self.megatron_groups.is_last_stage:
+            return StepResult(None, None, grad_norm, update_successful, {})
+        totals = reduce_metrics(per_microbatch, dp_group=self.megatron_groups.dp)
+        loss_sum, loss_count = totals.pop("avsd_loss")
+        return StepResult(
+            loss=loss_sum / max(loss_count, 1.0),
+            num_tokens=int(totals["avsd_tokens_per_microbatch"][0]),
+            grad_norm=grad_norm,
+            update_successful=update_successful,
+            metrics={name: s / c if c else float("nan") for name, (s, c) in totals.items()},
+        )
+
+    def _from_last_stage(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """With PP > 1 the loss exists on the last stage: broadcast its metrics over the pipeline group."""
+        group = self.groups["pp_group"]
+        if group is None:
+            return metrics
+        box = [metrics]
+        dist.broadcast_object_list(box, src=self.groups["pp_last"], group=group)
+        return box[0]
+
+    def _rank_state(self) -> dict[str, Any]:
+        teacher = getattr(self.teacher, "teacher_tensors", None) if self.cfg.avsd.teacher == "ema" else None
+        return {"rng": _get_rng_state(), "teacher": None if teacher is None else [t.cpu() for t in teacher]}
+
+
+def _check_supported(cfg: TrainConfig) -> None:
+    if cfg.data.task != "math":
+        raise ConfigError(
+            f"data.task={cfg.data.task!r}: the trainer supports 'math' only (code views need sandbox feedback per "
+            "rollout, not wired in yet)"
+        )
+    if cfg.logging.tensorboard:
+        raise ConfigError("logging.tensorboard=true is not implemented yet; use logging.jsonl")
+
+
+def _init_parallel(cfg: TrainConfig) -> dict[str, Any]:
+    """Initialise Megatron's parallel state (or check the caller's) and return the groups the trainer uses."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    cfg.parallel.data_parallel_size(dist.get_world_size())  # raises ConfigError for a bad world size
+    if ps.model_parallel_is_initialized():
+        have = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
+        if have != (tp, pp):
+            raise ConfigError(
+                f"parallel.tp={tp}, parallel.pp={pp} differ from the initialised Megatron parallel state {have}"
+            )
+    else:
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    model_parallel_cuda_manual_seed(cfg.optim.seed)
+    torch.manual_seed(cfg.optim.seed)
+    random.seed(cfg.optim.seed)
+    mp_group = ps.get_model_parallel_group()
+    pp_group = ps.get_pipeline_model_parallel_group()
+    return {
+        "dp_rank": ps.get_data_parallel_rank(), "dp_size": ps.get_data_parallel_world_size(),
+        "mp_group": mp_group if dist.get_world_size(mp_group) > 1 else None,
+        "mp_src": dist.get_global_rank(mp_group, 0),
+        "pp_group": pp_group if dist.get_world_size(pp_group) > 1 else None,
+        "pp_last": dist.get_global_rank(pp_group, dist.get_world_size(pp_group) - 1),
+    }
+
+
+def _get_rng_state() -> dict[str, Any]:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

@@ -1,0 +1,250 @@
+"""Tests for the AVSD trainer, its checkpoints and its CLI, on the bundled tiny Qwen3 / dataset on CPU.
+
+Run: .venv/bin/python -m pytest -q tests/test_trainer.py                        (all, ~60 s on 2 cores)
+     .venv/bin/python -m pytest -q tests/test_trainer.py -m "not integration"   (in-process only, seconds)
+
+End to end (integration): the CLI (`python -m avsd_megatron.train`, one process, TP1, converting the HF start
+checkpoint itself) and a TP2 launch (2 gloo ranks) each run 2 steps of the whole loop (rollout with HFEngine ->
+teacher scoring -> student update -> weight sync) and write finite metrics to metrics.jsonl; TP2's first loss
+equals TP1's (same weights, same samples). Resume: a run with save_every=1 takes 3 steps, the save of step 3 is
+made to fail half-way (after the shards, before the rename); `latest` must still name step 2 and every `step_*`
+directory must be complete. A fresh trainer resuming from step 1's checkpoint must reproduce the losses and
+gradient norms of steps 2 and 3 (step 3 depends on the restored Adam moments and step count) within 1e-6.
+Unit tests cover the bad configs the trainer and CLI refuse, the `latest` fallback, and the prompt stream's order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from avsd_megatron.checkpointing import CheckpointManager, find_latest
+from avsd_megatron.config import ConfigError, from_dict, load_config, to_dict
+from avsd_megatron.testing import run_on_ranks
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_YAML = ROOT / "examples" / "configs" / "tiny_cpu.yaml"
+LOSS_ATOL = 1e-6
+TP_LOSS_ATOL = 1e-4  # TP2 vs TP1: same maths, different reduction order
+
+
+def _config(out_dir: Path, hf_dir: str, **top) -> dict:
+    """tiny_cpu.yaml made small: 4 prompts, 8 new tokens, 2 steps, a per-run output directory."""
+    data = to_dict(load_config(TINY_YAML))
+    data.update(output_dir=str(out_dir), prompts_per_step=4, micro_batch_size=2, max_steps=2)
+    data["model"]["hf_path"] = hf_dir
+    data["rollout"]["max_new_tokens"] = 8
+    data["optim"]["distributed_optimizer"] = True
+    data["logging"].update(log_every=1, generations_every=2)
+    data["checkpoint"].update(save_every=0, keep_last=None, resume=None)
+    for key, value in top.items():
+        section, _, field = key.partition("__")
+        (data[section].__setitem__(field, value) if field else data.__setitem__(section, value))
+    return data
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> str:
+    from avsd_megatron.tiny import make_tiny_hf_checkpoint
+
+    return str(make_tiny_hf_checkpoint(tmp_path_factory.mktemp("tiny") / "hf_init"))
+
+
+def _records(out_dir: Path) -> list[dict]:
+    from avsd_megatron.metrics_log import read_jsonl_metrics
+
+    return read_jsonl_metrics(out_dir)
+
+
+def _assert_finite_records(records: list[dict], steps: int) -> None:
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    for r in records:
+        for key in ("loss", "grad_norm", "lr", "mv_avsd_mean", "time/total"):
+            assert isinstance(r[key], float) and math.isfinite(r[key]), (key, r[key])
+        assert r["num_tokens"] > 0 and r["update_successful"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rank functions (module level: launched ranks import them by name)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def train_rank(cfg_data: dict) -> list[dict]:
+    """Install the CPU patches, build a Trainer from `cfg_data`, train to max_steps; return the step metrics."""
+    from avsd_megatron.testing import install
+    from avsd_megatron.trainer import Trainer
+
+    install()
+    return Trainer(from_dict(cfg_data), progress=False).train()
+
+
+def interrupted_run_rank(cfg_data: dict) -> dict:
+    """3 steps with save_every=1; the third save fails after the shards are written, before the rename."""
+    import avsd_megatron.checkpointing as checkpointing
+    from avsd_megatron.testing import install
+    from avsd_megatron.trainer import Trainer
+
+    install()
+    trainer = Trainer(from_dict(cfg_data), progress=False)
+    metrics = [trainer.train_step(), trainer.train_step()]
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("simulated kill during save")
+
+    checkpointing.write_rank_state = killed
+    try:
+        trainer.train_step()
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError("the patched save did not fail")
+    return {"metrics": metrics}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Unit tests (in process)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_trainer_refuses_code_task_and_tensorboard(tmp_path):
+    from avsd_megatron.trainer import _check_supported
+
+    data = _config(tmp_path, "unused")
+    data["logging"]["tensorboard"] = True
+    with pytest.raises(ConfigError, match=r"logging\.tensorboard"):
+        _check_supported(from_dict(data))
+    data = _config(tmp_path, "unused")
+    data["data"] = {"sources": ["x.jsonl"], "task": "code"}
+    data["avsd"]["views"] = ["reference", "hint"]
+    with pytest.raises(ConfigError, match=r"data\.task='code'"):
+        _check_supported(from_dict(data))
+
+
+def test_cli_set_overrides_and_errors(tmp_path):
+    from avsd_megatron.train import apply_overrides
+
+    cfg = load_config(TINY_YAML)
+    new = apply_overrides(cfg, ["max_steps=3", "parallel.tp=2", "avsd.views=[answer_only]", "optim.lr=1e-5"])
+    assert (new.max_steps, new.parallel.tp, new.avsd.views, new.optim.lr) == (3, 2, ("answer_only",), 1e-5)
+    with pytest.raises(ConfigError, match="unknown key 'optim.lrr'"):
+        apply_overrides(cfg, ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        apply_overrides(cfg, ["max_steps"])
+    with pytest.raises(ConfigError, match=r"rollout\.temperature"):
+        apply_overrides(cfg, ["rollout.temperature=0"])
+    with pytest.raises(ConfigError, match="'max_steps' is not a config section"):
+        apply_overrides(cfg, ["max_steps.x=1"])
+
+
+def test_cli_help_lists_options():
+    proc = subprocess.run([sys.executable, "-m", "avsd_megatron.train", "--help"], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "--config" in proc.stdout and "--set" in proc.stdout
+
+
+def test_checkpoint_resume_missing_path_names_field(tmp_path):
+    manager = CheckpointManager(tmp_path / "ckpt", keep_last=2)
+    assert manager.resolve(None) is None
+    assert manager.resolve("auto") is None  # nothing saved yet: a fresh start
+    with pytest.raises(FileNotFoundError, match=r"checkpoint\.resume="):
+        manager.resolve(str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match=r"checkpoint\.keep_last"):
+        CheckpointManager(tmp_path, keep_last=0)
+
+
+def test_checkpoint_find_latest_skips_incomplete(tmp_path):
+    for step, complete in ((1, True), (2, True), (3, False)):
+        d = tmp_path / f"step_{step:08d}"
+        d.mkdir()
+        if complete:
+            (d / "trainer_state.json").write_text("{}")
+    (tmp_path / "step_00000004.tmp").mkdir()
+    (tmp_path / "step_00000004.tmp" / "trainer_state.json").write_text("{}")
+    assert find_latest(tmp_path).name == "step_00000002"  # no `latest` file: newest complete
+    (tmp_path / "latest").write_text("step_00000001\n")
+    assert find_latest(tmp_path).name == "step_00000001"  # `latest` wins when it is complete
+    (tmp_path / "latest").write_text("step_00000003\n")
+    assert find_latest(tmp_path).name == "step_00000002"  # ... and is ignored when it is not
+
+
+def test_prompt_stream_order_is_seeded_and_resumable():
+    from avsd_megatron.trainer import PromptStream
+
+    examples = list(range(10))
+    encode = lambda e: None if e == 3 else f"p{e}"  # noqa: E731 - example 3 is "overlong"
+    stream = PromptStream(examples, encode, seed=5)
+    first = stream.take(4) + stream.take(4) + stream.take(4)  # crosses an epoch
+    assert all(e != 3 for e, _ in first) and sorted(e for e, _ in first[:9]) == [0, 1, 2, 4, 5, 6, 7, 8, 9]
+    resumed = PromptStream(examples, encode, seed=5)
+    resumed.take(4)
+    again = PromptStream(examples, encode, seed=5, cursor=resumed.cursor)
+    assert again.take(8) == first[4:]
+    with pytest.raises(ValueError, match="max_prompt_tokens"):
+        PromptStream(examples, lambda e: None, seed=0).take(1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Integration tests
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cli_run(hf_dir, tmp_path_factory) -> Path:
+    """`python -m avsd_megatron.train` on tiny_cpu.yaml for 2 steps (one process, TP1); returns output_dir."""
+    out = tmp_path_factory.mktemp("cli")
+    overrides = [f"output_dir={out}", f"model.hf_path={hf_dir}", "max_steps=2", "prompts_per_step=4",
+                 "rollout.max_new_tokens=8", "logging.generations_every=2", "checkpoint.resume=null",
+                 "optim.distributed_optimizer=true"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "avsd_megatron.train", "--config", str(TINY_YAML), "--no-progress", "--set",
+         *overrides], capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+@pytest.mark.integration
+def test_trainer_cli_tp1_two_steps_writes_finite_metrics(cli_run):
+    _assert_finite_records(_records(cli_run), 2)
+    generations = (cli_run / "generations" / "step_2.jsonl").read_text().splitlines()
+    assert len(generations) == 4 and all("completion" in json.loads(line) for line in generations)
+    assert (cli_run / "megatron_init" / "hf_conversion.json").is_file()  # converted from model.hf_path
+    assert find_latest(cli_run / "checkpoints").name == "step_00000002"  # the end-of-run save
+
+
+@pytest.mark.integration
+def test_trainer_tp2_two_steps_matches_tp1(cli_run, hf_dir, tmp_path):
+    data = _config(tmp_path / "tp2", hf_dir, parallel__tp=2)
+    data["model"]["megatron_checkpoint"] = str(cli_run / "megatron_init")
+    ranks = run_on_ranks(train_rank, 2, data, timeout=300)
+    _assert_finite_records(_records(tmp_path / "tp2"), 2)
+    assert ranks[0][0]["loss"] == ranks[1][0]["loss"]  # both TP ranks report the same reduced loss
+    tp1 = _records(cli_run)
+    assert abs(ranks[0][0]["loss"] - tp1[0]["loss"]) < TP_LOSS_ATOL
+
+
+@pytest.mark.integration
+def test_trainer_resume_reproduces_next_steps_and_interrupted_save_keeps_latest(cli_run, hf_dir, tmp_path):
+    first = _config(tmp_path / "a", hf_dir, max_steps=3, checkpoint__save_every=1)
+    first["model"]["megatron_checkpoint"] = str(cli_run / "megatron_init")
+    run_on_ranks(interrupted_run_rank, 1, first, timeout=300)
+    root = tmp_path / "a" / "checkpoints"
+    assert find_latest(root).name == "step_00000002"
+    assert (root / "latest").read_text().strip() == "step_00000002"
+    assert not (root / "step_00000003").exists() and (root / "step_00000003.tmp").is_dir()
+    uninterrupted = _records(tmp_path / "a")  # step 3's metrics were logged before its save failed
+
+    second = _config(tmp_path / "b", hf_dir, max_steps=3)
+    second["model"]["megatron_checkpoint"] = str(cli_run / "megatron_init")
+    second["checkpoint"]["resume"] = str(root / "step_00000001")
+    resumed = run_on_ranks(train_rank, 1, second, timeout=300)[0]
+    assert [r["data/cursor"] for r in resumed] == [r["data/cursor"] for r in uninterrupted[1:]]
+    for got, want in zip(resumed, uninterrupted[1:]):
+        assert abs(got["loss"] - want["loss"]) <= LOSS_ATOL, (got["loss"], want["loss"])
+        assert abs(got["grad_norm"] - want["grad_norm"]) <= LOSS_ATOL, (got["grad_norm"], want["grad_norm"])
