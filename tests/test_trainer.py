@@ -4,12 +4,13 @@ Run: .venv/bin/python -m pytest -q tests/test_trainer.py                        
      .venv/bin/python -m pytest -q tests/test_trainer.py -m "not integration"   (in-process only, seconds)
 
 End to end (integration): the CLI (`python -m avsd_megatron.train`, one process, TP1, converting the HF start
-checkpoint itself) and a TP2 launch (2 gloo ranks) each run 2 steps of the whole loop (rollout with HFEngine ->
-teacher scoring -> student update -> weight sync) and write finite metrics to metrics.jsonl; TP2's first loss
+checkpoint itself, saving every step with keep_last=1) and TP2 / PP2 launches (2 gloo ranks) each run 2 steps of the whole loop (rollout with HFEngine ->
+teacher scoring -> student update -> weight sync) and write finite metrics to metrics.jsonl; their first loss
 equals TP1's (same weights, same samples). Resume: a run with save_every=1 takes 3 steps, the save of step 3 is
 made to fail half-way (after the shards, before the rename); `latest` must still name step 2 and every `step_*`
 directory must be complete. A fresh trainer resuming from step 1's checkpoint must reproduce the losses and
-gradient norms of steps 2 and 3 (step 3 depends on the restored Adam moments and step count) within 1e-6.
+gradient norms of steps 2 and 3 (step 3 depends on the restored Adam moments and step count) within 1e-6; once with
+the frozen teacher and the distributed optimizer, once with a fast EMA teacher and Megatron's plain optimizer.
 Unit tests cover the bad configs the trainer and CLI refuse, the `latest` fallback, and the prompt stream's order.
 """
 
@@ -200,6 +201,7 @@ def cli_run(hf_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cli")
     overrides = [f"output_dir={out}", f"model.hf_path={hf_dir}", "max_steps=2", "prompts_per_step=4",
                  "rollout.max_new_tokens=8", "logging.generations_every=2", "checkpoint.resume=null",
+                 "checkpoint.save_every=1", "checkpoint.keep_last=1",
                  "optim.distributed_optimizer=true"]
     proc = subprocess.run(
         [sys.executable, "-m", "avsd_megatron.train", "--config", str(TINY_YAML), "--no-progress", "--set",
@@ -215,23 +217,33 @@ def test_trainer_cli_tp1_two_steps_writes_finite_metrics(cli_run):
     generations = (cli_run / "generations" / "step_2.jsonl").read_text().splitlines()
     assert len(generations) == 4 and all("completion" in json.loads(line) for line in generations)
     assert (cli_run / "megatron_init" / "hf_conversion.json").is_file()  # converted from model.hf_path
-    assert find_latest(cli_run / "checkpoints").name == "step_00000002"  # the end-of-run save
+    root = cli_run / "checkpoints"
+    assert find_latest(root).name == "step_00000002"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002"]  # keep_last=1 pruned step 1
 
 
 @pytest.mark.integration
-def test_trainer_tp2_two_steps_matches_tp1(cli_run, hf_dir, tmp_path):
-    data = _config(tmp_path / "tp2", hf_dir, parallel__tp=2)
+@pytest.mark.parametrize(("tp", "pp"), [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+def test_trainer_two_ranks_two_steps_match_tp1(cli_run, hf_dir, tmp_path, tp, pp):
+    data = _config(tmp_path / "run", hf_dir, parallel__tp=tp, parallel__pp=pp)
     data["model"]["megatron_checkpoint"] = str(cli_run / "megatron_init")
     ranks = run_on_ranks(train_rank, 2, data, timeout=300)
-    _assert_finite_records(_records(tmp_path / "tp2"), 2)
-    assert ranks[0][0]["loss"] == ranks[1][0]["loss"]  # both TP ranks report the same reduced loss
+    _assert_finite_records(_records(tmp_path / "run"), 2)
+    assert ranks[0][0]["loss"] == ranks[1][0]["loss"]  # both ranks report the same reduced loss
     tp1 = _records(cli_run)
     assert abs(ranks[0][0]["loss"] - tp1[0]["loss"]) < TP_LOSS_ATOL
 
 
 @pytest.mark.integration
-def test_trainer_resume_reproduces_next_steps_and_interrupted_save_keeps_latest(cli_run, hf_dir, tmp_path):
-    first = _config(tmp_path / "a", hf_dir, max_steps=3, checkpoint__save_every=1)
+@pytest.mark.parametrize(("teacher", "distributed_optimizer"), [("frozen", True), ("ema", False)])
+def test_trainer_resume_reproduces_next_steps_and_interrupted_save_keeps_latest(
+    cli_run, hf_dir, tmp_path, teacher, distributed_optimizer
+):
+    """frozen θ₀ + the distributed optimizer; the EMA teacher (restored from the rank state) + Megatron's plain
+    fp32 optimizer."""
+    avsd = {"avsd__teacher": teacher, "avsd__ema_decay": 0.5}  # a fast EMA: a lost ē would change the loss a lot
+    first = _config(tmp_path / "a", hf_dir, max_steps=3, checkpoint__save_every=1,
+                    optim__distributed_optimizer=distributed_optimizer, **avsd)
     first["model"]["megatron_checkpoint"] = str(cli_run / "megatron_init")
     run_on_ranks(interrupted_run_rank, 1, first, timeout=300)
     root = tmp_path / "a" / "checkpoints"
@@ -240,7 +252,7 @@ def test_trainer_resume_reproduces_next_steps_and_interrupted_save_keeps_latest(
     assert not (root / "step_00000003").exists() and (root / "step_00000003.tmp").is_dir()
     uninterrupted = _records(tmp_path / "a")  # step 3's metrics were logged before its save failed
 
-    second = _config(tmp_path / "b", hf_dir, max_steps=3)
+    second = _config(tmp_path / "b", hf_dir, max_steps=3, optim__distributed_optimizer=distributed_optimizer, **avsd)
     second["model"]["megatron_checkpoint"] = str(cli_run / "megatron_init")
     second["checkpoint"]["resume"] = str(root / "step_00000001")
     resumed = run_on_ranks(train_rank, 1, second, timeout=300)[0]
