@@ -33,8 +33,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     # -- config ---------------------------------------------------------------------------------------------------
     parser.add_argument("--config", required=True, help="YAML run config (see avsd_megatron/config.py sections)")
     parser.add_argument(
-        "--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
-        help="override a dotted config field, value parsed as YAML (e.g. max_steps=2 parallel.tp=2)",
+        "--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+        help="override dotted config fields, values parsed as YAML (e.g. --set max_steps=2 parallel.tp=2); "
+        "may repeat, later ones win",
     )
     # -- run ------------------------------------------------------------------------------------------------------
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar on rank 0")

@@ -93,6 +93,8 @@ def interrupted_run_rank(cfg_data: dict) -> dict:
     install()
     trainer = Trainer(from_dict(cfg_data), progress=False)
     metrics = [trainer.train_step(), trainer.train_step()]
+    applied = {group["lr"] for opt in checkpointing._torch_optimizers(trainer.optimizer) for group in opt.param_groups}
+    assert applied == {metrics[-1]["lr"]}, (applied, metrics[-1]["lr"])  # the schedule reaches torch's Adam
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt("simulated kill during save")
@@ -105,6 +107,19 @@ def interrupted_run_rank(cfg_data: dict) -> dict:
     else:
         raise AssertionError("the patched save did not fail")
     return {"metrics": metrics}
+
+
+def bad_layout_rank(cfg_data: dict) -> str:
+    """Construct a Trainer that must refuse the layout; return the error message."""
+    from avsd_megatron.testing import install
+    from avsd_megatron.trainer import Trainer
+
+    install()
+    try:
+        Trainer(from_dict(cfg_data), progress=False)
+    except ConfigError as err:
+        return str(err)
+    raise AssertionError("Trainer accepted a bad layout")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -140,6 +155,13 @@ def test_cli_set_overrides_and_errors(tmp_path):
         apply_overrides(cfg, ["rollout.temperature=0"])
     with pytest.raises(ConfigError, match="'max_steps' is not a config section"):
         apply_overrides(cfg, ["max_steps.x=1"])
+
+
+def test_cli_set_repeats_accumulate():
+    from avsd_megatron.train import parse_args
+
+    args = parse_args(["--config", "x.yaml", "--set", "max_steps=2", "optim.lr=1", "--set", "max_steps=3"])
+    assert args.overrides == ["max_steps=2", "optim.lr=1", "max_steps=3"]
 
 
 def test_cli_help_lists_options():
@@ -220,6 +242,16 @@ def test_trainer_cli_tp1_two_steps_writes_finite_metrics(cli_run):
     root = cli_run / "checkpoints"
     assert find_latest(root).name == "step_00000002"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002"]  # keep_last=1 pruned step 1
+
+
+@pytest.mark.integration
+def test_trainer_refuses_layouts_that_do_not_fit_the_world(tmp_path, hf_dir):
+    tp2_on_one_rank = _config(tmp_path, hf_dir, parallel__tp=2)
+    assert "world size 1 is not a multiple of parallel.tp * parallel.pp = 2 * 1" in run_on_ranks(
+        bad_layout_rank, 1, tp2_on_one_rank, timeout=120)[0]
+    batch_over_dp = _config(tmp_path, hf_dir, prompts_per_step=2)  # dp=2 ranks x micro_batch_size 2 > 2 prompts
+    messages = run_on_ranks(bad_layout_rank, 2, batch_over_dp, timeout=120)
+    assert all("prompts_per_step=2 is not a multiple of micro_batch_size * dp = 2 * 2" in m for m in messages)
 
 
 @pytest.mark.integration
