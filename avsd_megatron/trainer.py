@@ -47,42 +47,16 @@ import torch.distributed as dist
 from avsd_megatron.batch import AVSDBatch, build_avsd_batch
 from avsd_megatron.checkpointing import CheckpointManager, adam_step_count, prime_optimizer
 from avsd_megatron.config import ConfigError, TrainConfig, to_dict
-from avsd_megatron.convert import (
-    convert_hf_to_megatron,
-    export_hf_weights,
-    load_megatron_checkpoint,
-    qwen3_config_to_transformer_config,
-    qwen3_gpt_model_kwargs,
-    read_hf_config,
-)
+from avsd_megatron.convert import export_hf_weights, load_megatron_checkpoint, read_hf_config
 from avsd_megatron.data import MathExample, load_examples
+from avsd_megatron.megatron_model import DTYPES, build_gpt_model, build_optimizer, initial_checkpoint, wrap_ddp
 from avsd_megatron.metrics_log import MetricsLog, PhaseTimer
 from avsd_megatron.prompts import EncodedPrompts, PromptReport, math_prompts
 from avsd_megatron.rollout import Completion, HFEngine, SamplingParams, request_seed
 from avsd_megatron.step import AVSDStep, MegatronGroups, StepResult, reduce_metrics
 from avsd_megatron.teacher_kinds import build_teacher
 
-__all__ = ["PromptStream", "Rollout", "Trainer", "build_gpt_model"]
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-INIT_DIR = "megatron_init"
-# TransformerConfig switches for CPU runs (no fused kernels, master-weight init, plain p2p); see testing.megatron_cpu.
-CPU_OVERRIDES = dict(
-    use_cpu_initialization=True,
-    gradient_accumulation_fusion=False,
-    bias_activation_fusion=False,
-    bias_dropout_fusion=False,
-    masked_softmax_fusion=False,
-    apply_rope_fusion=False,
-    persist_layer_norm=False,
-    batch_p2p_comm=False,
-)
-RECOMPUTE = {
-    "none": {},
-    "selective": dict(recompute_granularity="selective"),
-    "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
-}
-
+__all__ = ["PromptStream", "Rollout", "Trainer"]
 
 # ----------------------------------------------------------------------------------------------------------------
 # Data: the prompt stream
@@ -139,83 +113,6 @@ class Rollout:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Model
-
-
-def build_gpt_model(cfg: TrainConfig, hf_config: dict, *, on_cpu: bool) -> Any:
-    """This rank's `GPTModel` (random init; load weights next) for `hf_config` at `cfg.parallel`'s TP/PP."""
-    from megatron.core import parallel_state
-    from megatron.core.distributed import finalize_model_grads
-    from megatron.core.models.gpt import GPTModel
-
-    overrides = dict(calculate_per_token_loss=True, **RECOMPUTE[cfg.model.recompute])
-    if on_cpu:
-        from megatron.core.transformer.enums import AttnBackend
-
-        overrides |= CPU_OVERRIDES | {"attention_backend": AttnBackend.local}
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    config = qwen3_config_to_transformer_config(
-        hf_config, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        params_dtype=DTYPES[cfg.model.dtype], overrides=overrides,
-    )
-    config.finalize_model_grads_func = finalize_model_grads
-    model = GPTModel(
-        config,
-        _layer_spec(cfg.model.layer_spec),
-        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=True),
-        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=True),
-        parallel_output=True,
-        **qwen3_gpt_model_kwargs(hf_config, tensor_model_parallel_size=tp),
-    )
-    return model if on_cpu else model.cuda()
-
-
-def _layer_spec(name: str) -> Any:
-    from megatron.core.models.gpt import gpt_layer_specs
-
-    if name == "te":
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True)
-    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
-
-
-def _wrap_ddp(gpt: Any, cfg: TrainConfig) -> Any:
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.transformer.module import Float16Module
-
-    module = gpt if cfg.model.dtype == "float32" else Float16Module(gpt.config, gpt)
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.optim.distributed_optimizer
-    )
-    return DistributedDataParallel(gpt.config, ddp_config, module)
-
-
-def _build_optimizer(model: Any, cfg: TrainConfig) -> Any:
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
-    o = cfg.optim
-    opt_config = OptimizerConfig(
-        optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.betas[0],
-        adam_beta2=o.betas[1], adam_eps=o.eps, clip_grad=o.max_grad_norm,
-        bf16=cfg.model.dtype == "bfloat16", fp16=cfg.model.dtype == "float16",
-        params_dtype=DTYPES[cfg.model.dtype], use_distributed_optimizer=o.distributed_optimizer,
-    )
-    return get_megatron_optimizer(opt_config, [model], use_gloo_process_groups=False)
-
-
-def _initial_checkpoint(cfg: TrainConfig) -> Path:
-    """model.megatron_checkpoint, or <output_dir>/megatron_init converted from model.hf_path by rank 0 (once)."""
-    if cfg.model.megatron_checkpoint:
-        return Path(cfg.model.megatron_checkpoint)
-    out = Path(cfg.output_dir) / INIT_DIR
-    if dist.get_rank() == 0 and not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        convert_hf_to_megatron(cfg.model.hf_path, out, tensor_model_parallel_size=cfg.parallel.tp,
-                               pipeline_model_parallel_size=cfg.parallel.pp, dtype=DTYPES[cfg.model.dtype])
-    dist.barrier()
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Engines (chosen once)
 
 
@@ -269,9 +166,9 @@ class Trainer:
         self.vocab_size = int(self.hf_config["vocab_size"])
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
         gpt = build_gpt_model(cfg, self.hf_config, on_cpu=self.on_cpu)
-        load_megatron_checkpoint(gpt, _initial_checkpoint(cfg))
-        self.model = _wrap_ddp(gpt, cfg)
-        self.optimizer = _build_optimizer(self.model, cfg)
+        load_megatron_checkpoint(gpt, initial_checkpoint(cfg))
+        self.model = wrap_ddp(gpt, cfg)
+        self.optimizer = build_optimizer(self.model, cfg)
         self.teacher = build_teacher(cfg.avsd.teacher_config(), self.model.parameters(), self.model)
         self.megatron_groups = MegatronGroups.from_parallel_state()
         self.avsd = AVSDStep(self.model, self.optimizer, cfg.avsd.loss_config(cfg.rollout.temperature,
@@ -285,6 +182,7 @@ class Trainer:
         self.stream = PromptStream(examples, self._encode, seed=cfg.optim.seed)
 
         self.step = 0
+        self.last_saved_step: int | None = None
         self.checkpoints = CheckpointManager(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last)
         self.resumed_from = self.checkpoints.resolve(cfg.checkpoint.resume)
         if self.resumed_from is not None:
@@ -302,7 +200,7 @@ class Trainer:
         history = []
         while self.step < self.cfg.max_steps:
             history.append(self.train_step())
-        if not self._saves_at(self.step):
+        if self.last_saved_step != self.step:
             self.save_checkpoint()
         self.log.close()
         return history
@@ -404,12 +302,14 @@ class Trainer:
         with self.timer("checkpoint"):
             state = {"step": self.step, "data_cursor": self.stream.cursor, "adam_step": adam_step_count(self.optimizer),
                      "prompt_skipped": self.prompt_report.skipped, "config": to_dict(self.cfg)}
-            return self.checkpoints.save(self.step, self.model, self.optimizer, state, self._rank_state())
+            path = self.checkpoints.save(self.step, self.model, self.optimizer, state, self._rank_state())
+        self.last_saved_step = self.step
+        return path
 
     def load_checkpoint(self, path: Path) -> None:
         prime_optimizer(self.model, self.optimizer)
         state, rank_state = self.checkpoints.load(path, self.model, self.optimizer)
-        self.step = int(state["step"])
+        self.step = self.last_saved_step = int(state["step"])
         self.stream.cursor = int(state["data_cursor"])
         self.prompt_report.skipped = int(state.get("prompt_skipped", 0))
         _set_rng_state(rank_state["rng"])

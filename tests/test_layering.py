@@ -43,6 +43,7 @@ LAYERS = {
     "tiny": 3,
     "assets": 3,
     "checkpointing": 3,
+    "megatron_model": 3,
     "metrics_log": 3,
     "trainer": 3,
     # test utilities

@@ -1,0 +1,117 @@
+"""The policy as Megatron-Core sees it: `GPTModel` from an HF Qwen3 config.json, initial weights, DDP, optimizer.
+
+    gpt = build_gpt_model(cfg, read_hf_config(cfg.model.hf_path), on_cpu=True)   # this rank's TP/PP shard
+    load_megatron_checkpoint(gpt, initial_checkpoint(cfg))                         # rank 0 converts HF once
+    model = wrap_ddp(gpt, cfg)                # Float16Module for bf16/fp16, Megatron DDP (grads reduced in fp32)
+    optimizer = build_optimizer(model, cfg)   # Megatron Adam (optionally the distributed optimizer)
+
+Modes come from `TrainConfig` fields, each read once here: `model.dtype`, `model.layer_spec` ('local' on CPU, 'te'
+on GPU), `model.recompute`, `optim.distributed_optimizer`. `calculate_per_token_loss=True` and
+`finalize_model_grads_func` are always set (AVSDStep requires both). `on_cpu` adds the TransformerConfig switches
+CPU runs need (no fused kernels, CPU init, plain p2p; see `testing.megatron_cpu` for the runtime patches).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from avsd_megatron.config import TrainConfig
+from avsd_megatron.convert import convert_hf_to_megatron, qwen3_config_to_transformer_config, qwen3_gpt_model_kwargs
+
+__all__ = ["DTYPES", "build_gpt_model", "build_optimizer", "initial_checkpoint", "wrap_ddp"]
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+INIT_DIR = "megatron_init"
+# TransformerConfig switches for CPU runs (no fused kernels, master-weight init, plain p2p); see testing.megatron_cpu.
+CPU_OVERRIDES = dict(
+    use_cpu_initialization=True,
+    gradient_accumulation_fusion=False,
+    bias_activation_fusion=False,
+    bias_dropout_fusion=False,
+    masked_softmax_fusion=False,
+    apply_rope_fusion=False,
+    persist_layer_norm=False,
+    batch_p2p_comm=False,
+)
+RECOMPUTE = {
+    "none": {},
+    "selective": dict(recompute_granularity="selective"),
+    "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+}
+
+
+def build_gpt_model(cfg: TrainConfig, hf_config: dict, *, on_cpu: bool) -> Any:
+    """This rank's `GPTModel` (random init; load weights next) for `hf_config` at `cfg.parallel`'s TP/PP."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.models.gpt import GPTModel
+
+    overrides = dict(calculate_per_token_loss=True, **RECOMPUTE[cfg.model.recompute])
+    if on_cpu:
+        from megatron.core.transformer.enums import AttnBackend
+
+        overrides |= CPU_OVERRIDES | {"attention_backend": AttnBackend.local}
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    config = qwen3_config_to_transformer_config(
+        hf_config, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        params_dtype=DTYPES[cfg.model.dtype], overrides=overrides,
+    )
+    config.finalize_model_grads_func = finalize_model_grads
+    model = GPTModel(
+        config,
+        _layer_spec(cfg.model.layer_spec),
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=True),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=True),
+        parallel_output=True,
+        **qwen3_gpt_model_kwargs(hf_config, tensor_model_parallel_size=tp),
+    )
+    return model if on_cpu else model.cuda()
+
+
+def _layer_spec(name: str) -> Any:
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if name == "te":
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True)
+    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+
+
+def wrap_ddp(gpt: Any, cfg: TrainConfig) -> Any:
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer.module import Float16Module
+
+    module = gpt if cfg.model.dtype == "float32" else Float16Module(gpt.config, gpt)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.optim.distributed_optimizer
+    )
+    return DistributedDataParallel(gpt.config, ddp_config, module)
+
+
+def build_optimizer(model: Any, cfg: TrainConfig) -> Any:
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    o = cfg.optim
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.betas[0],
+        adam_beta2=o.betas[1], adam_eps=o.eps, clip_grad=o.max_grad_norm,
+        bf16=cfg.model.dtype == "bfloat16", fp16=cfg.model.dtype == "float16",
+        params_dtype=DTYPES[cfg.model.dtype], use_distributed_optimizer=o.distributed_optimizer,
+    )
+    return get_megatron_optimizer(opt_config, [model], use_gloo_process_groups=False)
+
+
+def initial_checkpoint(cfg: TrainConfig) -> Path:
+    """model.megatron_checkpoint, or <output_dir>/megatron_init converted from model.hf_path by rank 0 (once)."""
+    if cfg.model.megatron_checkpoint:
+        return Path(cfg.model.megatron_checkpoint)
+    out = Path(cfg.output_dir) / INIT_DIR
+    if dist.get_rank() == 0 and not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        convert_hf_to_megatron(cfg.model.hf_path, out, tensor_model_parallel_size=cfg.parallel.tp,
+                               pipeline_model_parallel_size=cfg.parallel.pp, dtype=DTYPES[cfg.model.dtype])
+    dist.barrier()
+    return out
