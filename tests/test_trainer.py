@@ -11,7 +11,8 @@ made to fail half-way (after the shards, before the rename); `latest` must still
 directory must be complete. A fresh trainer resuming from step 1's checkpoint must reproduce the losses and
 gradient norms of steps 2 and 3 (step 3 depends on the restored Adam moments and step count) within 1e-6; once with
 the frozen teacher and the distributed optimizer, once with a fast EMA teacher and Megatron's plain optimizer.
-Unit tests cover the bad configs the trainer and CLI refuse, the `latest` fallback, and the prompt stream's order.
+The baselines (single, consensus, arithmetic, sigmoid gate, candidate loss) each take a finite step through
+the unchanged trainer. Unit tests cover the bad configs the trainer and CLI refuse, the `latest` fallback, and the prompt stream's order.
 """
 
 from __future__ import annotations
@@ -107,6 +108,15 @@ def interrupted_run_rank(cfg_data: dict) -> dict:
     else:
         raise AssertionError("the patched save did not fail")
     return {"metrics": metrics}
+
+
+def baselines_rank(cfg_datas: list[dict]) -> list[float]:
+    """One step per config, each in a fresh Trainer over the same (already initialised) parallel state."""
+    from avsd_megatron.testing import install
+    from avsd_megatron.trainer import Trainer
+
+    install()
+    return [Trainer(from_dict(data), progress=False).train_step()["loss"] for data in cfg_datas]
 
 
 def bad_layout_rank(cfg_data: dict) -> str:
@@ -252,6 +262,27 @@ def test_trainer_refuses_layouts_that_do_not_fit_the_world(tmp_path, hf_dir):
     batch_over_dp = _config(tmp_path, hf_dir, prompts_per_step=2)  # dp=2 ranks x micro_batch_size 2 > 2 prompts
     messages = run_on_ranks(bad_layout_rank, 2, batch_over_dp, timeout=120)
     assert all("prompts_per_step=2 is not a multiple of micro_batch_size * dp = 2 * 2" in m for m in messages)
+
+
+@pytest.mark.integration
+def test_trainer_runs_the_baselines_unchanged(cli_run, hf_dir, tmp_path):
+    """single / consensus / arithmetic targets, the sigmoid gate and the candidate loss need only AVSDConfig."""
+    variants = [
+        {"mode": "single", "views": ["answer_only"]},
+        {"mode": "consensus"},
+        {"mode": "arithmetic"},
+        {"mode": "avsd", "gate": "sigmoid"},
+        {"loss": "candidate", "topk": 4},
+    ]
+    datas = []
+    for i, avsd in enumerate(variants):
+        data = _config(tmp_path / str(i), hf_dir)
+        data["model"]["megatron_checkpoint"] = str(cli_run / "megatron_init")
+        data["avsd"].update(avsd)
+        datas.append(data)
+    losses = run_on_ranks(baselines_rank, 1, datas, timeout=300)[0]
+    assert all(math.isfinite(loss) for loss in losses), losses
+    assert len(set(losses)) == len(losses), losses  # each target gives its own loss on the same samples
 
 
 @pytest.mark.integration
