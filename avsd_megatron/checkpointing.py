@@ -6,6 +6,7 @@ Layout under the checkpoint root (`TrainConfig.checkpoint_dir`):
     step_00000010/              a complete checkpoint (only complete ones carry this name)
         <dist_checkpointing files>   {"model": GPTModel.sharded_state_dict(), "optimizer": ...}
         rank_state/rank_00000.pt     per global rank: RNG states and the rank's extra tensors (EMA teacher)
+        hf_conversion.json, hf_assets/   the HF config + tokenizer (the trainer's `describe`), for megatron-to-hf
         trainer_state.json           step, data cursor, Adam step count, the run config (written last)
     step_00000020.tmp/          a save in progress (or interrupted): never read, removed by the next save
     latest                      text: the name of the newest complete checkpoint (replaced atomically)
@@ -32,7 +33,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -162,12 +163,15 @@ class CheckpointManager:
         optimizer: Any,
         state: Mapping[str, Any],
         rank_state: Mapping[str, Any],
+        describe: Callable[[Path], None] | None = None,
     ) -> Path:
         """Collective: write checkpoint `step` atomically; returns its final path.
 
         Args:
             state: JSON-safe trainer state (rank 0's is written).
             rank_state: this rank's torch-saveable extras (RNG states, teacher tensors).
+            describe: called by rank 0 with the temporary directory before trainer_state.json is written, to add
+                files (the trainer writes `hf_conversion.json` + `hf_assets/` so `megatron-to-hf` needs no reference).
         """
         from megatron.core import dist_checkpointing
 
@@ -184,6 +188,8 @@ class CheckpointManager:
         write_rank_state(tmp, rank, rank_state)
         dist.barrier(group=self.group)
         if rank == 0:
+            if describe is not None:
+                describe(tmp)
             (tmp / STATE_FILE).write_text(json.dumps(dict(state), indent=1), encoding="utf-8")
             if final.exists():  # the same step saved again (e.g. a re-run): replace it
                 shutil.rmtree(final)

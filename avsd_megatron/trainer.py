@@ -5,11 +5,10 @@
 
 Construction (`Trainer.__init__`), done once, with every mode chosen here and never inside the loop:
 1. Megatron's parallel state (TP, PP from `parallel`; DP = the rest) unless the caller initialised it (sizes checked).
-2. The policy `GPTModel` from `model.hf_path`'s config.json (`convert.qwen3_config_to_transformer_config`), its
-   initial weights from `model.megatron_checkpoint`, or else from `<output_dir>/megatron_init` (rank 0 converts
-   `model.hf_path` there once with `convert.convert_hf_to_megatron`), wrapped in `Float16Module` for bf16/fp16 and in
-   Megatron's DDP; Megatron's optimizer (Adam, optionally the distributed optimizer); the LR of step s is
-   `optim.lr_at(s, max_steps)`.
+2. The policy `GPTModel` from `model.hf_path`'s config.json (`megatron_model`), its initial weights from
+   `model.megatron_checkpoint`, or else from `<output_dir>/megatron_init` (rank 0 converts `model.hf_path` there
+   once with `convert.convert_hf_to_megatron`), wrapped in `Float16Module` for bf16/fp16 and in Megatron's DDP;
+   Megatron's optimizer (Adam, optionally the distributed optimizer); the LR of step s is `optim.lr_at(s, max_steps)`.
 3. The teacher (`avsd.teacher`: frozen θ₀ / live / EMA) over the initial weights, and `AVSDStep` with
    `avsd.loss_config(rollout.temperature, V)` (mode single / consensus / arithmetic / avsd and its gate all live in
    the loss config: baselines need nothing here).
@@ -19,13 +18,19 @@ Construction (`Trainer.__init__`), done once, with every mode chosen here and ne
 
 One step (`train_step`), per rank:
 - `rollout()`: the next `prompts_per_step` prompts (identical on every rank), this DP rank's slice, `generate` with
-  seed `request_seed(rollout.seed, step)`; the completions of the model-parallel group's first rank are broadcast
-  to the others, so every TP/PP rank of a DP replica trains on identical samples;
+  seed `request_seed(rollout.seed, step)` on every rank (vLLM's TP engines generate together); the completions of
+  the model-parallel group's first rank are then broadcast to the others, so every TP/PP rank of a DP replica
+  trains on identical samples. With `rollout.sync_every` = 1 the engine sleeps after generating (colocated memory
+  goes back to training); with k > 1 it stays awake between syncs (its weights must survive);
 - `build_batch()`: `build_avsd_batch` of student rows and M view rows sharing each completion;
 - `score_teachers()` and `update_student()` (`AVSDStep`'s phases), then the optimizer step and the teacher update;
 - `sync_weights()` every `rollout.sync_every` steps: `export_hf_weights` -> `engine.update_weights`;
-- metrics (rank 0, `metrics_log`), generations every `logging.generations_every` steps, a checkpoint every
-  `checkpoint.save_every` steps.
+- metrics (rank 0, `metrics_log`) every `logging.log_every` steps; every `logging.generations_every` steps the
+  problems, prompts and completions of DP rank 0's slice; a checkpoint every `checkpoint.save_every` steps (its
+  time is reported as `time/checkpoint` in the next step's record), and one at the end of `train()`.
+
+Metrics per record: loss, grad_norm, num_tokens, lr, the kernels' `mv_*` means (`step.reduce_metrics`, over DP),
+rollout/completion_len_mean, rollout/stop_rate, data/cursor, data/prompts_skipped, time/<phase> and time/total.
 
 Raises at construction (`ValueError`/`ConfigError` naming the field): data.task='code' (code views need sandbox
 feedback per rollout; not wired into the trainer yet), logging.tensorboard=true (not implemented), a parallel layout
@@ -47,7 +52,15 @@ import torch.distributed as dist
 from avsd_megatron.batch import AVSDBatch, build_avsd_batch
 from avsd_megatron.checkpointing import CheckpointManager, adam_step_count, prime_optimizer
 from avsd_megatron.config import ConfigError, TrainConfig, to_dict
-from avsd_megatron.convert import export_hf_weights, load_megatron_checkpoint, read_hf_config
+from avsd_megatron.convert import (
+    export_hf_weights,
+    load_megatron_checkpoint,
+    qwen3_gpt_model_kwargs,
+    read_hf_config,
+    write_conversion_metadata,
+)
+from avsd_megatron.convert.convert import HF_ASSETS_DIR
+from avsd_megatron.convert.safetensors_io import copy_hf_assets
 from avsd_megatron.data import MathExample, load_examples
 from avsd_megatron.megatron_model import DTYPES, build_gpt_model, build_optimizer, initial_checkpoint, wrap_ddp
 from avsd_megatron.metrics_log import MetricsLog, PhaseTimer
@@ -300,15 +313,38 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         with self.timer("checkpoint"):
-            state = {"step": self.step, "data_cursor": self.stream.cursor, "adam_step": adam_step_count(self.optimizer),
+            adam_step = torch.tensor([adam_step_count(self.optimizer)], dtype=torch.long, device=self._device)
+            dist.all_reduce(adam_step, op=dist.ReduceOp.MAX)  # a DP shard may hold no parameter of its own
+            state = {"step": self.step, "data_cursor": self.stream.cursor, "adam_step": int(adam_step),
                      "prompt_skipped": self.prompt_report.skipped, "config": to_dict(self.cfg)}
-            path = self.checkpoints.save(self.step, self.model, self.optimizer, state, self._rank_state())
+            path = self.checkpoints.save(self.step, self.model, self.optimizer, state, self._rank_state(),
+                                         describe=self._describe_checkpoint)
         self.last_saved_step = self.step
         return path
 
+    def _describe_checkpoint(self, ckpt_dir: Path) -> None:
+        """hf_conversion.json + hf_assets/ (tokenizer, generation config): `tools/convert_checkpoint.py
+        megatron-to-hf <step dir>` then needs no --hf-reference."""
+        padded = qwen3_gpt_model_kwargs(self.hf_config, tensor_model_parallel_size=self.cfg.parallel.tp)["vocab_size"]
+        write_conversion_metadata(ckpt_dir, self.hf_config, dtype=DTYPES[self.cfg.model.dtype],
+                                  padded_vocab_size=padded, source=str(Path(self.cfg.model.hf_path).absolute()))
+        (ckpt_dir / HF_ASSETS_DIR).mkdir()
+        copy_hf_assets(self.cfg.model.hf_path, ckpt_dir / HF_ASSETS_DIR)
+
     def load_checkpoint(self, path: Path) -> None:
+        """Restore model, optimizer, step, data cursor, RNG and the EMA teacher from `path` (same layout).
+
+        Raises:
+            ConfigError: the checkpoint was trained with another avsd.teacher kind.
+        """
         prime_optimizer(self.model, self.optimizer)
         state, rank_state = self.checkpoints.load(path, self.model, self.optimizer)
+        saved_teacher = state["config"]["avsd"]["teacher"]
+        if saved_teacher != self.cfg.avsd.teacher:
+            raise ConfigError(
+                f"avsd.teacher={self.cfg.avsd.teacher!r} but {path} was trained with avsd.teacher={saved_teacher!r}; "
+                "resume with the same teacher kind (or set checkpoint.resume=null)"
+            )
         self.step = self.last_saved_step = int(state["step"])
         self.stream.cursor = int(state["data_cursor"])
         self.prompt_report.skipped = int(state.get("prompt_skipped", 0))

@@ -1,18 +1,20 @@
 """Tests for the AVSD trainer, its checkpoints and its CLI, on the bundled tiny Qwen3 / dataset on CPU.
 
-Run: .venv/bin/python -m pytest -q tests/test_trainer.py                        (all, ~60 s on 2 cores)
+Run: .venv/bin/python -m pytest -q tests/test_trainer.py                        (all, ~75 s on 2 cores)
      .venv/bin/python -m pytest -q tests/test_trainer.py -m "not integration"   (in-process only, seconds)
 
 End to end (integration): the CLI (`python -m avsd_megatron.train`, one process, TP1, converting the HF start
-checkpoint itself, saving every step with keep_last=1) and TP2 / PP2 launches (2 gloo ranks) each run 2 steps of the whole loop (rollout with HFEngine ->
-teacher scoring -> student update -> weight sync) and write finite metrics to metrics.jsonl; their first loss
-equals TP1's (same weights, same samples). Resume: a run with save_every=1 takes 3 steps, the save of step 3 is
+checkpoint itself, saving every step with keep_last=1) and TP2 / PP2 launches (2 gloo ranks) each run 2 steps of the
+whole loop (rollout with HFEngine -> teacher scoring -> student update -> weight sync) and write finite metrics to
+metrics.jsonl; their first loss equals TP1's (same weights, same samples). A saved checkpoint converts to HF
+without a reference directory. Resume: a run with save_every=1 takes 3 steps, the save of step 3 is
 made to fail half-way (after the shards, before the rename); `latest` must still name step 2 and every `step_*`
 directory must be complete. A fresh trainer resuming from step 1's checkpoint must reproduce the losses and
 gradient norms of steps 2 and 3 (step 3 depends on the restored Adam moments and step count) within 1e-6; once with
 the frozen teacher and the distributed optimizer, once with a fast EMA teacher and Megatron's plain optimizer.
 The baselines (single, consensus, arithmetic, sigmoid gate, candidate loss) each take a finite step through
-the unchanged trainer. Unit tests cover the bad configs the trainer and CLI refuse, the `latest` fallback, and the prompt stream's order.
+the unchanged trainer. Unit tests cover the bad configs the trainer and CLI refuse, the `latest` fallback, and the
+prompt stream's order.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from avsd_megatron.checkpointing import CheckpointManager, find_latest
 from avsd_megatron.config import ConfigError, from_dict, load_config, to_dict
@@ -120,7 +123,7 @@ def baselines_rank(cfg_datas: list[dict]) -> list[float]:
 
 
 def bad_layout_rank(cfg_data: dict) -> str:
-    """Construct a Trainer that must refuse the layout; return the error message."""
+    """Construct a Trainer that must refuse its config (layout, resume); return the error message."""
     from avsd_megatron.testing import install
     from avsd_megatron.trainer import Trainer
 
@@ -255,6 +258,20 @@ def test_trainer_cli_tp1_two_steps_writes_finite_metrics(cli_run):
 
 
 @pytest.mark.integration
+def test_trainer_checkpoint_converts_to_hf_without_reference(cli_run, hf_dir, tmp_path):
+    """A trainer checkpoint carries hf_conversion.json + hf_assets: megatron-to-hf needs no --hf-reference."""
+    from safetensors.torch import load_file
+
+    from avsd_megatron.convert import convert_megatron_to_hf
+
+    out = convert_megatron_to_hf(cli_run / "checkpoints" / "step_00000002", tmp_path / "hf")
+    assert (out / "tokenizer.json").is_file()
+    trained, start = load_file(out / "model.safetensors"), load_file(Path(hf_dir) / "model.safetensors")
+    assert {k: v.shape for k, v in trained.items()} == {k: v.shape for k, v in start.items()}
+    assert any(not torch.equal(trained[k], start[k].to(trained[k].dtype)) for k in start)  # 2 steps moved it
+
+
+@pytest.mark.integration
 def test_trainer_refuses_layouts_that_do_not_fit_the_world(tmp_path, hf_dir):
     tp2_on_one_rank = _config(tmp_path, hf_dir, parallel__tp=2)
     assert "world size 1 is not a multiple of parallel.tp * parallel.pp = 2 * 1" in run_on_ranks(
@@ -323,3 +340,7 @@ def test_trainer_resume_reproduces_next_steps_and_interrupted_save_keeps_latest(
     for got, want in zip(resumed, uninterrupted[1:]):
         assert abs(got["loss"] - want["loss"]) <= LOSS_ATOL, (got["loss"], want["loss"])
         assert abs(got["grad_norm"] - want["grad_norm"]) <= LOSS_ATOL, (got["grad_norm"], want["grad_norm"])
+    if teacher == "frozen":  # resuming with another teacher kind is refused
+        second["avsd"]["teacher"] = "live"
+        message = run_on_ranks(bad_layout_rank, 1, second, timeout=300)[0]
+        assert "avsd.teacher='live' but" in message and "avsd.teacher='frozen'" in message
