@@ -11,6 +11,9 @@
 Only global rank 0 writes (`MetricsLog.for_rank` gives the other ranks a `NullLog` with the same methods, chosen once,
 so the training loop has no rank checks). Values are written as given; non-finite floats are written as JSON
 `NaN`/`Infinity` (Python's json default) so that a diverging run is visible rather than dropped.
+
+A resumed run appends to the same metrics.jsonl: steps that were logged after the checkpoint it resumes from appear
+twice, and the later record is the one that belongs to the continued run.
 """
 
 from __future__ import annotations
