@@ -1,6 +1,6 @@
 """Tests for the AVSD trainer, its checkpoints and its CLI, on the bundled tiny Qwen3 / dataset on CPU.
 
-Run: .venv/bin/python -m pytest -q tests/test_trainer.py                        (all, ~75 s on 2 cores)
+Run: .venv/bin/python -m pytest -q tests/test_trainer.py                        (all, ~70 s on 2 idle cores)
      .venv/bin/python -m pytest -q tests/test_trainer.py -m "not integration"   (in-process only, seconds)
 
 End to end (integration): the CLI (`python -m avsd_megatron.train`, one process, TP1, converting the HF start
@@ -12,8 +12,8 @@ made to fail half-way (after the shards, before the rename); `latest` must still
 directory must be complete. A fresh trainer resuming from step 1's checkpoint must reproduce the losses and
 gradient norms of steps 2 and 3 (step 3 depends on the restored Adam moments and step count) within 1e-6; once with
 the frozen teacher and the distributed optimizer, once with a fast EMA teacher and Megatron's plain optimizer.
-The baselines (single, consensus, arithmetic, sigmoid gate, candidate loss) each take a finite step through
-the unchanged trainer. Unit tests cover the bad configs the trainer and CLI refuse, the `latest` fallback, and the
+The baselines (single, consensus, arithmetic, sigmoid gate, candidate loss), rollout.n=2 and rollout.sync_every=2
+each run through the unchanged trainer with finite losses. Unit tests cover the bad configs the trainer and CLI refuse, the `latest` fallback, and the
 prompt stream's order.
 """
 
@@ -114,12 +114,17 @@ def interrupted_run_rank(cfg_data: dict) -> dict:
 
 
 def baselines_rank(cfg_datas: list[dict]) -> list[float]:
-    """One step per config, each in a fresh Trainer over the same (already initialised) parallel state."""
+    """max_steps steps per config, each in a fresh Trainer over the same (already initialised) parallel state;
+    returns each config's last loss."""
     from avsd_megatron.testing import install
     from avsd_megatron.trainer import Trainer
 
     install()
-    return [Trainer(from_dict(data), progress=False).train_step()["loss"] for data in cfg_datas]
+    losses = []
+    for data in cfg_datas:
+        trainer = Trainer(from_dict(data), progress=False)
+        losses.append([trainer.train_step()["loss"] for _ in range(trainer.cfg.max_steps)][-1])
+    return losses
 
 
 def bad_layout_rank(cfg_data: dict) -> str:
@@ -283,19 +288,23 @@ def test_trainer_refuses_layouts_that_do_not_fit_the_world(tmp_path, hf_dir):
 
 @pytest.mark.integration
 def test_trainer_runs_the_baselines_unchanged(cli_run, hf_dir, tmp_path):
-    """single / consensus / arithmetic targets, the sigmoid gate and the candidate loss need only AVSDConfig."""
+    """single / consensus / arithmetic targets, the sigmoid gate and the candidate loss need only AVSDConfig; two
+    completions per prompt (rollout.n=2) and a stale engine (rollout.sync_every=2, 2 steps) run too."""
     variants = [
-        {"mode": "single", "views": ["answer_only"]},
-        {"mode": "consensus"},
-        {"mode": "arithmetic"},
-        {"mode": "avsd", "gate": "sigmoid"},
-        {"loss": "candidate", "topk": 4},
+        {"avsd": {"mode": "single", "views": ["answer_only"]}, "max_steps": 1},
+        {"avsd": {"mode": "consensus"}, "max_steps": 1},
+        {"avsd": {"mode": "arithmetic"}, "max_steps": 1},
+        {"avsd": {"mode": "avsd", "gate": "sigmoid"}, "max_steps": 1},
+        {"avsd": {"loss": "candidate", "topk": 4}, "max_steps": 1},
+        {"rollout": {"n": 2}, "max_steps": 1},
+        {"rollout": {"sync_every": 2}, "max_steps": 2},
     ]
     datas = []
-    for i, avsd in enumerate(variants):
+    for i, variant in enumerate(variants):
         data = _config(tmp_path / str(i), hf_dir)
         data["model"]["megatron_checkpoint"] = str(cli_run / "megatron_init")
-        data["avsd"].update(avsd)
+        for key, value in variant.items():
+            data[key].update(value) if isinstance(value, dict) else data.__setitem__(key, value)
         datas.append(data)
     losses = run_on_ranks(baselines_rank, 1, datas, timeout=300)[0]
     assert all(math.isfinite(loss) for loss in losses), losses
