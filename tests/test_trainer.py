@@ -9,8 +9,8 @@ whole loop (rollout with HFEngine -> teacher scoring -> student update -> weight
 metrics.jsonl; their first loss equals TP1's (same weights, same samples). A saved checkpoint converts to HF
 without a reference directory. Resume: a run with save_every=1 takes 3 steps, the save of step 3 is
 made to fail half-way (after the shards, before the rename); `latest` must still name step 2 and every `step_*`
-directory must be complete. A fresh trainer resuming from step 1's checkpoint must reproduce the losses and
-gradient norms of steps 2 and 3 (step 3 depends on the restored Adam moments and step count) within 1e-6; once with
+directory must be complete. A fresh trainer (saving into the same root, which clears the interrupted save)
+resuming from step 1's checkpoint must reproduce the losses and gradient norms of steps 2 and 3 (step 3 depends on the restored Adam moments and step count) within 1e-6; once with
 the frozen teacher and the distributed optimizer, once with a fast EMA teacher and Megatron's plain optimizer.
 The baselines (single, consensus, arithmetic, sigmoid gate, candidate loss), rollout.n=2 and rollout.sync_every=2
 each run through the unchanged trainer with finite losses. Unit tests cover the bad configs the trainer and CLI refuse, the `latest` fallback, and the
@@ -343,8 +343,10 @@ def test_trainer_resume_reproduces_next_steps_and_interrupted_save_keeps_latest(
 
     second = _config(tmp_path / "b", hf_dir, max_steps=3, optim__distributed_optimizer=distributed_optimizer, **avsd)
     second["model"]["megatron_checkpoint"] = str(cli_run / "megatron_init")
-    second["checkpoint"]["resume"] = str(root / "step_00000001")
+    second["checkpoint"].update(resume=str(root / "step_00000001"), dir=str(root))  # saves into the same root
     resumed = run_on_ranks(train_rank, 1, second, timeout=300)[0]
+    assert not (root / "step_00000003.tmp").exists()  # the next save removed the interrupted one
+    assert find_latest(root).name == "step_00000003" and (root / "step_00000003" / "hf_conversion.json").is_file()
     assert [r["data/cursor"] for r in resumed] == [r["data/cursor"] for r in uninterrupted[1:]]
     for got, want in zip(resumed, uninterrupted[1:]):
         assert abs(got["loss"] - want["loss"]) <= LOSS_ATOL, (got["loss"], want["loss"])
