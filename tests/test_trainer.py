@@ -7,14 +7,18 @@ End to end (integration): the CLI (`python -m avsd_megatron.train`, one process,
 checkpoint itself, saving every step with keep_last=1) and TP2 / PP2 launches (2 gloo ranks) each run 2 steps of the
 whole loop (rollout with HFEngine -> teacher scoring -> student update -> weight sync) and write finite metrics to
 metrics.jsonl; their first loss equals TP1's (same weights, same samples). A saved checkpoint converts to HF
-without a reference directory. Resume: a run with save_every=1 takes 3 steps, the save of step 3 is
-made to fail half-way (after the shards, before the rename); `latest` must still name step 2 and every `step_*`
-directory must be complete. A fresh trainer (saving into the same root, which clears the interrupted save)
-resuming from step 1's checkpoint must reproduce the losses and gradient norms of steps 2 and 3 (step 3 depends on the restored Adam moments and step count) within 1e-6; once with
-the frozen teacher and the distributed optimizer, once with a fast EMA teacher and Megatron's plain optimizer.
+without a reference directory.
+
+Resume: a run with save_every=1 takes 3 steps; the save of step 3 is made to fail half-way (after the shards,
+before the rename), so `latest` must still name step 2 and every `step_*` directory must be complete. A fresh
+trainer resuming from step 1's checkpoint (saving into the same root, which clears the interrupted save) must
+reproduce the losses and gradient norms of steps 2 and 3 within 1e-6 (step 3 depends on the restored Adam moments
+and step count); once with the frozen teacher and the distributed optimizer, once with a fast EMA teacher and
+Megatron's plain optimizer. Resuming with another teacher kind is refused.
+
 The baselines (single, consensus, arithmetic, sigmoid gate, candidate loss), rollout.n=2 and rollout.sync_every=2
-each run through the unchanged trainer with finite losses. Unit tests cover the bad configs the trainer and CLI refuse, the `latest` fallback, and the
-prompt stream's order.
+each run through the unchanged trainer with finite losses. Unit tests cover the bad configs the trainer and CLI
+refuse, the `latest` fallback, and the prompt stream's order.
 """
 
 from __future__ import annotations
