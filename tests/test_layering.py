@@ -46,6 +46,8 @@ LAYERS = {
     "megatron_model": 3,
     "metrics_log": 3,
     "trainer": 3,
+    # NeMo-Run recipes: build launch commands from config; never import the trainer or train
+    "recipes": 3,
     # test utilities
     "testing": 4,
     # entry point: on a machine without CUDA it installs testing's CPU patches before building the trainer

@@ -1,0 +1,467 @@
+"""NeMo-Run recipes: convert HF -> Megatron, train AVSD under torchrun, convert back to HF, evaluate.
+
+    python examples/avsd_tiny_cpu.py --yes                                   # 2 CPU processes (gloo), this machine
+    python examples/avsd_qwen3_8b.py executor=slurm nodes=2 account=ACCT partition=batch \\
+        container_image=/images/avsd-megatron.sqsh hf_path=/lustre/models/Qwen3-8B workdir=/lustre/avsd/q8b \\
+        'container_mounts=["/lustre:/lustre"]' --dryrun --yes           # print the sbatch scripts, submit nothing
+    nemorun avsd qwen3_4b executor=slurm ...                                 # the same through the nemo-run CLI
+
+Every recipe is a list of steps, each a NeMo-Run task run after the previous one (`sequential=True`: local tasks
+wait for each other, Slurm jobs get `afterok` dependencies). `steps=[...]` picks a subset, in `STEPS` order:
+
+| step          | command                                                            | runs when                       |
+|---------------|--------------------------------------------------------------------|---------------------------------|
+| `tiny_init`   | `python -m avsd_megatron.tiny checkpoint <hf_path>`                | tiny recipe; hf_path missing    |
+| `convert_in`  | `tools/convert_checkpoint.py hf-to-megatron --tp T --pp P`         | `<workdir>/megatron_init` missing and no `megatron_checkpoint=` given |
+| `train`       | `torchrun ... -m avsd_megatron.train --config C --set ...`         | always (resumes per the config) |
+| `convert_out` | `tools/convert_checkpoint.py megatron-to-hf` of the newest checkpoint | `<workdir>/hf/<step>` missing |
+| `evaluate`    | `python -m avsd_megatron.evaluate --hf <workdir>/hf/latest --data D --out <workdir>/eval.json` | the module exists and eval_data is known (else dropped, with a message) |
+
+Layout of `workdir`: `megatron_init/` (converted start weights), `train/` (the trainer's output_dir: metrics,
+generations, `checkpoints/step_*`), `hf/step_*` + `hf/latest` (HF exports), `eval.json`, and for Slurm `nemo_run/`
+(job scripts and logs). On Slurm, workdir and hf_path must be on a filesystem every node mounts (`container_mounts`),
+and the code that runs is the git HEAD of this checkout (NeMo-Run's `GitArchivePackager`): commit first.
+
+Parallelism presets (`PRESETS`, picked by `nodes=`; TP stays inside a node's NVLink domain, DP spans nodes, PP is
+not needed at 8B/4B; rollouts use one vLLM engine per TP group). Not yet measured on GPUs: starting points sized
+from the memory arithmetic (bf16 weights + frozen teacher copy, distributed Adam, vLLM at 0.4 of memory).
+
+| recipe     | nodes x GPUs | TP | PP | DP | micro-batch | micro-batches/step | prompts/step |
+|------------|--------------|----|----|----|-------------|--------------------|--------------|
+| `qwen3_8b` | 1 x 8        | 2  | 1  | 4  | 4           | 2                  | 32           |
+| `qwen3_8b` | 2 x 8        | 2  | 1  | 8  | 4           | 1                  | 32           |
+| `qwen3_8b` | 4 x 8        | 2  | 1  | 16 | 2           | 1                  | 32           |
+| `qwen3_4b` | 1 x 8        | 1  | 1  | 8  | 4           | 1                  | 32           |
+| `qwen3_4b` | 2 x 8        | 1  | 1  | 16 | 2           | 1                  | 32           |
+| `qwen3_4b` | 4 x 8        | 1  | 1  | 32 | 1           | 1                  | 32           |
+| `tiny_cpu` | 1 x 2 CPU    | 1  | 1  | 2  | 2           | 2                  | 8            |
+
+Executors: `local` (one machine: `run.LocalExecutor`, torchrun with `nproc_per_node` processes, default the
+preset's GPUs per node) and `slurm` (`run.SlurmExecutor`: account, partition, the preset's nodes, 8 GPUs per node,
+a Pyxis container image built from docker/Dockerfile, container mounts, NCCL/InfiniBand environment, time limit;
+submitted through a `LocalTunnel` on a login node, or an `SSHTunnel` when `ssh_host=` is given).
+"""
+
+import dataclasses
+import importlib.util
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+try:
+    import nemo_run as run
+except ImportError as exc:  # the launch extra is optional for everything else in the package
+    raise ImportError(
+        "avsd_megatron.recipes needs NeMo-Run: pip install -e '.[launch]' (nemo-run 0.11.x with leptonai<0.47)"
+    ) from exc
+
+from avsd_megatron.config import ConfigError, ParallelConfig, load_config
+
+__all__ = ["PRESETS", "RECIPES", "STEPS", "Layout", "Recipe", "build_tasks", "launch", "qwen3_4b", "qwen3_8b",
+           "tiny_cpu"]
+
+STEPS = ("tiny_init", "convert_in", "train", "convert_out", "evaluate")
+EVAL_MODULE = "avsd_megatron.evaluate"
+
+# Slurm jobs: what every multi-node NCCL job here needs. Cluster-specific NCCL settings (NCCL_IB_HCA,
+# NCCL_SOCKET_IFNAME) are arguments; anything else goes through env={...}.
+SLURM_ENV = {
+    "CUDA_DEVICE_MAX_CONNECTIONS": "1",  # Megatron TP/SP: keeps communication kernels ordered before compute
+    "NCCL_IB_DISABLE": "0",  # inter-node traffic over InfiniBand
+    "NCCL_NVLS_ENABLE": "0",  # NVLink SHARP buffers cost GPU memory that vLLM and the teacher need
+    "TORCH_NCCL_AVOID_RECORD_STREAMS": "1",  # frees collective buffers earlier
+    "NCCL_DEBUG": "WARN",
+    "HF_HUB_OFFLINE": "1",  # compute nodes: hf_path is a local directory
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One parallelism preset: how TP x PP x DP map onto `nodes` machines of `gpus_per_node` devices."""
+
+    nodes: int
+    tp: int
+    pp: int
+    micro_batch_size: int
+    """Prompts per micro-batch per DP rank (`TrainConfig.micro_batch_size`)."""
+    gpus_per_node: int = 8
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel size (derived): world_size / (tp * pp)."""
+        return ParallelConfig(tp=self.tp, pp=self.pp).data_parallel_size(self.world_size)
+
+    def train_overrides(self) -> list[str]:
+        return [f"parallel.tp={self.tp}", f"parallel.pp={self.pp}", f"micro_batch_size={self.micro_batch_size}"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A model's run: its YAML config, default weights, checkpoint dtype, presets and default steps."""
+
+    name: str
+    config: str
+    """Training YAML, relative to the repository root (the working directory of every step)."""
+    hf_path: str
+    """Default HF checkpoint directory (`hf_path=` overrides it; Slurm: a path on the shared filesystem);
+    '{workdir}' is replaced by the run's workdir."""
+    dtype: Literal["bf16", "fp32"]
+    """Storage dtype of the converted start checkpoint (the config's model.dtype)."""
+    layouts: dict[int, Layout]
+    """Parallelism presets by node count."""
+    steps: tuple[str, ...] = ("convert_in", "train", "convert_out", "evaluate")
+    eval_data: str = ""
+    """Default `evaluate --data` jsonl (problem, answer); empty = the user passes eval_data= or evaluate is skipped."""
+    eval_args: tuple[str, ...] = ()
+    """Default extra `python -m avsd_megatron.evaluate` arguments (the user's eval_args= come after them)."""
+
+
+def _layouts(*layouts: Layout) -> dict[int, Layout]:
+    return {layout.nodes: layout for layout in layouts}
+
+
+# Evaluation of the Qwen3 recipes (spec 5.2 sampling: T 0.7, top-p 0.95; 16 samples, thinking on, vLLM on one GPU).
+QWEN3_EVAL_ARGS = ("--engine", "vllm", "--k", "16", "--thinking", "on", "--max-new-tokens", "32768")
+
+RECIPES = {
+    "qwen3_8b": Recipe(
+        "qwen3_8b", "examples/configs/qwen3_8b.yaml", "models/Qwen3-8B", "bf16",
+        _layouts(Layout(1, tp=2, pp=1, micro_batch_size=4), Layout(2, tp=2, pp=1, micro_batch_size=4),
+                 Layout(4, tp=2, pp=1, micro_batch_size=2)),
+        eval_args=QWEN3_EVAL_ARGS,
+    ),
+    "qwen3_4b": Recipe(  # the paper's math setting (qwen3_8b.yaml) with the 4B weights and layouts
+        "qwen3_4b", "examples/configs/qwen3_8b.yaml", "models/Qwen3-4B", "bf16",
+        _layouts(Layout(1, tp=1, pp=1, micro_batch_size=4), Layout(2, tp=1, pp=1, micro_batch_size=2),
+                 Layout(4, tp=1, pp=1, micro_batch_size=1)),
+        eval_args=QWEN3_EVAL_ARGS,
+    ),
+    "tiny_cpu": Recipe(
+        "tiny_cpu", "examples/configs/tiny_cpu.yaml", "{workdir}/hf_init", "fp32",
+        _layouts(Layout(1, tp=1, pp=1, micro_batch_size=2, gpus_per_node=2)),
+        steps=("tiny_init", "convert_in", "train", "convert_out", "evaluate"),
+        eval_data="avsd_megatron/assets/tiny_math/heldout.jsonl",
+        eval_args=("--limit", "4", "--k", "1", "--max-new-tokens", "16"),
+    ),
+}
+PRESETS = {name: recipe.layouts for name, recipe in RECIPES.items()}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The resolved paths and arguments every step command is built from."""
+
+    recipe: Recipe
+    layout: Layout
+    workdir: str
+    hf_path: str
+    megatron_checkpoint: str
+    train_overrides: tuple[str, ...]
+    eval_data: str
+    eval_args: tuple[str, ...]
+
+    @property
+    def train_dir(self) -> str:
+        return f"{self.workdir}/train"
+
+    @property
+    def checkpoint_root(self) -> str:
+        """The trainer's checkpoint root: checkpoint.dir if overridden, else <train_dir>/checkpoints."""
+        for item in reversed(self.train_overrides):
+            if item.startswith("checkpoint.dir="):
+                return item.partition("=")[2]
+        return f"{self.train_dir}/checkpoints"
+
+    @property
+    def hf_out(self) -> str:
+        return f"{self.workdir}/hf"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Steps: each returns the NeMo-Run task; `kind` picks the executor ("util": one process, "train": torchrun,
+# "eval": one process on one GPU node).
+
+
+def _tiny_init(plan: Plan) -> run.Script:
+    hf = shlex.quote(plan.hf_path)
+    return run.Script(inline=(
+        f'if [ -f {hf}/config.json ]; then echo "tiny_init: {hf} exists, kept"; '
+        f"else python -m avsd_megatron.tiny checkpoint {hf}; fi\n"
+    ))
+
+
+def _convert_in(plan: Plan) -> run.Script:
+    out, hf = shlex.quote(plan.megatron_checkpoint), shlex.quote(plan.hf_path)
+    return run.Script(inline=(
+        f'if [ -f {out}/metadata.json ]; then echo "convert_in: {out} exists (converted before), kept"; '
+        f"else python tools/convert_checkpoint.py hf-to-megatron --hf {hf} --out {out} "
+        f"--tp {plan.layout.tp} --pp {plan.layout.pp} --dtype {plan.recipe.dtype}; fi\n"
+    ))
+
+
+def _train(plan: Plan) -> run.Script:
+    overrides = [f"output_dir={plan.train_dir}", f"model.hf_path={plan.hf_path}", *plan.layout.train_overrides()]
+    if plan.megatron_checkpoint:
+        overrides.append(f"model.megatron_checkpoint={plan.megatron_checkpoint}")
+    overrides += plan.train_overrides  # the user's win: later --set items override earlier ones
+    return run.Script(path="avsd_megatron.train", m=True, entrypoint="python",
+                      args=["--config", plan.recipe.config, "--no-progress", "--set", *overrides])
+
+
+def _convert_out(plan: Plan) -> run.Script:
+    ckpt, hf, out = shlex.quote(plan.checkpoint_root), shlex.quote(plan.hf_path), shlex.quote(plan.hf_out)
+    return run.Script(inline=(
+        "set -e\n"
+        f'step=$(cat {ckpt}/latest) || {{ echo "convert_out: no {ckpt}/latest: training saved nothing" >&2; exit 1; }}\n'
+        f'if [ -f {out}/"$step"/config.json ]; then echo "convert_out: {out}/$step exists, kept"; '
+        f'else python tools/convert_checkpoint.py megatron-to-hf --megatron {ckpt}/"$step" --out {out}/"$step" '
+        f"--hf-reference {hf}; fi\n"
+        f'ln -sfn "$step" {out}/latest\n'
+    ))
+
+
+def _evaluate(plan: Plan) -> run.Script:
+    return run.Script(path=EVAL_MODULE, m=True, entrypoint="python",
+                      args=["--hf", f"{plan.hf_out}/latest", "--data", plan.eval_data, "--out",
+                            f"{plan.workdir}/eval.json", "--no-progress", *plan.recipe.eval_args, *plan.eval_args])
+
+
+STEP_BUILDERS = {
+    "tiny_init": (_tiny_init, "util"),
+    "convert_in": (_convert_in, "util"),
+    "train": (_train, "train"),
+    "convert_out": (_convert_out, "util"),
+    "evaluate": (_evaluate, "eval"),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Executors
+
+
+@dataclass(frozen=True)
+class SlurmSettings:
+    """What `run.SlurmExecutor` needs beyond the layout."""
+
+    account: str
+    partition: str
+    container_image: str
+    container_mounts: tuple[str, ...] = ()
+    time: str = "04:00:00"
+    """Time limit of the training job (HH:MM:SS); the convert/evaluate jobs get `util_time`."""
+    util_time: str = "01:00:00"
+    job_dir: str = ""
+    """Where NeMo-Run writes sbatch scripts and logs (shared filesystem); default <workdir>/nemo_run."""
+    ssh_host: str = ""
+    """Submit from this machine through an SSHTunnel; empty = run sbatch here (LocalTunnel, e.g. a login node)."""
+    ssh_user: str = ""
+    env: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("account", "partition", "container_image"):
+            if not getattr(self, name):
+                raise ConfigError(
+                    f"executor=slurm needs {name}=... (container_image: an image built from docker/Dockerfile, e.g. "
+                    "an enroot .sqsh file or a registry tag Pyxis can pull)"
+                )
+
+
+def _slurm_executors(settings: SlurmSettings, layout: Layout) -> dict[str, Any]:
+    job_dir = settings.job_dir
+    tunnel = (run.SSHTunnel(host=settings.ssh_host, user=settings.ssh_user, job_dir=job_dir) if settings.ssh_host
+              else run.LocalTunnel(job_dir=job_dir))
+    env = {**SLURM_ENV, **dict(settings.env)}
+    common = dict(account=settings.account, partition=settings.partition, container_image=settings.container_image,
+                  container_mounts=list(settings.container_mounts), env_vars=env, tunnel=tunnel)
+    return {
+        "train": run.SlurmExecutor(**common, nodes=layout.nodes, ntasks_per_node=layout.gpus_per_node,
+                                   gpus_per_node=layout.gpus_per_node, exclusive=True, time=settings.time,
+                                   launcher="torchrun"),
+        "util": run.SlurmExecutor(**common, nodes=1, ntasks_per_node=1, time=settings.util_time),
+        "eval": run.SlurmExecutor(**common, nodes=1, ntasks_per_node=1, gpus_per_node=layout.gpus_per_node,
+                                  time=settings.util_time),
+    }
+
+
+def _local_executors(nproc_per_node: int, env: dict[str, str]) -> dict[str, Any]:
+    one = run.LocalExecutor(env_vars=dict(env))
+    return {
+        "train": run.LocalExecutor(ntasks_per_node=nproc_per_node, launcher="torchrun", env_vars=dict(env)),
+        "util": one,
+        "eval": one,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The experiment
+
+
+def make_plan(
+    recipe: Recipe,
+    *,
+    nodes: int,
+    workdir: str = "",
+    hf_path: str = "",
+    megatron_checkpoint: str = "",
+    steps: tuple[str, ...] = (),
+    train_overrides: tuple[str, ...] = (),
+    eval_data: str = "",
+    eval_args: tuple[str, ...] = (),
+    gpus_per_node: Optional[int] = None,
+) -> tuple[Plan, tuple[str, ...]]:
+    """Resolve a recipe's arguments into a `Plan` and its ordered step names. Raises ConfigError naming the
+    argument: unknown step, no preset for `nodes`, a layout the config's batch does not divide."""
+    if nodes not in recipe.layouts:
+        raise ConfigError(f"nodes={nodes}: recipe {recipe.name!r} has presets for nodes in {sorted(recipe.layouts)}")
+    layout = recipe.layouts[nodes]
+    if gpus_per_node is not None:
+        layout = dataclasses.replace(layout, gpus_per_node=gpus_per_node)
+    cfg = load_config(recipe.config)
+    cfg = dataclasses.replace(cfg, micro_batch_size=layout.micro_batch_size,
+                              parallel=ParallelConfig(tp=layout.tp, pp=layout.pp))
+    cfg.num_microbatches(layout.world_size)  # the preset must divide the config's batch
+
+    chosen = tuple(steps) or recipe.steps
+    unknown = [s for s in chosen if s not in STEPS]
+    if unknown:
+        raise ConfigError(f"steps={list(chosen)}: unknown {unknown}; choose from {STEPS}")
+    if megatron_checkpoint and "convert_in" in chosen:
+        chosen = tuple(s for s in chosen if s != "convert_in")  # given start weights: nothing to convert
+    workdir = (workdir or f"outputs/avsd/{recipe.name}").rstrip("/")
+    if not megatron_checkpoint and "convert_in" in chosen:
+        megatron_checkpoint = f"{workdir}/megatron_init"
+    hf_path = hf_path or recipe.hf_path.format(workdir=workdir)
+    plan = Plan(recipe, layout, workdir, hf_path, megatron_checkpoint, tuple(train_overrides),
+                eval_data or recipe.eval_data, tuple(eval_args))
+    return plan, tuple(s for s in STEPS if s in chosen)  # always in pipeline order
+
+
+def build_tasks(
+    recipe: Recipe,
+    *,
+    executor: Literal["local", "slurm"] = "local",
+    nodes: int = 1,
+    nproc_per_node: Optional[int] = None,
+    slurm: SlurmSettings | None = None,
+    env: Optional[dict[str, str]] = None,
+    **plan_kwargs: Any,
+) -> list[tuple[str, run.Script, Any]]:
+    """(step name, task, executor) per step, in pipeline order: what `launch` adds to one `run.Experiment`."""
+    plan, steps = make_plan(recipe, nodes=nodes, gpus_per_node=nproc_per_node, **plan_kwargs)
+    skip = None
+    if "evaluate" in steps and importlib.util.find_spec(EVAL_MODULE) is None:
+        skip = f"{EVAL_MODULE} is not in this checkout"
+    elif "evaluate" in steps and not plan.eval_data:
+        skip = "no eval_data=FILE.jsonl given (problem/answer rows, see avsd_megatron/evaluate.py)"
+    if skip:
+        print(f"evaluate: skipped: {skip}; pass steps=[...] without evaluate to silence this")
+        steps = tuple(s for s in steps if s != "evaluate")
+    if executor == "slurm":
+        if slurm is None:
+            raise ConfigError("executor=slurm needs account=, partition= and container_image=")
+        if not slurm.job_dir:
+            slurm = dataclasses.replace(slurm, job_dir=f"{plan.workdir}/nemo_run")
+        executors = _slurm_executors(slurm, plan.layout)
+    elif executor == "local":
+        executors = _local_executors(plan.layout.gpus_per_node, env or {})
+    else:
+        raise ConfigError(f"executor={executor!r} is not one of ('local', 'slurm')")
+    tasks = []
+    for step in steps:
+        build, kind = STEP_BUILDERS[step]
+        tasks.append((step, build(plan), executors[kind]))
+    return tasks
+
+
+def launch(ctx: Any, recipe_name: str, **kwargs: Any) -> None:
+    """Build the experiment and run it (or dry-run it) as the NeMo-Run CLI context says."""
+    recipe = RECIPES[recipe_name]
+    if kwargs["executor"] == "slurm":
+        kwargs["slurm"] = SlurmSettings(
+            account=kwargs.pop("account"), partition=kwargs.pop("partition"),
+            container_image=kwargs.pop("container_image"), container_mounts=tuple(kwargs.pop("container_mounts")),
+            time=kwargs.pop("time"), ssh_host=kwargs.pop("ssh_host"), ssh_user=kwargs.pop("ssh_user"),
+            env=tuple(kwargs.pop("env").items()),
+        )
+    else:
+        for name in ("account", "partition", "container_image", "container_mounts", "time", "ssh_host", "ssh_user"):
+            kwargs.pop(name)
+    for name in ("steps", "train_overrides", "eval_args"):
+        kwargs[name] = tuple(kwargs[name] or ())
+    try:
+        tasks = build_tasks(recipe, **kwargs)
+    except ConfigError as exc:  # NeMo-Run's CLI would print it and still exit 0
+        raise SystemExit(f"error: {exc}") from exc
+    with run.Experiment(f"avsd-{recipe.name}", executor=tasks[0][2], log_level="INFO") as exp:
+        for step, task, executor in tasks:
+            exp.add(task, executor=executor, name=step)
+        if ctx.dryrun:  # print every task's command / sbatch script; submit nothing
+            exp.dryrun()
+        else:  # not ctx.launch: it runs tasks "direct" (in this process, no torchrun) when no run.executor= is set
+            exp.run(sequential=True, detach=ctx.detach, direct=ctx.direct, tail_logs=ctx.tail_logs)
+            if kwargs["executor"] == "local" and not ctx.detach:
+                _raise_on_failure(exp)
+
+
+def _raise_on_failure(exp: Any) -> None:
+    """Local runs: exit non-zero when a step failed. NeMo-Run has no dependencies between local tasks, so the later
+    steps still ran; the first failure is the one to read."""
+    for job in exp.jobs:
+        if str(job.state) in ("SUBMITTED", "PENDING", "RUNNING"):  # a one-step experiment is not waited for
+            job.wait(runner=exp._runner)
+    states = {job.id: str(job.state) for job in exp.jobs}
+    failed = [name for name, state in states.items() if state != "SUCCEEDED"]
+    if failed:
+        raise SystemExit(f"error: steps {failed} did not succeed ({states}); logs: "
+                         f"nemo experiment logs {exp._id} <task index>")
+
+
+def _entrypoint(recipe_name: str):
+    """A `nemorun avsd <recipe_name>` / `run.cli.main` entry point; every recipe takes the same arguments."""
+
+    def entry(
+        ctx: run.cli.RunContext,
+        executor: str = "local",
+        nodes: int = 1,
+        nproc_per_node: Optional[int] = None,
+        workdir: str = "",
+        hf_path: str = "",
+        megatron_checkpoint: str = "",
+        steps: Optional[list[str]] = None,
+        train_overrides: Optional[list[str]] = None,
+        eval_data: str = "",
+        eval_args: Optional[list[str]] = None,
+        account: str = "",
+        partition: str = "",
+        container_image: str = "",
+        container_mounts: Optional[list[str]] = None,
+        time: str = "04:00:00",
+        ssh_host: str = "",
+        ssh_user: str = "",
+        env: Optional[dict[str, str]] = None,
+    ) -> None:
+        launch(ctx, recipe_name, executor=executor, nodes=nodes, nproc_per_node=nproc_per_node, workdir=workdir,
+               hf_path=hf_path, megatron_checkpoint=megatron_checkpoint, steps=steps,
+               train_overrides=train_overrides, eval_data=eval_data, eval_args=eval_args, account=account, partition=partition,
+               container_image=container_image, container_mounts=container_mounts or [], time=time,
+               ssh_host=ssh_host, ssh_user=ssh_user, env=env or {})
+
+    recipe = RECIPES[recipe_name]
+    entry.__name__ = entry.__qualname__ = recipe_name
+    entry.__doc__ = (
+        f"AVSD recipe {recipe_name}: steps {' -> '.join(recipe.steps)} ({recipe.config}).\n\n"
+        "executor=local|slurm; nodes= picks the parallelism preset; train_overrides=[...] are the trainer's --set "
+        "items; see avsd_megatron/recipes.py."
+    )
+    return run.cli.entrypoint(entry, namespace="avsd", type="experiment")
+
+
+qwen3_8b = _entrypoint("qwen3_8b")
+qwen3_4b = _entrypoint("qwen3_4b")
+tiny_cpu = _entrypoint("tiny_cpu")
