@@ -27,7 +27,8 @@ One step (`train_step`), per rank:
 - `sync_weights()` every `rollout.sync_every` steps: `export_hf_weights` -> `engine.update_weights`;
 - metrics (rank 0, `metrics_log`) every `logging.log_every` steps; every `logging.generations_every` steps the
   problems, prompts and completions of DP rank 0's slice; a checkpoint every `checkpoint.save_every` steps (its
-  time is reported as `time/checkpoint` in the next step's record), and one at the end of `train()`.
+  time is reported as `time/checkpoint` in the next step's record), and one at the end of `train()`. Rank 0 also
+  writes the resolved config (overrides applied) to <output_dir>/config.yaml at construction.
 
 Metrics per record: loss, grad_norm, num_tokens, lr, the kernels' `mv_*` means (`step.reduce_metrics`, over DP),
 rollout/completion_len_mean, rollout/stop_rate, data/cursor, data/prompts_skipped, time/<phase> and time/total.
@@ -51,7 +52,7 @@ import torch.distributed as dist
 
 from avsd_megatron.batch import AVSDBatch, build_avsd_batch
 from avsd_megatron.checkpointing import CheckpointManager, adam_step_count, prime_optimizer
-from avsd_megatron.config import ConfigError, TrainConfig, to_dict
+from avsd_megatron.config import ConfigError, TrainConfig, dump_config, to_dict
 from avsd_megatron.convert import (
     export_hf_weights,
     load_megatron_checkpoint,
@@ -203,6 +204,8 @@ class Trainer:
         self.timer = PhaseTimer(None if self.on_cpu else torch.cuda.synchronize)
         self.log = MetricsLog.for_rank(self.rank, cfg.output_dir, jsonl=cfg.logging.jsonl, total_steps=cfg.max_steps,
                                        first_step=self.step, progress=progress)
+        if self.rank == 0:
+            dump_config(cfg, Path(cfg.output_dir) / "config.yaml")  # the run's resolved config, --set included
         self.sync_weights()  # the engine starts from model.hf_path; the model may hold resumed weights
 
     # -- the loop ----------------------------------------------------------------------------------------------------

@@ -258,6 +258,7 @@ def cli_run(hf_dir, tmp_path_factory) -> Path:
 @pytest.mark.integration
 def test_trainer_cli_tp1_two_steps_writes_finite_metrics(cli_run):
     _assert_finite_records(_records(cli_run), 2)
+    assert load_config(cli_run / "config.yaml").prompts_per_step == 4  # the resolved config, --set applied
     generations = (cli_run / "generations" / "step_2.jsonl").read_text().splitlines()
     assert len(generations) == 4 and all("completion" in json.loads(line) for line in generations)
     assert (cli_run / "megatron_init" / "hf_conversion.json").is_file()  # converted from model.hf_path
