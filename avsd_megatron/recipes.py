@@ -9,13 +9,15 @@
 Every recipe is a list of steps, each a NeMo-Run task run after the previous one (`sequential=True`: local tasks
 wait for each other, Slurm jobs get `afterok` dependencies). `steps=[...]` picks a subset, in `STEPS` order:
 
-| step          | command                                                            | runs when                       |
-|---------------|--------------------------------------------------------------------|---------------------------------|
-| `tiny_init`   | `python -m avsd_megatron.tiny checkpoint <hf_path>`                | tiny recipe; hf_path missing    |
-| `convert_in`  | `tools/convert_checkpoint.py hf-to-megatron --tp T --pp P`         | `<workdir>/megatron_init` missing and no `megatron_checkpoint=` given |
-| `train`       | `torchrun ... -m avsd_megatron.train --config C --set ...`         | always (resumes per the config) |
-| `convert_out` | `tools/convert_checkpoint.py megatron-to-hf` of the newest checkpoint | `<workdir>/hf/<step>` missing |
-| `evaluate`    | `python -m avsd_megatron.evaluate --hf <workdir>/hf/latest --data D --out <workdir>/eval.json` | the module exists and eval_data is known (else dropped, with a message) |
+| step          | command (run from the repository root)                     | skipped when                         |
+|---------------|------------------------------------------------------------|--------------------------------------|
+| `tiny_init`   | `python -m avsd_megatron.tiny checkpoint <hf_path>`        | hf_path exists (tiny recipe only)    |
+| `convert_in`  | `tools/convert_checkpoint.py hf-to-megatron --tp T --pp P` | `<workdir>/megatron_init` exists, or |
+|               |                                                            | `megatron_checkpoint=` is given      |
+| `train`       | `torchrun ... -m avsd_megatron.train --config C --set ...` | never (resumes per the config)       |
+| `convert_out` | `tools/convert_checkpoint.py megatron-to-hf` (newest step) | `<workdir>/hf/<step>` exists         |
+| `evaluate`    | `python -m avsd_megatron.evaluate --hf <workdir>/hf/latest` | no evaluate module or no eval_data=  |
+|               | `--data <eval_data> --out <workdir>/eval.json`             | (dropped with a printed message)     |
 
 Layout of `workdir`: `megatron_init/` (converted start weights), `train/` (the trainer's output_dir: metrics,
 generations, `checkpoints/step_*`), `hf/step_*` + `hf/latest` (HF exports), `eval.json`, and for Slurm `nemo_run/`
@@ -46,7 +48,6 @@ import dataclasses
 import importlib.util
 import shlex
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, Optional
 
 try:
@@ -218,7 +219,8 @@ def _convert_out(plan: Plan) -> run.Script:
     ckpt, hf, out = shlex.quote(plan.checkpoint_root), shlex.quote(plan.hf_path), shlex.quote(plan.hf_out)
     return run.Script(inline=(
         "set -e\n"
-        f'step=$(cat {ckpt}/latest) || {{ echo "convert_out: no {ckpt}/latest: training saved nothing" >&2; exit 1; }}\n'
+        f"step=$(cat {ckpt}/latest) || "
+        f'{{ echo "convert_out: no {ckpt}/latest: training saved nothing" >&2; exit 1; }}\n'
         f'if [ -f {out}/"$step"/config.json ]; then echo "convert_out: {out}/$step exists, kept"; '
         f'else python tools/convert_checkpoint.py megatron-to-hf --megatron {ckpt}/"$step" --out {out}/"$step" '
         f"--hf-reference {hf}; fi\n"
@@ -448,7 +450,8 @@ def _entrypoint(recipe_name: str):
     ) -> None:
         launch(ctx, recipe_name, executor=executor, nodes=nodes, nproc_per_node=nproc_per_node, workdir=workdir,
                hf_path=hf_path, megatron_checkpoint=megatron_checkpoint, steps=steps,
-               train_overrides=train_overrides, eval_data=eval_data, eval_args=eval_args, account=account, partition=partition,
+               train_overrides=train_overrides, eval_data=eval_data, eval_args=eval_args, account=account,
+               partition=partition,
                container_image=container_image, container_mounts=container_mounts or [], time=time,
                ssh_host=ssh_host, ssh_user=ssh_user, env=env or {})
 

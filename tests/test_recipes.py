@@ -61,8 +61,8 @@ def test_recipes_presets_divide_the_config_batch(name):
 
 
 def test_recipes_docstring_table_matches_presets():
-    rows = re.findall(r"^\| `(\w+)` +\| (\d+) x (\d+)[^|]*\| (\d+) +\| (\d+) +\| (\d+) +\| (\d+) +\| (\d+) +\| (\d+) +\|",
-                      recipes.__doc__, flags=re.M)
+    number = r" (\d+) +\|"
+    rows = re.findall(r"^\| `(\w+)` +\| (\d+) x (\d+)[^|]*\|" + number * 6, recipes.__doc__, flags=re.M)
     table = {(r[0], int(r[1])): tuple(int(x) for x in r[2:]) for r in rows}
     expected = {}
     for name, recipe in recipes.RECIPES.items():
@@ -226,7 +226,8 @@ def _setup_requirements() -> set[str]:
     tree = ast.parse((ROOT / "setup.py").read_text())
     found = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) and re.match(r"^[\w.-]+ *[<>=!~]", node.value):
+        is_requirement = isinstance(node, ast.Constant) and isinstance(node.value, str)
+        if is_requirement and re.match(r"^[\w.-]+ *[<>=!~]", node.value):
             found.add(node.value)
     return found
 
@@ -247,7 +248,8 @@ def test_dockerfile_pins_agree_with_setup_py():
     assert {"vllm", "megatron-core", "nemo-run", "leptonai"} <= names, names
     setup_requirements = _setup_requirements()
     assert "vllm==0.33.*" in pinned and "leptonai<0.47" in pinned
-    assert not set(pinned) - setup_requirements, f"not pinned the same way in setup.py: {set(pinned) - setup_requirements}"
+    differ = set(pinned) - setup_requirements
+    assert not differ, f"pinned differently (or not at all) in setup.py: {differ}"
     users = [args.strip() for op, args in instructions if op == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert any(op == "RUN" and "pip install --no-deps ." in args for op, args in instructions)
