@@ -5,7 +5,8 @@
     torchrun --nproc-per-node 2 -m avsd_megatron.train --config examples/configs/tiny_cpu.yaml --set parallel.tp=2
 
 `--set key=value` overrides a dotted config field; the value is parsed as YAML (`--set avsd.views=[answer_only]`),
-then the whole config is validated as if it came from the file. Without torchrun's environment (RANK, WORLD_SIZE,
+then the whole config is validated as if it came from the file; `--help` lists every key with its default
+(generated from the config dataclasses). Without torchrun's environment (RANK, WORLD_SIZE,
 MASTER_ADDR) the process initialises a one-rank group itself. On a machine without CUDA, Megatron runs on CPU through
 the reversible patches of `avsd_megatron.testing.megatron_cpu` (gloo backend, `model.layer_spec: local`).
 
@@ -16,19 +17,24 @@ keeps everything behind the `if __name__ == "__main__":` guard.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from collections.abc import Sequence
 from typing import Any
 
 from avsd_megatron.config import ConfigError, TrainConfig, from_dict, load_config, to_dict
 
-__all__ = ["apply_overrides", "main", "parse_args"]
+__all__ = ["apply_overrides", "config_keys", "main", "parse_args"]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m avsd_megatron.train",
         description="AVSD (Adaptive-View Self-Distillation) training on Megatron-Core.",
+        epilog="config keys for --set (default; field docs in avsd_megatron/config.py):\n" + "\n".join(
+            f"  {key} = {value!r}" for key, value in config_keys()
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     # -- config ---------------------------------------------------------------------------------------------------
     parser.add_argument("--config", required=True, help="YAML run config (see avsd_megatron/config.py sections)")
@@ -40,6 +46,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     # -- run ------------------------------------------------------------------------------------------------------
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar on rank 0")
     return parser.parse_args(argv)
+
+
+def config_keys(node: Any = None, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, default) of every TrainConfig field, generated from the dataclass defaults."""
+    node = TrainConfig() if node is None else node
+    keys = []
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += config_keys(value, f"{prefix}{f.name}.")
+        else:
+            keys.append((f"{prefix}{f.name}", to_dict(value)))
+    return keys
 
 
 def apply_overrides(cfg: TrainConfig, overrides: Sequence[str]) -> TrainConfig:

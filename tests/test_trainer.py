@@ -191,6 +191,7 @@ def test_cli_help_lists_options():
                           timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "--config" in proc.stdout and "--set" in proc.stdout
+    assert "  optim.lr = 5e-06\n" in proc.stdout and "  data.task = 'math'\n" in proc.stdout  # every key listed
 
 
 def test_checkpoint_resume_missing_path_names_field(tmp_path):
