@@ -7,7 +7,7 @@
 `--set key=value` overrides a dotted config field; the value is parsed as YAML (`--set avsd.views=[answer_only]`),
 then the whole config is validated as if it came from the file; `--help` lists every key with its default
 (generated from the config dataclasses). Without torchrun's environment (RANK, WORLD_SIZE,
-MASTER_ADDR) the process initialises a one-rank group itself. On a machine without CUDA, Megatron runs on CPU through
+MASTER_ADDR) the process initialises a one-rank group itself, on an in-process store (no port). On a machine without CUDA, Megatron runs on CPU through
 the reversible patches of `avsd_megatron.testing.megatron_cpu` (gloo backend, `model.layer_spec: local`).
 
 `dist_checkpointing.save` starts a helper process with the spawn method, which re-imports `__main__`: this module
@@ -83,19 +83,20 @@ def apply_overrides(cfg: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
 
 
 def _init_distributed() -> None:
+    """torchrun (env://: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) or, without RANK, a one-rank group on an
+    in-process store (no port: concurrent single-process runs cannot collide)."""
     import torch
     import torch.distributed as dist
 
     if dist.is_initialized():
         return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29512")
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, init_method="env://")
+    if "RANK" in os.environ:
+        dist.init_process_group(backend, init_method="env://")
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
