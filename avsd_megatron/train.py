@@ -7,8 +7,8 @@
 `--set key=value` overrides a dotted config field; the value is parsed as YAML (`--set avsd.views=[answer_only]`),
 then the whole config is validated as if it came from the file; `--help` lists every key with its default
 (generated from the config dataclasses). Without torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR) the process
-initialises a one-rank group itself, on an in-process store (no port). On a machine without CUDA, Megatron runs on CPU through
-the reversible patches of `avsd_megatron.testing.megatron_cpu` (gloo backend, `model.layer_spec: local`).
+initialises a one-rank group itself, on an in-process store (no port). On a machine without CUDA, Megatron runs on
+CPU through the reversible patches of `avsd_megatron.testing.megatron_cpu` (gloo backend, `model.layer_spec: local`).
 
 `dist_checkpointing.save` starts a helper process with the spawn method, which re-imports `__main__`: this module
 keeps everything behind the `if __name__ == "__main__":` guard.
