@@ -20,6 +20,9 @@ EXTRAS = {
         "megatron-core>=0.19.0,<0.20",
         "psutil>=5.9",  # megatron's dist_checkpointing imports it
         "datasets>=5,<6",  # avsd_megatron.data: jsonl/parquet/hub rows (mixed-type columns load as Json)
+        "transformers>=5.20,<6",  # tokenizers / chat templates, the HF rollout engine (tested with 5.23-5.24)
+        "safetensors>=0.4",  # the HF side of tools/convert_checkpoint.py
+        "tensorboard>=2.16",  # logging.tensorboard=true
     ],
     "rollout": [
         "vllm==0.33.*",  # avsd_megatron.rollout_vllm is coded to and checks the 0.33 API
@@ -34,7 +37,7 @@ EXTRAS = {
     "test": [
         "pytest>=8",
         "hypothesis>=6.100",
-        "transformers>=4.57,<6",
+        "transformers>=5.20,<6",
         "safetensors>=0.4",
         "datasets>=5,<6",
         "math-verify>=0.8,<1",
