@@ -3,8 +3,9 @@
     timer = PhaseTimer()
     with timer("rollout"):
         ...
-    log = MetricsLog.for_rank(rank, output_dir, jsonl=True, total_steps=500, first_step=0)
+    log = MetricsLog.for_rank(rank, output_dir, jsonl=True, tensorboard=False, total_steps=500, first_step=0)
     log.step(step, {"loss": 0.3, **timer.pop()})       # one JSON object per line in <output_dir>/metrics.jsonl
+                                                       # (and scalars under <output_dir>/tensorboard if asked)
     log.generations(step, [{"prompt": ..., "completion": ...}])   # <output_dir>/generations/step_<k>.jsonl
     log.close()
 
@@ -29,6 +30,7 @@ __all__ = ["MetricsLog", "NullLog", "PhaseTimer", "read_jsonl_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
 GENERATIONS_DIR = "generations"
+TENSORBOARD_DIR = "tensorboard"
 
 
 class PhaseTimer:
@@ -80,17 +82,36 @@ class MetricsLog(NullLog):
     Args:
         output_dir: the run directory (created if missing).
         jsonl: write metrics.jsonl (logging.jsonl); False keeps only the progress bar.
+        tensorboard: also write every numeric metric as a TensorBoard scalar under <output_dir>/tensorboard
+            (logging.tensorboard; needs the `tensorboard` package, part of the `train` extra).
         total_steps: the bar's total (max_steps).
         first_step: steps already done (resumed runs start the bar there).
         progress: show the tqdm bar.
     """
 
     def __init__(
-        self, output_dir: str | Path, *, jsonl: bool, total_steps: int, first_step: int = 0, progress: bool = True
+        self,
+        output_dir: str | Path,
+        *,
+        jsonl: bool,
+        total_steps: int,
+        first_step: int = 0,
+        progress: bool = True,
+        tensorboard: bool = False,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._metrics = (self.output_dir / METRICS_FILE).open("a", encoding="utf-8") if jsonl else None
+        self._tensorboard = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:  # torch raises ImportError when the tensorboard package is missing
+                raise ImportError(
+                    "logging.tensorboard=true needs the tensorboard package: pip install -e '.[train]' "
+                    "(or set logging.tensorboard=false)"
+                ) from err
+            self._tensorboard = SummaryWriter(log_dir=str(self.output_dir / TENSORBOARD_DIR))
         self._bar = None
         if progress:
             from tqdm import tqdm
@@ -107,6 +128,11 @@ class MetricsLog(NullLog):
         if self._metrics is not None:
             self._metrics.write(json.dumps({"step": step, **metrics}) + "\n")
             self._metrics.flush()
+        if self._tensorboard is not None:
+            for name, value in metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tensorboard.add_scalar(name, value, global_step=step)
+            self._tensorboard.flush()
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
             shown = {k: metrics[k] for k in ("loss", "grad_norm", "lr") if isinstance(metrics.get(k), float)}
@@ -124,6 +150,9 @@ class MetricsLog(NullLog):
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
         if self._bar is not None:
             self._bar.close()
             self._bar = None

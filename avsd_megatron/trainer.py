@@ -34,7 +34,7 @@ Metrics per record: loss, grad_norm, num_tokens, lr, the kernels' `mv_*` means (
 rollout/completion_len_mean, rollout/stop_rate, data/cursor, data/prompts_skipped, time/<phase> and time/total.
 
 Raises at construction (`ValueError`/`ConfigError` naming the field): data.task='code' (code views need sandbox
-feedback per rollout; not wired into the trainer yet), logging.tensorboard=true (not implemented), a parallel layout
+feedback per rollout; not wired into the trainer yet), a parallel layout
 that differs from an already-initialised Megatron, prompts_per_step not divisible by micro_batch_size * dp, a
 dataset whose every prompt is over prompts.max_prompt_tokens (at the first step).
 """
@@ -203,7 +203,8 @@ class Trainer:
             self.load_checkpoint(self.resumed_from)
         self.timer = PhaseTimer(None if self.on_cpu else torch.cuda.synchronize)
         self.log = MetricsLog.for_rank(self.rank, cfg.output_dir, jsonl=cfg.logging.jsonl, total_steps=cfg.max_steps,
-                                       first_step=self.step, progress=progress)
+                                       first_step=self.step, progress=progress,
+                                       tensorboard=cfg.logging.tensorboard)
         if self.rank == 0:
             dump_config(cfg, Path(cfg.output_dir) / "config.yaml")  # the run's resolved config, --set included
         self.sync_weights()  # the engine starts from model.hf_path; the model may hold resumed weights
@@ -416,8 +417,6 @@ def _check_supported(cfg: TrainConfig) -> None:
             f"data.task={cfg.data.task!r}: the trainer supports 'math' only (code views need sandbox feedback per "
             "rollout, not wired in yet)"
         )
-    if cfg.logging.tensorboard:
-        raise ConfigError("logging.tensorboard=true is not implemented yet; use logging.jsonl")
 
 
 def _init_parallel(cfg: TrainConfig) -> dict[str, Any]:

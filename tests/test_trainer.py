@@ -149,13 +149,9 @@ def bad_layout_rank(cfg_data: dict) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_trainer_refuses_code_task_and_tensorboard(tmp_path):
+def test_trainer_refuses_code_task(tmp_path):
     from avsd_megatron.trainer import _check_supported
 
-    data = _config(tmp_path, "unused")
-    data["logging"]["tensorboard"] = True
-    with pytest.raises(ConfigError, match=r"logging\.tensorboard"):
-        _check_supported(from_dict(data))
     data = _config(tmp_path, "unused")
     data["data"] = {"sources": ["x.jsonl"], "task": "code"}
     data["avsd"]["views"] = ["reference", "hint"]
