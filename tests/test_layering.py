@@ -46,6 +46,9 @@ LAYERS = {
     "megatron_model": 3,
     "metrics_log": 3,
     "trainer": 3,
+    "warm_start": 3,
+    "evaluate": 3,
+    "main_job": 3,
     # NeMo-Run recipes: build launch commands from config; never import the trainer or train
     "recipes": 3,
     # test utilities

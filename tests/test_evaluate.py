@@ -1,0 +1,108 @@
+"""Math evaluation (avsd_megatron/evaluate.py): CLI on the tiny checkpoint, scores re-derived from the saved samples,
+known scores from a scripted engine, bad data files.
+
+Run: python -m pytest -q tests/test_evaluate.py
+"""
+
+import json
+
+import pytest
+
+from avsd_megatron import evaluate, tiny
+from avsd_megatron.grading import grade_math_completion
+from avsd_megatron.prompts import BOXED_INSTRUCTION
+from avsd_megatron.rollout import Completion
+
+pytest.importorskip("transformers")
+pytest.importorskip("math_verify")
+
+
+def _write_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def three_rows(tmp_path_factory):
+    rows = [{"problem": r["problem"], "answer": r["answer"]} for r in tiny.read_jsonl(tiny.TINY_HELDOUT_PATH)[:3]]
+    return _write_rows(tmp_path_factory.mktemp("data") / "three.jsonl", rows)
+
+
+def test_evaluate_cli_tiny_checkpoint_scores_equal_regrading_saved_samples(tmp_path, three_rows):
+    hf = tiny.make_tiny_hf_checkpoint(tmp_path / "hf", seed=0)
+    out = tmp_path / "results.json"
+    evaluate.main(["--hf", str(hf), "--data", str(three_rows), "--k", "2", "--max-new-tokens", "12",
+                   "--out", str(out), "--no-progress"])
+    result = json.loads(out.read_text())
+    summary, samples = result["summary"], result["samples"]
+    assert summary["problems"] == 3 and summary["k"] == 2 and len(samples) == 3
+    gold = [json.loads(line)["answer"] for line in three_rows.read_text().splitlines()]
+    regraded = []
+    for sample, answer in zip(samples, gold):
+        assert sample["answer"] == answer and len(sample["completions"]) == 2
+        for c in sample["completions"]:
+            grade = grade_math_completion(c["text"], answer)
+            assert (grade.answer, grade.correct) == (c["extracted"], c["correct"])
+            assert c["finish_reason"] in ("stop", "length") and 1 <= c["num_tokens"] <= 12
+            regraded.append(grade)
+    assert summary["avg@2"] == pytest.approx(100.0 * sum(g.correct for g in regraded) / 6)
+    assert summary["format_rate"] == pytest.approx(100.0 * sum(g.formatted for g in regraded) / 6)
+    assert result["config"]["k"] == 2 and result["config"]["thinking"] is False
+
+
+class ScriptedEngine:
+    """Returns fixed completion texts per prompt index; records the prompts it was given."""
+
+    def __init__(self, texts_per_prompt):
+        self.texts, self.calls = texts_per_prompt, []
+
+    def generate(self, prompt_token_ids, params, seed):
+        self.calls.append((prompt_token_ids, params, seed))
+        texts = self.texts[len(self.calls) - 1]
+        assert params.n == len(texts)
+        return [Completion(token_ids=(1, 2), text=t, finish_reason="stop") for t in texts]
+
+
+def test_evaluate_math_known_scores_and_eval_prompt():
+    tokenizer = tiny.load_tiny_tokenizer()
+    rows = [{"problem": "What is 2 + 3?", "answer": "5"}, {"problem": "What is 10 - 4?", "answer": "6"}]
+    engine = ScriptedEngine([["so \\boxed{5}", "\\boxed{4}"], ["\\boxed{6.0}", "no answer"]])
+    result = evaluate.evaluate_math(engine, tokenizer, rows, evaluate.EvalConfig(k=2), progress=False)
+    s = result["summary"]
+    assert s["avg@2"] == pytest.approx(50.0) and s["pass@2"] == pytest.approx(100.0)
+    assert s["format_rate"] == pytest.approx(75.0)
+    assert s["avg@2_stderr"] == pytest.approx(0.0)  # both problems 1/2
+    prompt = tokenizer.decode(engine.calls[0][0][0])
+    assert "What is 2 + 3?\n\n" + BOXED_INSTRUCTION in prompt and "Problem:" not in prompt
+    assert prompt.endswith("<think>\n\n</think>\n\n")  # thinking off
+    assert engine.calls[0][2] != engine.calls[1][2]  # a seed per problem
+
+
+@pytest.mark.parametrize(
+    "line, match",
+    [
+        ('{"problem": "x"}', r"bad\.jsonl:2: field 'answer' must be a non-empty string"),
+        ('{"problem": "", "answer": "1"}', r"bad\.jsonl:2: field 'problem'"),
+        ("{not json", r"bad\.jsonl:2: not valid JSON"),
+        ('["a", "b"]', r"bad\.jsonl:2: expected a JSON object"),
+    ],
+)
+def test_load_math_eval_rows_bad_row_names_file_line_field(tmp_path, line, match):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"problem": "ok", "answer": 3}\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=match):
+        evaluate.load_math_eval_rows(path)
+
+
+def test_load_math_eval_rows_missing_or_empty_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl does not exist"):
+        evaluate.load_math_eval_rows(tmp_path / "nope.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="empty.jsonl: no rows"):
+        evaluate.load_math_eval_rows(tmp_path / "empty.jsonl")
+
+
+def test_load_math_eval_rows_int_answer_and_limit(tmp_path):
+    path = _write_rows(tmp_path / "d.jsonl", [{"problem": f"p{i}", "answer": i, "extra": 1} for i in range(5)])
+    rows = evaluate.load_math_eval_rows(path, limit=2)
+    assert rows == [{"problem": "p0", "answer": "0"}, {"problem": "p1", "answer": "1"}]
