@@ -55,6 +55,7 @@ INSTALL_BWRAP = (
     "Fedora: `dnf install bubblewrap`), or pass SandboxConfig(bwrap_path=...)"
 )
 _WORKDIR = "/tmp/work"
+_PROBE_WALL_TIME_S = 60.0  # the start-up check's wall-time limit (see Sandbox.__init__)
 _PROGRAM = "main.py"
 # Runs inside the sandbox: apply the resource limits to itself, then exec the student program (limits are
 # inherited across exec). Passing limits as argv keeps this one constant string.
@@ -142,7 +143,14 @@ class Sandbox:
             raise ValueError(f"sandbox.python={cfg.python!r} is not an executable")
         if cfg.kind == "bwrap":
             self.bwrap = _find_bwrap(cfg.bwrap_path)
-            probe = self.run("print('ok')", "")
+            # A generous limit for the start-up check alone: a loaded machine may take seconds to start bwrap and
+            # Python, which must not be mistaken for a broken sandbox (programs still get cfg.wall_time_s).
+            probe = self.run("print('ok')", "", wall_time_s=max(cfg.wall_time_s, _PROBE_WALL_TIME_S))
+            if probe.timed_out:
+                raise SandboxUnavailableError(
+                    f"bwrap at {self.bwrap!r} did not run a one-line program within {probe.wall_s:.0f} s; "
+                    "the machine may be overloaded, or bwrap hangs here"
+                )
             if probe.returncode != 0 or probe.stdout.strip() != "ok":
                 raise SandboxUnavailableError(
                     f"bwrap at {self.bwrap!r} could not run a sandboxed program (exit {probe.returncode}): "
@@ -151,9 +159,13 @@ class Sandbox:
                     "run as root"
                 )
 
-    def run(self, code: str, stdin: str) -> RunResult:
-        """Run `code` as a Python 3 program with `stdin`; never raises for anything the program does."""
+    def run(self, code: str, stdin: str, *, wall_time_s: float | None = None) -> RunResult:
+        """Run `code` as a Python 3 program with `stdin`; never raises for anything the program does.
+
+        `wall_time_s` overrides `cfg.wall_time_s` for this run only (None = the config's limit).
+        """
         cfg = self.cfg
+        wall_limit = cfg.wall_time_s if wall_time_s is None else wall_time_s
         with tempfile.TemporaryDirectory(prefix="avsd_sandbox_") as host_dir:
             host = Path(host_dir)
             program = host / _PROGRAM
@@ -178,7 +190,7 @@ class Sandbox:
                 )
                 timed_out = False
                 try:
-                    returncode = proc.wait(timeout=cfg.wall_time_s)
+                    returncode = proc.wait(timeout=wall_limit)
                 except subprocess.TimeoutExpired:
                     timed_out = True
                     _kill_group(proc)

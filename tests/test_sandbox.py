@@ -8,6 +8,7 @@ blocks.
 """
 
 import socket
+import sys
 import textwrap
 from pathlib import Path
 
@@ -23,7 +24,6 @@ from avsd_megatron.sandbox import (
     run_tests,
 )
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +72,14 @@ def test_sandbox_denies_network(sandbox, unsafe, listening_port):
 
 def test_sandbox_filesystem_read_only_outside_workdir(sandbox, tmp_path):
     host_file = tmp_path / "host_secret.txt"  # under the host's /tmp, which the sandbox replaces
+    # The interpreter's prefix (a venv, maybe under /tmp in a CI clone) is bound read-only whatever its location;
+    # a checkout under /tmp would instead land in the sandbox's private /tmp and prove nothing.
+    host_probe = Path(sys.prefix) / "avsd_probe"
     host_file.write_text("secret")
     program = textwrap.dedent(
         f"""
         import os
-        for target in ["/etc/avsd_probe", {str(REPO / "avsd_probe")!r}, "/usr/avsd_probe"]:
+        for target in ["/etc/avsd_probe", {str(host_probe)!r}, "/usr/avsd_probe"]:
             try:
                 open(target, "w").write("x")
                 print("wrote", target)
@@ -93,7 +96,7 @@ def test_sandbox_filesystem_read_only_outside_workdir(sandbox, tmp_path):
     lines = result.stdout.splitlines()
     assert lines[:3] == ["denied 30"] * 3  # EROFS
     assert lines[3] == "/tmp/work ok False"
-    assert not (REPO / "avsd_probe").exists()
+    assert not host_probe.exists()
     assert not (tmp_path / "written_inside.txt").exists()
 
 
