@@ -32,7 +32,8 @@ def test_main_job_miniature_writes_summary(tmp_path):
                              "--prompts-per-step", "2", "--heldout", "4", "--k", "1", "--max-new-tokens", "8"])
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
-    assert on_disk["heldout_delta"] == pytest.approx(on_disk["heldout_accuracy_after"] - on_disk["heldout_accuracy_before"])
+    delta = on_disk["heldout_accuracy_after"] - on_disk["heldout_accuracy_before"]
+    assert on_disk["heldout_delta"] == pytest.approx(delta)
     for key in ("heldout_accuracy_before", "heldout_accuracy_after", "heldout_accuracy_single_after"):
         assert 0.0 <= on_disk[key] <= 100.0
     assert on_disk["steps"] == 1
