@@ -48,6 +48,7 @@ from avsd_megatron.convert.mapping import (
     to_hf,
     to_megatron,
 )
+from avsd_megatron.megatron_model import CPU_OVERRIDES
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -479,16 +480,8 @@ def test_megatron_to_hf_rejects_wrong_layer_count(hf_dirs, megatron_dirs, tmp_pa
 # ----------------------------------------------------------------------------------------------------------------
 # Real Megatron-Core on CPU (one 4-rank gloo launch)
 
-_CPU_OVERRIDES = dict(
-    use_cpu_initialization=True,
-    gradient_accumulation_fusion=False,
-    bias_activation_fusion=False,
-    bias_dropout_fusion=False,
-    masked_softmax_fusion=False,
-    apply_rope_fusion=False,
-    persist_layer_norm=False,
-    batch_p2p_comm=False,
-)
+# The TransformerConfig switches every CPU run uses (the trainer's own, so the test builds the model the same way).
+_CPU_OVERRIDES = CPU_OVERRIDES
 
 
 def _rank_megatron_checks(megatron_dirs: dict[bool, str], save_root: str) -> dict:
