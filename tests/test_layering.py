@@ -1,7 +1,8 @@
 """Layers depend one way (README, style.md §3.1): every module's imports are parsed, an upward edge fails.
 
     math (signals) <- kernels (vocab_parallel) <- hook / convert / data <- trainer <- examples/
-    testing is a test utility: only tests and other testing modules may import it.
+    testing (Megatron-on-CPU patches, the multi-rank launcher) sits above the trainer: only tests and the `train`
+    CLI (which installs the CPU patches on a machine without CUDA) may import it.
 
 Run: python -m pytest -q tests/test_layering.py
 """
@@ -56,7 +57,6 @@ LAYERS = {
     # entry point: on a machine without CUDA it installs testing's CPU patches before building the trainer
     "train": 5,
 }
-TESTING_RANK = LAYERS["testing"]
 
 # Extra rules on top of the ranks (style.md §3.1): the math never communicates, the kernels never reach for
 # Megatron's global process groups.
