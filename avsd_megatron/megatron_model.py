@@ -26,16 +26,17 @@ __all__ = ["DTYPES", "build_gpt_model", "build_optimizer", "initial_checkpoint",
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 INIT_DIR = "megatron_init"
-# TransformerConfig switches for CPU runs (no fused kernels, master-weight init, plain p2p); see testing.megatron_cpu.
+# TransformerConfig switches for CPU runs (see testing.megatron_cpu for the runtime patches); the tests' tiny models
+# use the same dict.
 CPU_OVERRIDES = dict(
-    use_cpu_initialization=True,
-    gradient_accumulation_fusion=False,
+    use_cpu_initialization=True,  # master-weight init then scatter: same logical weights at any TP
+    gradient_accumulation_fusion=False,  # the fused wgrad kernel needs TE/apex on CUDA
     bias_activation_fusion=False,
     bias_dropout_fusion=False,
     masked_softmax_fusion=False,
     apply_rope_fusion=False,
     persist_layer_norm=False,
-    batch_p2p_comm=False,
+    batch_p2p_comm=False,  # batched P2P calls torch.cuda.synchronize(); gloo takes the isend/irecv path
 )
 RECOMPUTE = {
     "none": {},

@@ -34,6 +34,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from avsd_megatron.convert.qwen3_config import padded_vocab_size  # Megatron-LM's rule; re-exported for tests
+from avsd_megatron.megatron_model import CPU_OVERRIDES
+
 if TYPE_CHECKING:  # Megatron is imported inside the functions: importing this module must not load it
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer import TransformerConfig
@@ -71,15 +74,8 @@ def tiny_qwen3_config(**overrides: Any) -> TransformerConfig:
         init_method_std=0.02,
         params_dtype=torch.float32,
         pipeline_dtype=torch.float32,  # p2p buffer dtype; required when PP > 1
-        use_cpu_initialization=True,  # master-weight init then scatter: same logical weights at any TP
         perform_initialization=True,
-        gradient_accumulation_fusion=False,  # the fused wgrad kernel needs TE/apex on CUDA
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
-        batch_p2p_comm=False,  # batched P2P calls torch.cuda.synchronize(); gloo takes the isend/irecv path
+        **CPU_OVERRIDES,  # no fused kernels, master-weight init, plain p2p (the trainer's own CPU switches)
         calculate_per_token_loss=True,  # loss_func returns (loss_sum, num_tokens, metrics); see anchors.md §2
         attention_backend=AttnBackend.local,
         tensor_model_parallel_size=1,
@@ -87,17 +83,6 @@ def tiny_qwen3_config(**overrides: Any) -> TransformerConfig:
     )
     fields.update(overrides)
     return TransformerConfig(**fields)
-
-
-def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
-    """Megatron-LM's padding rule: round `vocab_size` up to a multiple of `divisible_by * tp`.
-
-    Note the result depends on `tp`; to keep one logical model across TP sizes, pad once with the largest TP.
-    """
-    if vocab_size < 1 or tp < 1 or divisible_by < 1:
-        raise ValueError(f"vocab_size={vocab_size}, tp={tp}, divisible_by={divisible_by} must all be >= 1")
-    multiple = divisible_by * tp
-    return -(-vocab_size // multiple) * multiple
 
 
 def build_tiny_gpt_model(
