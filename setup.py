@@ -54,7 +54,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.12",
     packages=find_packages(include=["avsd_megatron", "avsd_megatron.*"]),
-    package_data={"avsd_megatron": ["assets/*/*"]},  # tiny dataset, tokenizer, Qwen3 config (avsd_megatron/tiny.py)
+    # tiny math and code datasets, tokenizer, Qwen3 config (avsd_megatron/tiny.py, avsd_megatron/tiny_code.py)
+    package_data={"avsd_megatron": ["assets/*/*"]},
     install_requires=[
         TORCH,
         "numpy>=1.26",
