@@ -15,6 +15,7 @@ positions instead of right padding, and rollouts seeded per request instead of b
 | `optim`      | `OptimConfig`      | AdamW, clipping, LR schedule, seed                            |
 | `data`       | `data.DataConfig`  | training rows                                                 |
 | `prompts`    | `prompts.PromptConfig` | thinking on/off per side, prompt length cap               |
+| `sandbox`    | `CodeSandboxConfig` | how student code runs for the code feedback view (data.task=code) |
 | `logging`    | `LoggingConfig`    | jsonl / TensorBoard, cadences                                 |
 | `checkpoint` | `CheckpointConfig` | where and how often to save, how many to keep, resume         |
 
@@ -40,6 +41,7 @@ from avsd_megatron.candidate_signals import WEIGHT_MODES
 from avsd_megatron.data import DataConfig
 from avsd_megatron.loss import LOSS_KINDS, NORMALIZATIONS, AVSDLossConfig
 from avsd_megatron.prompts import PromptConfig
+from avsd_megatron.sandbox import SandboxConfig
 from avsd_megatron.signals import GATE_MODES, MODES, GateParams
 from avsd_megatron.teacher_kinds import STORAGES, TEACHER_KINDS, TeacherConfig
 from avsd_megatron.views import CODE_VIEWS, MATH_VIEWS, normalize_views
@@ -47,6 +49,7 @@ from avsd_megatron.views import CODE_VIEWS, MATH_VIEWS, normalize_views
 __all__ = [
     "AVSDConfig",
     "CheckpointConfig",
+    "CodeSandboxConfig",
     "ConfigError",
     "LoggingConfig",
     "ModelConfig",
@@ -383,6 +386,48 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class CodeSandboxConfig:
+    """Execution of the student's code on the public tests for the code feedback view (data.task='code', spec 3.4).
+    Read only by code runs; the limits are the reference's."""
+
+    unsafe_subprocess: bool = False
+    """Run student programs in a plain subprocess: the same resource limits, NO filesystem or network isolation
+    (`sandbox.SandboxConfig(kind='subprocess')`, which warns). True reproduces the reference's training default
+    (`unsafe_subprocess_sandbox=True`, spec 3.4 and §6 item 9); the default False DEVIATES from it: every program
+    runs in bubblewrap (`bwrap` must be installed; a missing or unusable one is an error at construction)."""
+    wall_time_s: float = 2.0
+    """Wall-clock limit per test run; past it the run is killed and the status is timeout."""
+    memory_mb: int = 512
+    """RLIMIT_AS of a program, MiB."""
+    cpu_time_s: int = 30
+    """RLIMIT_CPU of a program, seconds."""
+    max_output_chars: int = 4000
+    """Reported stdout / stderr are cut to this many characters (the judge compares the whole stdout)."""
+    bwrap_path: str | None = None
+    """bwrap executable; None = `bwrap` on PATH."""
+    workers: int = 1
+    """Programs run at once per rank (threads driving sandbox processes). Results do not depend on it; the
+    reference runs them one after another."""
+
+    def __post_init__(self) -> None:
+        for name in ("wall_time_s", "memory_mb", "cpu_time_s", "max_output_chars", "workers"):
+            _finite(f"sandbox.{name}", getattr(self, name))
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"sandbox.{name}={getattr(self, name)!r} must be > 0")
+
+    def sandbox_config(self) -> SandboxConfig:
+        """The `sandbox.SandboxConfig` these settings describe (kind 'subprocess' only with unsafe_subprocess)."""
+        return SandboxConfig(
+            kind="subprocess" if self.unsafe_subprocess else "bwrap",
+            wall_time_s=self.wall_time_s,
+            memory_mb=self.memory_mb,
+            cpu_time_s=self.cpu_time_s,
+            max_output_chars=self.max_output_chars,
+            bwrap_path=self.bwrap_path,
+        )
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     """Metric and sample logging (rank 0 writes, after reducing metrics over DP)."""
 
@@ -446,6 +491,8 @@ class TrainConfig:
     prompts: PromptConfig = field(default_factory=PromptConfig)
     """Student thinking off / teachers on, prompt cap 12288 (spec §1). Its overlong='skip' default DEVIATES from
     the reference's truncation (see prompts.PromptConfig)."""
+    sandbox: CodeSandboxConfig = field(default_factory=CodeSandboxConfig)
+    """Where the code task's student programs run (bubblewrap by default; see its unsafe_subprocess field)."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 

@@ -63,6 +63,10 @@ def test_config_defaults_are_the_papers():
     assert (cfg.logging.log_every, cfg.logging.generations_every) == (2, 5)
     assert (cfg.checkpoint.save_every, cfg.checkpoint.keep_last) == (10, None)
     assert cfg.num_microbatches(world_size=4) == 2  # 4 prompts x GA 2 x 4 ranks
+    sb = cfg.sandbox  # spec 3.4 limits; bubblewrap, where the reference trained with an unsandboxed subprocess
+    assert (sb.unsafe_subprocess, sb.wall_time_s, sb.memory_mb, sb.cpu_time_s, sb.max_output_chars) == (
+        False, 2.0, 512, 30, 4000
+    )
 
 
 def test_config_every_section_field_has_a_default():
@@ -171,6 +175,8 @@ def test_config_bad_choice_names_the_dotted_field(tmp_path):
         ("data:\n  sources: [a.jsonl]\n  task: proof\n", r"data.task='proof' is not one of"),
         ("prompts:\n  overlong: cut\n", r"prompts.overlong='cut' is not one of"),
         ("checkpoint:\n  keep_last: 0\n", r"checkpoint.keep_last=0 must be >= 1"),
+        ("sandbox:\n  wall_time_s: 0\n", r"sandbox.wall_time_s=0.0 must be > 0"),
+        ("sandbox:\n  unsafe_subprocess: 1\n", r"sandbox.unsafe_subprocess must be true or false"),
         ("- a\n- b\n", r"the top level must be a mapping of TrainConfig fields"),
     ],
 )
@@ -185,6 +191,15 @@ def test_config_code_task_with_code_views(tmp_path):
     text = "avsd:\n  views: [reference, hint, feedback, hint]\ndata:\n  sources: [c.jsonl]\n  task: code\n"
     cfg = load_config(_write(tmp_path, text))
     assert cfg.avsd.views == ("reference", "hint", "feedback")
+
+
+def test_config_sandbox_section_builds_the_sandbox_config():
+    safe = TrainConfig().sandbox.sandbox_config()
+    assert (safe.kind, safe.wall_time_s, safe.memory_mb, safe.cpu_time_s) == ("bwrap", 2.0, 512, 30)
+    unsafe = from_dict({"sandbox": {"unsafe_subprocess": True, "wall_time_s": 1.5}}).sandbox
+    with pytest.warns(RuntimeWarning, match="WITHOUT a sandbox"):
+        built = unsafe.sandbox_config()
+    assert (built.kind, built.wall_time_s) == ("subprocess", 1.5)
 
 
 def test_config_builds_the_loss_and_teacher_configs():
