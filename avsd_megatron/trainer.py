@@ -12,7 +12,9 @@ Construction (`Trainer.__init__`), done once, with every mode chosen here and ne
 3. The teacher (`avsd.teacher`: frozen θ₀ / live / EMA) over the initial weights, and `AVSDStep` with
    `avsd.loss_config(rollout.temperature, V)` (mode single / consensus / arithmetic / avsd and its gate all live in
    the loss config: baselines need nothing here).
-4. The rollout engine (`rollout.engine`: `HFEngine` or `VLLMEngine`) and the prompt stream (`PromptStream`).
+4. The rollout engine (`rollout.engine`: `HFEngine` or `VLLMEngine`), the data task (`tasks.TASKS[data.task]`:
+   `MathTask` or `CodeTask`, which builds the prompts and, for code, the sandbox) and the prompt stream
+   (`PromptStream`).
 5. Resume (`checkpoint.resume`): model, optimizer, Adam step count, RNG, EMA teacher, step and data cursor
    (`checkpointing`); then the engine gets the current weights.
 
@@ -22,6 +24,11 @@ One step (`train_step`), per rank:
   the model-parallel group's first rank are then broadcast to the others, so every TP/PP rank of a DP replica
   trains on identical samples. With `rollout.sync_every` = 1 the engine sleeps after generating (colocated memory
   goes back to training); with k > 1 it stays awake between syncs (its weights must survive);
+- `task.teacher_rows()` (timed as `views`): each completion's M teacher prompts. Math: the example's view prompts.
+  Code (`tasks.CodeTask`): the reference / hint prompts of the example, and a feedback prompt of the completion's
+  own: its extracted program is run on the example's public tests in the sandbox (`sandbox` section; bubblewrap
+  unless sandbox.unsafe_subprocess) and the outcome (passed, or the failing input with expected vs printed
+  output, the traceback, ...) is the feedback view's payload;
 - `build_batch()`: `build_avsd_batch` of student rows and M view rows sharing each completion;
 - `score_teachers()` and `update_student()` (`AVSDStep`'s phases), then the optimizer step and the teacher update;
 - `sync_weights()` every `rollout.sync_every` steps: `export_hf_weights` -> `engine.update_weights`;
@@ -31,12 +38,15 @@ One step (`train_step`), per rank:
   writes the resolved config (overrides applied) to <output_dir>/config.yaml at construction.
 
 Metrics per record: loss, grad_norm, num_tokens, lr, the kernels' `mv_*` means (`step.reduce_metrics`, over DP),
-rollout/completion_len_mean, rollout/stop_rate, data/cursor, data/prompts_skipped, time/<phase> and time/total.
+rollout/completion_len_mean, rollout/stop_rate, data/cursor, data/prompts_skipped, time/<phase> and time/total;
+code runs add feedback/<status> counts (passed, wrong_answer, syntax_error, runtime_error, timeout,
+extraction_failure; summed over DP), feedback/prompts_skipped and rollout/pass_rate (`tasks`), and their
+generation records the feedback status and payload of each logged completion.
 
-Raises at construction (`ValueError`/`ConfigError` naming the field): data.task='code' (code views need sandbox
-feedback per rollout; not wired into the trainer yet), a parallel layout
-that differs from an already-initialised Megatron, prompts_per_step not divisible by micro_batch_size * dp, a
-dataset whose every prompt is over prompts.max_prompt_tokens (at the first step).
+Raises at construction (`ValueError`/`ConfigError` naming the field, `SandboxUnavailableError`): a parallel layout
+that differs from an already-initialised Megatron, prompts_per_step not divisible by micro_batch_size * dp, a code
+run whose bubblewrap is missing or unusable (sandbox.unsafe_subprocess=false), a dataset whose every prompt is over
+prompts.max_prompt_tokens (at the first step).
 """
 
 from __future__ import annotations
@@ -62,15 +72,18 @@ from avsd_megatron.convert import (
 )
 from avsd_megatron.convert.convert import HF_ASSETS_DIR
 from avsd_megatron.convert.safetensors_io import copy_hf_assets
-from avsd_megatron.data import MathExample, load_examples
+from avsd_megatron.data import CodeExample, MathExample, load_examples
 from avsd_megatron.megatron_model import DTYPES, build_gpt_model, build_optimizer, initial_checkpoint, wrap_ddp
 from avsd_megatron.metrics_log import MetricsLog, PhaseTimer
-from avsd_megatron.prompts import EncodedPrompts, PromptReport, math_prompts
+from avsd_megatron.prompts import EncodedPrompts, PromptReport
 from avsd_megatron.rollout import Completion, HFEngine, SamplingParams, request_seed
 from avsd_megatron.step import AVSDStep, MegatronGroups, StepResult, reduce_metrics
+from avsd_megatron.tasks import TASKS, TeacherRows
 from avsd_megatron.teacher_kinds import build_teacher
 
 __all__ = ["PromptStream", "Rollout", "Trainer"]
+
+Example = MathExample | CodeExample
 
 # ----------------------------------------------------------------------------------------------------------------
 # Data: the prompt stream
@@ -83,7 +96,7 @@ class PromptStream:
     passed over and counted in `report`.
     """
 
-    def __init__(self, examples: Sequence[MathExample], encode: Callable[[MathExample], EncodedPrompts | None],
+    def __init__(self, examples: Sequence[Example], encode: Callable[[Example], EncodedPrompts | None],
                  *, seed: int, cursor: int = 0) -> None:
         if not examples:
             raise ValueError("data.sources gave no examples")
@@ -97,7 +110,7 @@ class PromptStream:
         gen = torch.Generator().manual_seed(self.seed + epoch)
         return torch.randperm(len(self.examples), generator=gen).tolist()
 
-    def take(self, count: int) -> list[tuple[MathExample, EncodedPrompts]]:
+    def take(self, count: int) -> list[tuple[Example, EncodedPrompts]]:
         """The next `count` encodable examples. Raises ValueError if a whole epoch in a row encodes none."""
         out, passed = [], 0
         while len(out) < count:
@@ -121,7 +134,7 @@ class PromptStream:
 class Rollout:
     """This DP rank's prompts and sampled completions of one step (n completions per prompt, consecutive)."""
 
-    examples: list[MathExample]
+    examples: list[Example]
     prompts: list[EncodedPrompts]
     completions: list[Completion]
 
@@ -167,7 +180,6 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, *, engine: Any = None, progress: bool = True) -> None:
         from transformers import AutoTokenizer
 
-        _check_supported(cfg)
         self.cfg = cfg
         self.on_cpu = not torch.cuda.is_available()
         self.rank = dist.get_rank()
@@ -192,8 +204,12 @@ class Trainer:
         self.sampling = SamplingParams.from_config(cfg.rollout)
         self._after_generate = self.engine.sleep if cfg.rollout.sync_every == 1 else (lambda: None)
         self.prompt_report = PromptReport()
+        self.task = TASKS[cfg.data.task](
+            self.tokenizer, cfg, self.prompt_report, executes=self.rank == self.groups["mp_src"],
+            share=self._share_within_replica, dp_group=self.megatron_groups.dp, device=self._device,
+        )
         examples, self.load_report = load_examples(cfg.data)
-        self.stream = PromptStream(examples, self._encode, seed=cfg.optim.seed)
+        self.stream = PromptStream(examples, self.task.encode, seed=cfg.optim.seed)
 
         self.step = 0
         self.last_saved_step: int | None = None
@@ -226,7 +242,9 @@ class Trainer:
         """One optimizer step (module docstring); returns its metrics."""
         with self.timer("rollout"):
             rollout = self.rollout()
-        batch = self.build_batch(rollout)
+        with self.timer("views"):
+            rows = self.task.teacher_rows(rollout.examples, rollout.prompts, rollout.completions)
+        batch = self.build_batch(rollout, rows)
         lr = self.set_lr()
         with self.timer("score_teachers"):
             teacher_outputs = self.score_teachers(batch)
@@ -236,8 +254,8 @@ class Trainer:
         if self.step % self.cfg.rollout.sync_every == 0:
             with self.timer("sync_weights"):
                 self.sync_weights()
-        metrics = self.step_metrics(result, rollout, lr)
-        self.write_logs(metrics, rollout)
+        metrics = self.step_metrics(result, rollout, rows, lr)
+        self.write_logs(metrics, rollout, rows)
         if self._saves_at(self.step):
             self.save_checkpoint()
         return metrics
@@ -255,16 +273,15 @@ class Trainer:
         completions = self._share_within_replica(completions)
         return Rollout([e for e, _ in mine], [p for _, p in mine], completions)
 
-    def build_batch(self, rollout: Rollout) -> AVSDBatch:
+    def build_batch(self, rollout: Rollout, rows: TeacherRows) -> AVSDBatch:
         n = self.cfg.rollout.n
         prompts = [p for p in rollout.prompts for _ in range(n)]  # completions of a prompt are consecutive
-        views = self.cfg.avsd.views
         return build_avsd_batch(
             [p.student_ids for p in prompts],
-            [[p.teacher_ids[v] for v in views] for p in prompts],
+            rows.ids,
             [list(c.token_ids) for c in rollout.completions],
-            view_names=views, micro_batch_size=self.cfg.micro_batch_size * n,
-            pad_id=self.tokenizer.pad_token_id, vocab_size=self.vocab_size,
+            view_names=self.cfg.avsd.views, micro_batch_size=self.cfg.micro_batch_size * n,
+            pad_id=self.tokenizer.pad_token_id, vocab_size=self.vocab_size, completion_masks=rows.masks,
         )
 
     def set_lr(self) -> float:
@@ -293,7 +310,7 @@ class Trainer:
 
     # -- metrics, logs, checkpoints -----------------------------------------------------------------------------------
 
-    def step_metrics(self, result: StepResult, rollout: Rollout, lr: float) -> dict[str, Any]:
+    def step_metrics(self, result: StepResult, rollout: Rollout, rows: TeacherRows, lr: float) -> dict[str, Any]:
         lengths = [len(c.token_ids) for c in rollout.completions]
         metrics = {
             "loss": result.loss, "grad_norm": result.grad_norm, "num_tokens": result.num_tokens, "lr": lr,
@@ -301,18 +318,22 @@ class Trainer:
             "rollout/completion_len_mean": sum(lengths) / len(lengths),
             "rollout/stop_rate": sum(c.finish_reason == "stop" for c in rollout.completions) / len(lengths),
             "data/cursor": self.stream.cursor, "data/prompts_skipped": self.prompt_report.skipped,
+            **rows.metrics,
         }
         metrics = self._from_last_stage(metrics)
         return metrics | self.timer.pop()
 
-    def write_logs(self, metrics: dict[str, Any], rollout: Rollout) -> None:
+    def write_logs(self, metrics: dict[str, Any], rollout: Rollout, rows: TeacherRows) -> None:
         if self.step % self.cfg.logging.log_every == 0:
             self.log.step(self.step, metrics)
         every = self.cfg.logging.generations_every
         if every and self.step % every == 0:
+            n = self.cfg.rollout.n
+            extras = rows.extras or [{}] * len(rollout.completions)
             self.log.generations(self.step, [
-                {"problem": e.problem, "prompt": p.student_text, "completion": c.text, "finish_reason": c.finish_reason}
-                for e, p, c in zip(rollout.examples, rollout.prompts, rollout.completions[:: self.cfg.rollout.n])
+                {"problem": e.problem, "prompt": p.student_text, "completion": c.text, "finish_reason": c.finish_reason,
+                 **extra}
+                for e, p, c, extra in zip(rollout.examples, rollout.prompts, rollout.completions[::n], extras[::n])
             ])
 
     def save_checkpoint(self) -> Path:
@@ -368,18 +389,14 @@ class Trainer:
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _encode(self, example: MathExample) -> EncodedPrompts | None:
-        return math_prompts(self.tokenizer, example, self.cfg.avsd.views, self.cfg.prompts, self.prompt_report,
-                            ratio=self.cfg.avsd.partial_solution_ratio)
-
-    def _share_within_replica(self, completions: list[Completion] | None) -> list[Completion]:
-        """The model-parallel group's first rank's completions, on every rank of the group. Every rank generated
-        with identical prompts and seeds already; this makes a numerical divergence between their engines (thread
-        counts, kernels) harmless instead of a silent mismatch between TP shards."""
+    def _share_within_replica(self, obj: Any) -> Any:
+        """The model-parallel group's first rank's `obj`, on every rank of the group (completions; code feedback).
+        Every rank generated with identical prompts and seeds already; this makes a numerical divergence between
+        their engines (thread counts, kernels) harmless instead of a silent mismatch between TP shards."""
         group = self.groups["mp_group"]
         if group is None:
-            return completions
-        box = [completions]
+            return obj
+        box = [obj]
         dist.broadcast_object_list(box, src=self.groups["mp_src"], group=group)
         return box[0]
 
@@ -409,14 +426,6 @@ class Trainer:
     def _rank_state(self) -> dict[str, Any]:
         teacher = getattr(self.teacher, "teacher_tensors", None) if self.cfg.avsd.teacher == "ema" else None
         return {"rng": _get_rng_state(), "teacher": None if teacher is None else [t.cpu() for t in teacher]}
-
-
-def _check_supported(cfg: TrainConfig) -> None:
-    if cfg.data.task != "math":
-        raise ConfigError(
-            f"data.task={cfg.data.task!r}: the trainer supports 'math' only (code views need sandbox feedback per "
-            "rollout, not wired in yet)"
-        )
 
 
 def _init_parallel(cfg: TrainConfig) -> dict[str, Any]:

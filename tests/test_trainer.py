@@ -17,8 +17,11 @@ and step count); once with the frozen teacher and the distributed optimizer, onc
 Megatron's plain optimizer. Resuming with another teacher kind is refused.
 
 The baselines (single, consensus, arithmetic, sigmoid gate, candidate loss), rollout.n=2 and rollout.sync_every=2
-each run through the unchanged trainer with finite losses. Unit tests cover the bad configs the trainer and CLI
-refuse, the `latest` fallback, and the prompt stream's order.
+each run through the unchanged trainer with finite losses. The code task (views reference, hint, feedback on the
+bundled tiny code set; bubblewrap) runs 2 steps with a scripted engine that answers every prompt with its reference
+program and a wrong one: each completion's feedback row must carry that completion's own sandbox outcome, the
+status counts must be logged, and the losses finite; then a step with the real HF engine. Unit tests cover the bad
+configs the trainer and CLI refuse, the `latest` fallback, and the prompt stream's order.
 """
 
 from __future__ import annotations
@@ -38,13 +41,14 @@ from avsd_megatron.testing import run_on_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_YAML = ROOT / "examples" / "configs" / "tiny_cpu.yaml"
+TINY_CODE_YAML = ROOT / "examples" / "configs" / "tiny_code_cpu.yaml"
 LOSS_ATOL = 1e-6
 TP_LOSS_ATOL = 1e-4  # TP2 vs TP1: same maths, different reduction order
 
 
-def _config(out_dir: Path, hf_dir: str, **top) -> dict:
-    """tiny_cpu.yaml made small: 4 prompts, 8 new tokens, 2 steps, a per-run output directory."""
-    data = to_dict(load_config(TINY_YAML))
+def _config(out_dir: Path, hf_dir: str, yaml: Path = TINY_YAML, **top) -> dict:
+    """tiny_cpu.yaml (or `yaml`) made small: 4 prompts, 8 new tokens, 2 steps, a per-run output directory."""
+    data = to_dict(load_config(yaml))
     data.update(output_dir=str(out_dir), prompts_per_step=4, micro_batch_size=2, max_steps=2)
     data["model"]["hf_path"] = hf_dir
     data["rollout"]["max_new_tokens"] = 8
@@ -131,6 +135,61 @@ def baselines_rank(cfg_datas: list[dict]) -> list[float]:
     return losses
 
 
+def code_train_rank(cfg_data: dict, real_cfg_data: dict) -> dict:
+    """`cfg_data` (data.task=code) for max_steps with a scripted engine (tests/test_trainer.py docstring), recording
+    each step's completions and decoded feedback rows; then `real_cfg_data` with the real HF engine."""
+    from avsd_megatron.rollout import Completion, HFEngine
+    from avsd_megatron.testing import install
+    from avsd_megatron.trainer import Trainer
+
+    class ScriptedCodeEngine(HFEngine):
+        """Real weights and state machine; completion 0 of a prompt is its reference program, 1 a wrong one."""
+
+        def __init__(self, *args, programs: dict[str, str], **kwargs):
+            super().__init__(*args, **kwargs)
+            self.programs = programs
+
+        def generate(self, prompt_token_ids, params, seed):
+            out = []
+            for ids in prompt_token_ids:
+                prompt = self.tokenizer.decode(ids)
+                (reference,) = [code for problem, code in self.programs.items() if f"Problem:\n{problem}\n" in prompt]
+                for text in (f"<final_code>\n```python\n{reference}```\n</final_code>", "print('wrong')")[: params.n]:
+                    token_ids = self.tokenizer.encode(text, add_special_tokens=False) + [self.eos_token_ids[0]]
+                    out.append(Completion(tuple(token_ids), text, "stop"))
+            return out
+
+    install()
+    cfg = from_dict(cfg_data)
+    hf = HFEngine.from_pretrained(cfg.model.hf_path)
+    programs = {row["problem"]: row["reference_solution"] for row in _tiny_code_rows()}
+    engine = ScriptedCodeEngine(hf.model, hf.tokenizer, programs=programs)
+    trainer = Trainer(cfg, engine=engine, progress=False)
+    feedback = cfg.avsd.views.index("feedback")
+    steps, teacher_rows = [], trainer.task.teacher_rows
+
+    def recording(examples, prompts, completions):
+        rows = teacher_rows(examples, prompts, completions)
+        steps.append({
+            "problem_ids": [e.id for e in examples], "completions": [c.text for c in completions],
+            "feedback_rows": [trainer.tokenizer.decode(ids[feedback]) for ids in rows.ids],
+            "other_rows": [[ids[v] for v in range(len(ids)) if v != feedback] for ids in rows.ids],
+        })
+        return rows
+
+    trainer.task.teacher_rows = recording
+    metrics = trainer.train()
+    real = Trainer(from_dict(real_cfg_data), progress=False).train()  # same parallel state, the HF engine
+    return {"metrics": metrics, "steps": steps, "real": real}
+
+
+def _tiny_code_rows() -> list[dict]:
+    from avsd_megatron.tiny import read_jsonl
+    from avsd_megatron.tiny_code import TINY_CODE_TRAIN_PATH
+
+    return read_jsonl(TINY_CODE_TRAIN_PATH)
+
+
 def bad_layout_rank(cfg_data: dict) -> str:
     """Construct a Trainer that must refuse its config (layout, resume); return the error message."""
     from avsd_megatron.testing import install
@@ -147,16 +206,6 @@ def bad_layout_rank(cfg_data: dict) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # Unit tests (in process)
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def test_trainer_refuses_code_task(tmp_path):
-    from avsd_megatron.trainer import _check_supported
-
-    data = _config(tmp_path, "unused")
-    data["data"] = {"sources": ["x.jsonl"], "task": "code"}
-    data["avsd"]["views"] = ["reference", "hint"]
-    with pytest.raises(ConfigError, match=r"data\.task='code'"):
-        _check_supported(from_dict(data))
 
 
 def test_cli_set_overrides_and_errors(tmp_path):
@@ -357,3 +406,46 @@ def test_trainer_resume_reproduces_next_steps_and_interrupted_save_keeps_latest(
         second["avsd"]["teacher"] = "live"
         message = run_on_ranks(bad_layout_rank, 1, second, timeout=300)[0]
         assert "avsd.teacher='live' but" in message and "avsd.teacher='frozen'" in message
+
+
+@pytest.mark.integration
+def test_trainer_code_task_feedback_rows_are_each_completions_own(hf_dir, tmp_path):
+    """data.task=code, views reference / hint / feedback, TP1, rollout.n=2: per prompt its reference program (passes)
+    and a wrong one; 2 steps with the scripted engine, then 1 with the real HF engine."""
+    from avsd_megatron.data import RowRef, code_example_from_row
+    from avsd_megatron.sandbox import STATUSES, Sandbox, SandboxConfig
+    from avsd_megatron.views import feedback_payload
+
+    data = _config(tmp_path / "code", hf_dir, yaml=TINY_CODE_YAML, rollout__n=2)
+    real = _config(tmp_path / "real", hf_dir, yaml=TINY_CODE_YAML, max_steps=1)
+    real["model"]["megatron_checkpoint"] = str(tmp_path / "code" / "megatron_init")  # converted by the first run
+    got = run_on_ranks(code_train_rank, 1, data, real, timeout=300)[0]
+
+    examples = {row["id"]: code_example_from_row(row, RowRef("train", i)) for i, row in enumerate(_tiny_code_rows())}
+    sandbox = Sandbox(SandboxConfig(wall_time_s=5.0))
+    assert len(got["steps"]) == 2
+    for step in got["steps"]:
+        assert len(step["completions"]) == 2 * len(step["problem_ids"]) == 8
+        for e, (text, row) in enumerate(zip(step["completions"], step["feedback_rows"])):
+            example = examples[step["problem_ids"][e // 2]]
+            own = feedback_payload(text, example.public_tests, sandbox)  # recomputed here, independently
+            assert own.status == ("passed", "wrong_answer")[e % 2]
+            assert own.payload in row, (e, own.payload, row)
+            other = feedback_payload(step["completions"][e ^ 1], example.public_tests, sandbox)
+            assert other.payload not in row  # the row of the prompt's other completion is not this one's
+        pairs = step["other_rows"]
+        assert all(pairs[e] == pairs[e + 1] for e in range(0, 8, 2))  # reference / hint rows: per prompt
+
+    records = _records(tmp_path / "code")
+    _assert_finite_records(records, 2)
+    for record in records:
+        assert {f"feedback/{s}" for s in STATUSES} <= record.keys()
+        assert (record["feedback/passed"], record["feedback/wrong_answer"], record["rollout/pass_rate"]) == (4, 4, 0.5)
+        assert sum(record[f"feedback/{s}"] for s in STATUSES) == 8
+        assert math.isfinite(record["mv_tinker_view_logprob_feedback"])
+    lines = (tmp_path / "code" / "generations" / "step_2.jsonl").read_text().splitlines()
+    generations = [json.loads(line) for line in lines]
+    assert [g["feedback_status"] for g in generations] == ["passed"] * 4  # completion 0 of each prompt
+
+    (last,) = got["real"]
+    assert math.isfinite(last["loss"]) and sum(last[f"feedback/{s}"] for s in STATUSES) == 4
