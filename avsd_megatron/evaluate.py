@@ -1,14 +1,17 @@
-"""Math evaluation (spec 5.2): Avg@k, Pass@k and format rate of an HF checkpoint on a jsonl set of problems.
+"""Evaluation of an HF checkpoint on a jsonl set of problems: math Avg@k (spec 5.2) or code pass@k (spec 5.3).
 
     python -m avsd_megatron.evaluate --hf outputs/tiny_cpu/hf_final \\
         --data avsd_megatron/assets/tiny_math/heldout.jsonl --k 8 --out outputs/tiny_cpu/eval.json
     python -m avsd_megatron.evaluate --hf Qwen3-8B-avsd --data aime24.jsonl --k 16 --engine vllm \\
         --max-new-tokens 32768 --temperature 0.7 --top-p 0.95 --top-k -1 --thinking on
+    python -m avsd_megatron.evaluate --task code --hf outputs/tiny_code_cpu/hf_final \\
+        --data avsd_megatron/assets/tiny_code/heldout.jsonl --k 8 --tests all --out outputs/tiny_code_cpu/eval.json
 
-Per problem, the prompt is the problem text followed by the boxed-answer instruction (`prompts.math_eval_message`:
-no "Problem:" prefix), rendered as one user turn with the checkpoint's chat template, `enable_thinking` set by
-`--thinking`; k completions are sampled (seed `rollout.request_seed(seed, problem index)`); each is graded by
-`grading.grade_math_completion` (last `\\boxed{}` content, math-verify against the gold answer). The scores are
+Math (`--task math`, the default). Per problem, the prompt is the problem text followed by the boxed-answer
+instruction (`prompts.math_eval_message`: no "Problem:" prefix), rendered as one user turn with the checkpoint's
+chat template, `enable_thinking` set by `--thinking`; k completions are sampled (seed
+`rollout.request_seed(seed, problem index)`); each is graded by `grading.grade_math_completion` (last `\\boxed{}`
+content, math-verify against the gold answer). The scores are
 `grading.math_scores` (percentages) plus the standard error of Avg@k over problems,
 
     avg@k_stderr = 100 * std_i(c_i / k) / sqrt(P)       (c_i correct samples of problem i, P problems, ddof 1)
@@ -22,8 +25,8 @@ field. The bundled `avsd_megatron/assets/tiny_math/*.jsonl` rows have this shape
 Output (`--out FILE.json`): {"summary": {...}, "config": {...}, "samples": [{"index", "problem", "answer",
 "completions": [{"text", "extracted", "correct", "finish_reason", "num_tokens"}]}]}; the summary is also printed.
 
-Engines: `hf` (transformers generate, CPU or one GPU; `rollout.HFEngine`) or `vllm` (GPU only; one rank of
-`rollout_vllm.VLLMEngine`, which this module feeds the checkpoint's safetensors; not yet run on a GPU).
+Engines, for both tasks: `hf` (transformers generate, CPU or one GPU; `rollout.HFEngine`) or `vllm` (GPU only; one
+rank of `rollout_vllm.VLLMEngine`, which this module feeds the checkpoint's safetensors; not yet run on a GPU).
 
 Benchmarks (spec 5.2) on a machine with Hub access, with `datasets`:
 
@@ -36,7 +39,27 @@ Benchmarks (spec 5.2) on a machine with Hub access, with `datasets`:
                 f.write(json.dumps({"problem": row["problem"], "answer": str(row["answer"])}) + "\\n")
 
 (30 problems each; column names as on the dataset cards, not checked from this sandbox, which has no Hub access.)
-Code pass@k (spec 5.3: `grading.code_scores` with the sandbox) has no CLI yet.
+
+Code (`--task code`, spec 5.3). Rows are code rows as the trainer reads them (`data.py`: `problem`,
+`reference_solution`, non-empty `public_tests`, optional `id`, `input_format`, `output_format`, `constraints`,
+`examples`, `hidden_tests`, ...; the bundled `avsd_megatron/assets/tiny_code/*.jsonl` have this shape); a bad row
+raises `ValueError` naming file, line and field. The prompt is the training student's (`prompts.code_student_message`:
+instructions, problem fields, the `<final_code>` layout), with an empty think block when thinking is off (the
+default, as in the reference's code evaluation). k completions per problem (seed `request_seed(seed, index)`); each
+is graded by `grading.grade_code_completion`: its program (`views.extract_code`) runs in the sandbox on the row's
+tests, `--tests all` (public + hidden, the default), `hidden` (the reference's protocol; every row must have hidden
+tests) or `public`, stopping at the first failure; its status is one of `sandbox.STATUSES`. Scores, with c_i passing
+samples of problem i out of k:
+
+    pass@1              = 100 * mean_i c_i / k                   (unbiased pass@1 = avg@k)
+    pass@k              = 100 * mean_i [1 - C(k - c_i, k) / C(k, k)] = share of problems with a passing sample
+                          (`grading.pass_at_k`, Chen et al. 2021; for 1 < j < k also `pass@j` with --pass-at j)
+    pass@1_first_sample = 100 * share of problems whose first sample passes (the reference's pass@1)
+    status_counts       = samples per status; pass@1_stderr as avg@k_stderr above
+
+Programs run in bubblewrap (`sandbox.py`; 2 s wall time per test, 512 MiB) unless `--unsafe-subprocess-sandbox`
+(the reference's flag: a plain subprocess, resource limits only, no isolation). Output as for math, the samples'
+completions being {"text", "code", "status", "tests_run", "finish_reason", "num_tokens"}.
 """
 
 from __future__ import annotations
@@ -47,16 +70,32 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from avsd_megatron.grading import grade_math_completion, math_scores
-from avsd_megatron.prompts import math_eval_message, render_chat
+from avsd_megatron.data import BadRowError, CodeExample, RowRef, TestCase, code_example_from_row
+from avsd_megatron.grading import code_scores, grade_code_completion, grade_math_completion, math_scores
+from avsd_megatron.prompts import code_student_message, math_eval_message, render_chat
 from avsd_megatron.rollout import SamplingParams, request_seed
+from avsd_megatron.sandbox import STATUSES, Sandbox, SandboxConfig
+from avsd_megatron.views import extract_code
 
-__all__ = ["EvalConfig", "evaluate_math", "load_math_eval_rows", "main", "parse_args"]
+__all__ = [
+    "EvalConfig",
+    "evaluate_code",
+    "evaluate_hf_dir",
+    "evaluate_math",
+    "load_code_eval_rows",
+    "load_math_eval_rows",
+    "main",
+    "parse_args",
+]
+
+TASKS = ("math", "code")
+TEST_SETS = ("all", "hidden", "public")
+"""Which tests of a code row grade a sample: public + hidden, hidden only (spec 5.3), public only."""
 
 
 @dataclass(frozen=True)
@@ -92,10 +131,32 @@ def load_math_eval_rows(path: str | Path, limit: int | None = None) -> list[dict
         ValueError: not valid JSON, not an object, a missing / empty / non-string `problem` or `answer` (the message
             names file, line and field), or no rows.
     """
+    rows: list[dict[str, str]] = []
+    for lineno, row in _jsonl_objects(path):
+        clean = {}
+        for name in ("problem", "answer"):
+            value = row.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and name == "answer":
+                value = str(value)
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(
+                    f"{path}:{lineno}: field {name!r} must be a non-empty string, got {value!r}"
+                    f" (row keys: {sorted(row)})"
+                )
+            clean[name] = value
+        rows.append(clean)
+        if limit is not None and len(rows) >= limit:
+            break
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def _jsonl_objects(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(1-based line number, object) of each non-empty line; FileNotFoundError / ValueError naming file:line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"evaluation data {path} does not exist")
-    rows: list[dict[str, str]] = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -106,23 +167,7 @@ def load_math_eval_rows(path: str | Path, limit: int | None = None) -> list[dict
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            clean = {}
-            for name in ("problem", "answer"):
-                value = row.get(name)
-                if isinstance(value, int) and not isinstance(value, bool) and name == "answer":
-                    value = str(value)
-                if not isinstance(value, str) or not value.strip():
-                    raise ValueError(
-                        f"{path}:{lineno}: field {name!r} must be a non-empty string, got {value!r}"
-                        f" (row keys: {sorted(row)})"
-                    )
-                clean[name] = value
-            rows.append(clean)
-            if limit is not None and len(rows) >= limit:
-                break
-    if not rows:
-        raise ValueError(f"{path}: no rows")
-    return rows
+            yield lineno, row
 
 
 def evaluate_math(
@@ -155,46 +200,176 @@ def evaluate_math(
             ],
         })
     scores = math_scores(grades)
-    per_problem = [sum(g.correct for g in row) / len(row) for row in grades]
-    stderr = 100.0 * statistics.stdev(per_problem) / math.sqrt(len(per_problem)) if len(per_problem) > 1 else 0.0
-    flat = [c for s in samples for c in s["completions"]]
     summary = scores.as_dict() | {
         "k": cfg.k,
-        f"avg@{cfg.k}_stderr": stderr,
-        "mean_completion_tokens": sum(c["num_tokens"] for c in flat) / len(flat),
-        "length_rate": 100.0 * sum(c["finish_reason"] == "length" for c in flat) / len(flat),
+        f"avg@{cfg.k}_stderr": _stderr([[g.correct for g in row] for row in grades]),
+        **_length_stats(samples),
         "eval_seconds": time.perf_counter() - start,
     }
     return {"summary": summary, "config": asdict(cfg), "samples": samples}
 
 
+def _stderr(hits: Sequence[Sequence[bool]]) -> float:
+    """100 * std over problems of the per-problem hit rate / sqrt(P) (module docstring); 0 for one problem."""
+    per_problem = [sum(row) / len(row) for row in hits]
+    return 100.0 * statistics.stdev(per_problem) / math.sqrt(len(per_problem)) if len(per_problem) > 1 else 0.0
+
+
+def _length_stats(samples: Sequence[dict[str, Any]]) -> dict[str, float]:
+    flat = [c for s in samples for c in s["completions"]]
+    return {
+        "mean_completion_tokens": sum(c["num_tokens"] for c in flat) / len(flat),
+        "length_rate": 100.0 * sum(c["finish_reason"] == "length" for c in flat) / len(flat),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Code (spec 5.3)
+
+
+def load_code_eval_rows(path: str | Path, limit: int | None = None, tests: str = "all") -> list[CodeExample]:
+    """Code rows of a jsonl file (`data.code_example_from_row`), the first `limit` if given.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not valid JSON, a bad code row, a row without hidden tests under tests='hidden' (the message
+            names file, line and field), an unknown `tests`, or no rows.
+    """
+    if tests not in TEST_SETS:
+        raise ValueError(f"tests={tests!r} is not one of {TEST_SETS}")
+    rows: list[CodeExample] = []
+    for lineno, row in _jsonl_objects(path):
+        try:
+            example = code_example_from_row(row, RowRef(str(path), lineno - 1))
+        except BadRowError as err:
+            raise ValueError(f"{path}:{lineno}: field {err.field!r} {err.reason} (row keys: {sorted(row)})") from None
+        if tests == "hidden" and not example.hidden_tests:
+            raise ValueError(f"{path}:{lineno}: field 'hidden_tests' is missing or empty, which --tests hidden needs")
+        rows.append(example)
+        if limit is not None and len(rows) >= limit:
+            break
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def code_eval_tests(example: CodeExample, tests: str = "all") -> tuple[TestCase, ...]:
+    """The tests that grade a sample of `example` (TEST_SETS)."""
+    if tests == "all":
+        return example.public_tests + example.hidden_tests
+    if tests == "hidden":
+        return example.hidden_tests
+    if tests == "public":
+        return example.public_tests
+    raise ValueError(f"tests={tests!r} is not one of {TEST_SETS}")
+
+
+def code_eval_prompt(tokenizer: Any, example: CodeExample, cfg: EvalConfig) -> str:
+    """The training student's code prompt, rendered (spec 3.4, 5.3)."""
+    return render_chat(tokenizer, code_student_message(example), thinking=cfg.thinking, ensure_empty_think=True)
+
+
+def evaluate_code(
+    engine: Any, tokenizer: Any, examples: Sequence[CodeExample], cfg: EvalConfig, sandbox: Sandbox, *,
+    tests: str = "all", pass_at: Sequence[int] = (), workers: int = 1, progress: bool = True,
+) -> dict[str, Any]:
+    """Sample cfg.k completions per example with `engine`, run each in `sandbox` on its tests, score them.
+
+    Args:
+        pass_at: extra k' in [1, cfg.k] for which to report the unbiased pass@k' (1 and cfg.k always are).
+        workers: samples graded at once (threads driving sandbox processes); the results do not depend on it.
+    Returns:
+        {"summary": {pass@1, pass@k, pass@1_first_sample, avg@k, pass@1_stderr, status_counts, problems, k,
+        mean_completion_tokens, length_rate, eval_seconds}, "config": asdict(cfg), "samples": [...]} (module
+        docstring).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    params = cfg.sampling()
+    start = time.perf_counter()
+    samples, statuses = [], []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for index, example in enumerate(tqdm(examples, desc="eval", disable=not progress, dynamic_ncols=True)):
+            ids = tokenizer.encode(code_eval_prompt(tokenizer, example, cfg), add_special_tokens=False)
+            completions = engine.generate([ids], params, seed=request_seed(cfg.seed, index))
+            row_tests = code_eval_tests(example, tests)
+            results = list(pool.map(lambda c: grade_code_completion(c.text, row_tests, sandbox), completions))
+            statuses.append([r.status for r in results])
+            samples.append({
+                "index": index, "id": example.id, "problem": example.problem, "tests": len(row_tests),
+                "completions": [
+                    {"text": c.text, "code": extract_code(c.text), "status": r.status, "tests_run": r.tests_run,
+                     "finish_reason": c.finish_reason, "num_tokens": len(c.token_ids)}
+                    for c, r in zip(completions, results)
+                ],
+            })
+    scores = code_scores(statuses, ks=(1, *pass_at))
+    counts = {status: sum(row.count(status) for row in statuses) for status in STATUSES}
+    summary = {
+        "pass@1": scores.unbiased_pass_at_k[1],
+        **{f"pass@{k}": v for k, v in scores.unbiased_pass_at_k.items() if k != 1},
+        "pass@1_first_sample": scores.pass_at_1_first,
+        f"avg@{cfg.k}": scores.avg_at_n,
+        "pass@1_stderr": _stderr([[s == "passed" for s in row] for row in statuses]),
+        "status_counts": counts,
+        "problems": float(scores.problems),
+        "k": cfg.k,
+        **_length_stats(samples),
+        "eval_seconds": time.perf_counter() - start,
+    }
+    return {"summary": summary, "config": asdict(cfg) | {"tests": tests}, "samples": samples}
+
+
 def evaluate_hf_dir(hf_dir: str | Path, data: str | Path, cfg: EvalConfig, *, limit: int | None = None,
-                    engine: str = "hf", progress: bool = True) -> dict[str, Any]:
-    """Load the checkpoint and the data, then `evaluate_math`; the result also records the paths."""
-    rows = load_math_eval_rows(data, limit)
+                    engine: str = "hf", progress: bool = True, task: str = "math", tests: str = "all",
+                    sandbox: SandboxConfig | None = None, pass_at: Sequence[int] = (),
+                    workers: int = 1) -> dict[str, Any]:
+    """Load the checkpoint and the data, then `evaluate_math` (task='math') or `evaluate_code` (task='code', in a
+    `Sandbox(sandbox)`, default `SandboxConfig()` = bubblewrap); the result also records the paths.
+
+    Raises:
+        ValueError: unknown task / engine, bad data (see the loaders).
+        SandboxUnavailableError: task='code' and bubblewrap is missing or unusable (sandbox.kind='bwrap').
+    """
+    if task == "math":
+        rows: Sequence[Any] = load_math_eval_rows(data, limit)
+
+        def render(tok: Any, row: dict[str, str]) -> str:
+            return render_chat(tok, math_eval_message(row["problem"]), thinking=cfg.thinking)
+    elif task == "code":
+        rows = load_code_eval_rows(data, limit, tests)
+        box = Sandbox(sandbox if sandbox is not None else SandboxConfig())  # before any model is loaded
+
+        def render(tok: Any, row: CodeExample) -> str:
+            return code_eval_prompt(tok, row, cfg)
+    else:
+        raise ValueError(f"task={task!r} is not one of {TASKS}")
     if engine == "hf":
         from avsd_megatron.rollout import HFEngine
 
         eng = HFEngine.from_pretrained(hf_dir)
         tokenizer = eng.tokenizer
     elif engine == "vllm":
-        eng, tokenizer = _vllm_engine(hf_dir, cfg, max_prompt_tokens=_longest_prompt(hf_dir, rows, cfg))
+        eng, tokenizer = _vllm_engine(hf_dir, cfg, max_prompt_tokens=_longest_prompt(hf_dir, rows, render))
     else:
         raise ValueError(f"engine={engine!r} is not one of ('hf', 'vllm')")
-    result = evaluate_math(eng, tokenizer, rows, cfg, progress=progress)
-    result["config"] |= {"hf": str(hf_dir), "data": str(data), "limit": limit, "engine": engine}
+    if task == "math":
+        result = evaluate_math(eng, tokenizer, rows, cfg, progress=progress)
+    else:
+        result = evaluate_code(eng, tokenizer, rows, cfg, box, tests=tests, pass_at=pass_at, workers=workers,
+                               progress=progress)
+        result["config"] |= {"sandbox": asdict(box.cfg)}
+    result["config"] |= {"task": task, "hf": str(hf_dir), "data": str(data), "limit": limit, "engine": engine}
     return result
 
 
-def _longest_prompt(hf_dir: str | Path, rows: Sequence[dict[str, str]], cfg: EvalConfig) -> int:
+def _longest_prompt(hf_dir: str | Path, rows: Sequence[Any], render: Any) -> int:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
-    return max(
-        len(tokenizer.encode(render_chat(tokenizer, math_eval_message(r["problem"]), thinking=cfg.thinking),
-                             add_special_tokens=False))
-        for r in rows
-    )
+    return max(len(tokenizer.encode(render(tokenizer, r), add_special_tokens=False)) for r in rows)
 
 
 def _vllm_engine(hf_dir: str | Path, cfg: EvalConfig, *, max_prompt_tokens: int) -> tuple[Any, Any]:
@@ -232,11 +407,19 @@ def _vllm_engine(hf_dir: str | Path, cfg: EvalConfig, *, max_prompt_tokens: int)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m avsd_megatron.evaluate",
-                                     description="Avg@k / Pass@k / format rate of an HF checkpoint on a math jsonl.")
+    parser = argparse.ArgumentParser(
+        prog="python -m avsd_megatron.evaluate",
+        description="Evaluate an HF checkpoint on a jsonl of problems: math Avg@k / Pass@k / format rate "
+        "(--task math), or code pass@1 / pass@k / status counts with every sample run in the sandbox (--task code).",
+        epilog="Scores, data schemas and output layout: the module docstring (avsd_megatron/evaluate.py).",
+    )
     # -- what -----------------------------------------------------------------------------------------------------
+    parser.add_argument("--task", choices=TASKS, default="math",
+                        help="math: boxed answers graded with math-verify; code: programs run on the row's tests")
     parser.add_argument("--hf", required=True, help="HF checkpoint directory (config, safetensors, tokenizer)")
-    parser.add_argument("--data", required=True, help="jsonl with string fields problem, answer")
+    parser.add_argument("--data", required=True,
+                        help="jsonl; math: string fields problem, answer; code: code rows (problem, "
+                        "reference_solution, public_tests, optional hidden_tests, ...; avsd_megatron/data.py)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N problems only")
     parser.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="hf: transformers; vllm: GPU only")
     # -- sampling -------------------------------------------------------------------------------------------------
@@ -247,6 +430,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=-1, help="-1 = off")
     parser.add_argument("--thinking", choices=("on", "off"), default="off", help="chat template enable_thinking")
     parser.add_argument("--seed", type=int, default=0, help="problem i samples with request_seed(seed, i)")
+    # -- code grading ---------------------------------------------------------------------------------------------
+    parser.add_argument("--tests", choices=TEST_SETS, default="all",
+                        help="code: tests that grade a sample: public + hidden (default), hidden only (the "
+                        "reference's protocol), public only")
+    parser.add_argument("--pass-at", type=int, nargs="+", default=[], metavar="J",
+                        help="code: also report the unbiased pass@J for these J in [1, k] (pass@1, pass@k always)")
+    parser.add_argument("--test-timeout", type=float, default=2.0, help="code: wall-time limit per test, seconds")
+    parser.add_argument("--memory-mb", type=int, default=512, help="code: address-space limit of a program, MiB")
+    parser.add_argument("--workers", type=int, default=1, help="code: samples graded at once")
+    parser.add_argument("--unsafe-subprocess-sandbox", action="store_true",
+                        help="code: run programs in a plain subprocess (resource limits only, NO isolation; the "
+                        "reference's flag) instead of bubblewrap")
     # -- output ---------------------------------------------------------------------------------------------------
     parser.add_argument("--out", default=None, help="write summary, config and every sample to this JSON file")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
@@ -257,8 +452,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     cfg = EvalConfig(k=args.k, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                      max_new_tokens=args.max_new_tokens, thinking=args.thinking == "on", seed=args.seed)
+    sandbox = None
+    if args.task == "code":
+        sandbox = SandboxConfig(kind="subprocess" if args.unsafe_subprocess_sandbox else "bwrap",
+                                wall_time_s=args.test_timeout, memory_mb=args.memory_mb)
     result = evaluate_hf_dir(args.hf, args.data, cfg, limit=args.limit, engine=args.engine,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, task=args.task, tests=args.tests, sandbox=sandbox,
+                             pass_at=args.pass_at, workers=args.workers)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

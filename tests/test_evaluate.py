@@ -1,5 +1,6 @@
-"""Math evaluation (avsd_megatron/evaluate.py): CLI on the tiny checkpoint, scores re-derived from the saved samples,
-known scores from a scripted engine, bad data files.
+"""Evaluation (avsd_megatron/evaluate.py). Math: CLI on the tiny checkpoint, scores re-derived from the saved samples,
+known scores from a scripted engine, bad data files. Code (samples run in bubblewrap, as in tests/test_sandbox.py):
+CLI on the tiny code set with the tiny random model, known pass@k from scripted reference / wrong programs, bad rows.
 
 Run: python -m pytest -q tests/test_evaluate.py
 """
@@ -106,3 +107,93 @@ def test_load_math_eval_rows_int_answer_and_limit(tmp_path):
     path = _write_rows(tmp_path / "d.jsonl", [{"problem": f"p{i}", "answer": i, "extra": 1} for i in range(5)])
     rows = evaluate.load_math_eval_rows(path, limit=2)
     assert rows == [{"problem": "p0", "answer": "0"}, {"problem": "p1", "answer": "1"}]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Code
+
+
+def test_evaluate_cli_code_tiny_checkpoint_counts_every_sample(tmp_path):
+    from avsd_megatron.sandbox import STATUSES
+    from avsd_megatron.tiny_code import TINY_CODE_HELDOUT_PATH
+    from avsd_megatron.views import extract_code
+
+    hf = tiny.make_tiny_hf_checkpoint(tmp_path / "hf", seed=0)
+    out = tmp_path / "code.json"
+    evaluate.main(["--task", "code", "--hf", str(hf), "--data", str(TINY_CODE_HELDOUT_PATH), "--limit", "3",
+                   "--k", "2", "--max-new-tokens", "12", "--workers", "2", "--out", str(out), "--no-progress"])
+    result = json.loads(out.read_text())
+    summary, samples = result["summary"], result["samples"]
+    assert summary["problems"] == 3 and summary["k"] == 2 and len(samples) == 3
+    for key in ("pass@1", "pass@2", "pass@1_first_sample", "avg@2"):
+        assert 0.0 <= summary[key] <= 100.0, (key, summary[key])
+    assert set(summary["status_counts"]) == set(STATUSES) and sum(summary["status_counts"].values()) == 6
+    statuses = [c["status"] for s in samples for c in s["completions"]]
+    assert summary["status_counts"] == {status: statuses.count(status) for status in STATUSES}
+    assert summary["pass@1"] == pytest.approx(100.0 * statuses.count("passed") / 6)
+    for sample in samples:
+        assert sample["tests"] == 6  # --tests all: 2 public + 4 hidden
+        for c in sample["completions"]:
+            assert c["code"] == extract_code(c["text"]) and 1 <= c["num_tokens"] <= 12
+    assert result["config"]["task"] == "code" and result["config"]["sandbox"]["kind"] == "bwrap"
+
+
+def _fenced(code: str) -> str:
+    return f"<final_code>\n```python\n{code}```\n</final_code>"
+
+
+def test_evaluate_code_known_pass_at_k_from_reference_and_wrong_programs():
+    from avsd_megatron.sandbox import Sandbox, SandboxConfig
+    from avsd_megatron.tiny_code import TINY_CODE_HELDOUT_PATH
+
+    tokenizer = tiny.load_tiny_tokenizer()
+    examples = evaluate.load_code_eval_rows(TINY_CODE_HELDOUT_PATH, limit=2)
+    good = [_fenced(e.reference_solution) for e in examples]
+    wrong = _fenced("print('wrong')\n")
+    sandbox = Sandbox(SandboxConfig(wall_time_s=5.0))
+
+    alone = evaluate.evaluate_code(ScriptedEngine([[good[0]]]), tokenizer, examples[:1], evaluate.EvalConfig(k=1),
+                                   sandbox, progress=False)
+    assert alone["summary"]["pass@1"] == 100.0 and alone["summary"]["status_counts"]["passed"] == 1
+    assert alone["samples"][0]["completions"][0]["tests_run"] == 6  # every public and hidden test ran
+
+    engine = ScriptedEngine([[good[0], good[0], good[0]], [wrong, good[1], wrong]])
+    result = evaluate.evaluate_code(engine, tokenizer, examples, evaluate.EvalConfig(k=3), sandbox, pass_at=(2,),
+                                    workers=2, progress=False)
+    s = result["summary"]
+    assert s["pass@1"] == pytest.approx(100.0 * (3 / 3 + 1 / 3) / 2)  # unbiased pass@1 = avg@k
+    assert s["pass@2"] == pytest.approx(100.0 * (1.0 + (1 - 1 / 3)) / 2)  # 1 - C(2,2)/C(3,2) for problem 2
+    assert s["pass@3"] == pytest.approx(100.0) and s["avg@3"] == pytest.approx(s["pass@1"])
+    assert s["pass@1_first_sample"] == pytest.approx(50.0)  # problem 2's first sample is wrong
+    assert s["status_counts"] == {"passed": 4, "syntax_error": 0, "runtime_error": 0, "wrong_answer": 2,
+                                  "timeout": 0, "extraction_failure": 0}
+    prompt = tokenizer.decode(engine.calls[0][0][0])
+    assert f"Problem:\n{examples[0].problem}" in prompt and "<final_code>" in prompt
+    assert prompt.endswith("<think>\n\n</think>\n\n")  # thinking off
+
+
+def test_code_eval_tests_selects_public_hidden_or_all():
+    from avsd_megatron.tiny_code import TINY_CODE_TRAIN_PATH
+
+    (example,) = evaluate.load_code_eval_rows(TINY_CODE_TRAIN_PATH, limit=1, tests="hidden")
+    assert evaluate.code_eval_tests(example, "public") == example.public_tests
+    assert evaluate.code_eval_tests(example, "hidden") == example.hidden_tests
+    assert evaluate.code_eval_tests(example, "all") == example.public_tests + example.hidden_tests
+
+
+@pytest.mark.parametrize(
+    "row, tests, match",
+    [
+        ({"problem": "p", "reference_solution": "print(1)"}, "all", r"bad\.jsonl:2: field 'public_tests' is missing"),
+        ({"problem": "p", "reference_solution": "print(1)", "public_tests": [{"input": "1"}]}, "all",
+         r"bad\.jsonl:2: field 'public_tests\[0\]\.output'"),
+        ({"problem": "p", "reference_solution": "print(1)", "public_tests": [{"input": "", "output": "1"}]},
+         "hidden", r"bad\.jsonl:2: field 'hidden_tests' is missing or empty"),
+    ],
+)
+def test_load_code_eval_rows_bad_row_names_file_line_field(tmp_path, row, tests, match):
+    ok = {"problem": "p", "reference_solution": "print(1)", "public_tests": [{"input": "", "output": "1"}],
+          "hidden_tests": [{"input": "", "output": "1"}]}
+    path = _write_rows(tmp_path / "bad.jsonl", [ok, row])
+    with pytest.raises(ValueError, match=match):
+        evaluate.load_code_eval_rows(path, tests=tests)
