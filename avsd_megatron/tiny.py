@@ -21,6 +21,8 @@ from a purchase) with a numbered worked solution, one step per line, whose last 
     3. After giving away 5 marbles: 23 - 5 = 18.
     4. So Maya has 18 marbles. The answer is \\boxed{18}.
 
+The numbers are small (summands up to 30, one-digit factors, answers up to 81) so that the 4-layer model learns the
+arithmetic within the main job's minutes of SFT; with operands up to 90 and two-digit factors it stayed near 5%.
 The numbered lines make `views.partial_solution` cut by step (its bullet/numbered-line strategy). Rows come from
 `random.Random(seed)` only, de-duplicated by problem text; the first `heldout` unique problems form the held-out
 split and the next `train` ones the train split, so the two never share a problem.
@@ -133,7 +135,7 @@ def _boxed_step(text: str, answer: int) -> str:
 
 def _buy_then_give(rng: random.Random) -> Problem:
     name, (_, items) = rng.choice(_NAMES), rng.choice(_ITEMS)
-    a, b = rng.randint(5, 60), rng.randint(2, 40)
+    a, b = rng.randint(5, 30), rng.randint(2, 20)
     c = rng.randint(1, a + b - 1)
     problem = (
         f"{name} has {a} {items}. {name} buys {b} more and then gives away {c}. "
@@ -150,7 +152,7 @@ def _buy_then_give(rng: random.Random) -> Problem:
 
 def _three_sum(rng: random.Random) -> Problem:
     name, (_, items) = rng.choice(_NAMES), rng.choice(_ITEMS)
-    a, b, c = rng.randint(2, 50), rng.randint(2, 50), rng.randint(2, 50)
+    a, b, c = rng.randint(1, 20), rng.randint(1, 20), rng.randint(1, 20)
     problem = (
         f"{name} collects {items}. {name} finds {a} on Monday, {b} on Tuesday and {c} on Wednesday. "
         f"How many {items} does {name} find in total?"
@@ -165,7 +167,7 @@ def _three_sum(rng: random.Random) -> Problem:
 
 def _boxes(rng: random.Random) -> Problem:
     name, (_, items) = rng.choice(_NAMES), rng.choice(_ITEMS)
-    boxes, per_box = rng.randint(2, 12), rng.randint(2, 12)
+    boxes, per_box = rng.randint(2, 9), rng.randint(2, 9)
     problem = f"{name} has {boxes} boxes with {per_box} {items} in each box. How many {items} does {name} have?"
     steps = [
         f"There are {boxes} boxes of {per_box} {items} each.",
@@ -177,7 +179,7 @@ def _boxes(rng: random.Random) -> Problem:
 
 def _boxes_plus_loose(rng: random.Random) -> Problem:
     name, (_, items) = rng.choice(_NAMES), rng.choice(_ITEMS)
-    boxes, per_box, loose = rng.randint(2, 12), rng.randint(2, 12), rng.randint(1, 30)
+    boxes, per_box, loose = rng.randint(2, 6), rng.randint(2, 9), rng.randint(1, 20)
     total = boxes * per_box + loose
     problem = (
         f"{name} has {boxes} bags of {per_box} {items} and {loose} more {items} on the table. "
@@ -193,7 +195,7 @@ def _boxes_plus_loose(rng: random.Random) -> Problem:
 
 def _rows_minus_taken(rng: random.Random) -> Problem:
     name = rng.choice(_NAMES)
-    rows, per_row = rng.randint(3, 15), rng.randint(3, 15)
+    rows, per_row = rng.randint(2, 9), rng.randint(2, 9)
     taken = rng.randint(1, rows * per_row - 1)
     left = rows * per_row - taken
     problem = (
@@ -210,7 +212,7 @@ def _rows_minus_taken(rng: random.Random) -> Problem:
 
 def _share_then_eat(rng: random.Random) -> Problem:
     name, (_, items) = rng.choice(_NAMES), rng.choice(_ITEMS)
-    friends, each = rng.randint(2, 9), rng.randint(3, 15)
+    friends, each = rng.randint(2, 6), rng.randint(3, 9)
     total, used = friends * each, rng.randint(1, each - 1)
     problem = (
         f"{name} shares {total} {items} equally among {friends} friends. Each friend then loses {used} of them. "
@@ -226,7 +228,7 @@ def _share_then_eat(rng: random.Random) -> Problem:
 
 def _change(rng: random.Random) -> Problem:
     name, (item, items) = rng.choice(_NAMES), rng.choice(_ITEMS)
-    price, count = rng.randint(2, 15), rng.randint(2, 9)
+    price, count = rng.randint(2, 9), rng.randint(2, 5)
     cost = price * count
     bill = next(b for b in (10, 20, 50, 100, 200) if b >= cost)
     problem = (
@@ -244,7 +246,7 @@ def _change(rng: random.Random) -> Problem:
 def _more_than(rng: random.Random) -> Problem:
     first, second = rng.sample(_NAMES, 2)
     (_, items) = rng.choice(_ITEMS)
-    a, more = rng.randint(3, 60), rng.randint(1, 30)
+    a, more = rng.randint(2, 30), rng.randint(1, 15)
     problem = (
         f"{first} has {a} {items}. {second} has {more} more {items} than {first}. "
         f"How many {items} do they have together?"
@@ -260,7 +262,7 @@ def _more_than(rng: random.Random) -> Problem:
 def _give_two_friends(rng: random.Random) -> Problem:
     giver, f1, f2 = rng.sample(_NAMES, 3)
     (_, items) = rng.choice(_ITEMS)
-    a = rng.randint(10, 90)
+    a = rng.randint(10, 50)
     b = rng.randint(1, a - 2)
     c = rng.randint(1, a - b - 1)
     problem = f"{giver} has {a} {items}, gives {b} to {f1} and {c} to {f2}. How many {items} does {giver} keep?"
