@@ -1,35 +1,23 @@
-"""The CPU main job (avsd_megatron/main_job.py) end to end in miniature, and its SFT warm-start pieces.
+"""The CPU main job (avsd_megatron/main_job.py) end to end in miniature (its warm start: tests/test_warm_start.py).
 
 Run: python -m pytest -q tests/test_main_job.py
 """
 
 import json
-import random
 
 import pytest
 
-from avsd_megatron import main_job, tiny
-from avsd_megatron.warm_start import IGNORE, sft_example_ids
+from avsd_megatron import main_job
 
 pytest.importorskip("transformers")
 pytest.importorskip("megatron.core")
 
 
-def test_sft_example_ids_mask_the_prompt_and_end_in_eos():
-    tokenizer = tiny.load_tiny_tokenizer()
-    row = tiny.read_jsonl(tiny.TINY_TRAIN_PATH)[0]
-    answer = tokenizer.encode(row["solution"], add_special_tokens=False) + [tokenizer.eos_token_id]
-    for share in (0.0, 1.0):
-        ids, labels = sft_example_ids(tokenizer, row, random.Random(0), teacher_share=share)
-        assert len(ids) == len(labels) and ids[-len(answer):] == answer
-        assert labels[-len(answer):] == answer and set(labels[: -len(answer)]) == {IGNORE}
-        assert ("PRIVILEGED REFERENCE" in tokenizer.decode(ids)) == (share == 1.0)
-
-
 def test_main_job_miniature_writes_summary(tmp_path):
     out = tmp_path / "run"
     summary = main_job.main(["--out", str(out), "--sft-steps", "2", "--sft-batch", "4", "--steps", "1",
-                             "--prompts-per-step", "2", "--heldout", "4", "--k", "1", "--max-new-tokens", "8"])
+                             "--prompts-per-step", "2", "--heldout", "4", "--k", "1", "--max-new-tokens", "8",
+                             "--probe", "3", "--sft-error-share", "0.5"])
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
     delta = on_disk["heldout_accuracy_after"] - on_disk["heldout_accuracy_before"]
@@ -37,8 +25,14 @@ def test_main_job_miniature_writes_summary(tmp_path):
     for key in ("heldout_accuracy_before", "heldout_accuracy_after", "heldout_accuracy_single_after"):
         assert 0.0 <= on_disk[key] <= 100.0
     assert on_disk["steps"] == 1
-    assert {"init", "sft", "convert", "train_avsd", "train_single", "eval_warm", "eval_avsd", "eval_single",
+    assert {"init", "sft", "probe", "convert", "train", "eval_warm", "eval_avsd", "eval_single",
             "total"} <= set(on_disk["seconds"])
+    assert set(on_disk["warm_start_view_probe"]) == {"student", "full_solution", "partial_solution", "answer_only"}
+    assert all(0.0 <= v <= 100.0 for v in on_disk["warm_start_view_probe"].values())
+    rates = {name: [sum(c["correct"] for c in s["completions"]) for s in
+                    json.loads((out / f"eval_{name}.json").read_text())["samples"]] for name in ("warm", "avsd")}
+    if rates["warm"] == rates["avsd"]:  # identical per-problem hits: the paired difference has no spread
+        assert on_disk["heldout_delta_stderr"] == 0.0
     for name in ("avsd", "single"):
         metrics = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
         assert [m["step"] for m in metrics] == [1]
@@ -47,3 +41,16 @@ def test_main_job_miniature_writes_summary(tmp_path):
     assert on_disk["train_config_avsd"]["avsd"]["views"] == ["full_solution", "partial_solution", "answer_only"]
     with pytest.raises(FileExistsError, match="summary.json exists"):
         main_job.main(["--out", str(out)])
+
+
+def test_paired_stderr_is_the_spread_of_per_problem_differences():
+    def result(hits):
+        return {"samples": [{"completions": [{"correct": bool(h)} for h in row]} for row in hits]}
+
+    before = result([[1, 0], [0, 0], [1, 1], [0, 1]])
+    after = result([[1, 1], [0, 1], [1, 1], [0, 1]])  # d = [.5, .5, 0, 0]
+    diffs = [0.5, 0.5, 0.0, 0.0]
+    mean = sum(diffs) / 4
+    want = 100 * (sum((d - mean) ** 2 for d in diffs) / 3 / 4) ** 0.5
+    assert main_job._paired_stderr(before, after) == pytest.approx(want)
+    assert main_job._paired_stderr(before, before) == 0.0
