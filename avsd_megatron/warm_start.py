@@ -261,7 +261,6 @@ def view_probe(hf_dir: str | Path, rows: Sequence[dict[str, str]], views: Sequen
     from avsd_megatron.grading import grade_math_completion
 
     tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
-    tokenizer.padding_side = "left"  # generation continues every row from its last prompt token
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
     prompts: dict[str, list[str]] = {
         "student": [render_chat(tokenizer, math_eval_message(r["problem"]), thinking=False) for r in rows]
@@ -274,14 +273,22 @@ def view_probe(hf_dir: str | Path, rows: Sequence[dict[str, str]], views: Sequen
         ]
     accuracy = {}
     for kind, texts in prompts.items():
-        correct = 0
-        for start in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
-                            add_special_tokens=False)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-            for row, ids in zip(rows[start : start + batch_size], out[:, enc["input_ids"].shape[1]:]):
-                text = tokenizer.decode(ids, skip_special_tokens=True)
-                correct += grade_math_completion(text, row["answer"]).correct
+        completions = greedy_completions(model, tokenizer, texts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        correct = sum(grade_math_completion(text, row["answer"]).correct for text, row in zip(completions, rows))
         accuracy[kind] = 100.0 * correct / max(1, len(rows))
     return accuracy
+
+
+@torch.no_grad()
+def greedy_completions(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int,
+                       batch_size: int) -> list[str]:
+    """Greedy completion text of each rendered prompt, `batch_size` prompts per left-padded `generate` call."""
+    tokenizer.padding_side = "left"  # generation continues every row from its last prompt token
+    texts = []
+    for start in range(0, len(prompts), batch_size):
+        enc = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True,
+                        add_special_tokens=False)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        texts += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return texts

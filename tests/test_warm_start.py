@@ -16,7 +16,9 @@ from avsd_megatron.warm_start import (
     _accumulate_token_mean_loss,
     _length_buckets,
     corrupt_solution,
+    greedy_completions,
     sft_example_ids,
+    view_probe,
 )
 
 pytest.importorskip("transformers")
@@ -123,3 +125,25 @@ def test_bucketed_loss_gradient_equals_one_padded_batch(tokenizer, rows, tmp_pat
 def test_sft_config_rejects_shares_outside_unit_interval(field):
     with pytest.raises(ValueError, match=f"SFTConfig.{field}"):
         SFTConfig(**{field: 1.5})
+
+
+def test_greedy_completions_batched_equal_one_at_a_time(tokenizer, rows, tmp_path):
+    """Left padding must not change a greedy completion (positions, masks): batched == unbatched generate."""
+    from transformers import AutoModelForCausalLM
+
+    from avsd_megatron.prompts import math_eval_message, render_chat
+
+    ckpt = tiny.make_tiny_hf_checkpoint(tmp_path / "init", seed=1)
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+    # prompts of different lengths, so the batch is padded
+    prompts = [render_chat(tokenizer, math_eval_message(row["problem"]), thinking=False) for row in rows[:4]]
+    assert len({len(tokenizer.encode(p, add_special_tokens=False)) for p in prompts}) > 1
+    batched = greedy_completions(model, tokenizer, prompts, max_new_tokens=12, batch_size=4)
+    single = greedy_completions(model, tokenizer, prompts, max_new_tokens=12, batch_size=1)
+    assert batched == single and all(batched)
+
+
+def test_view_probe_scores_every_prompt_kind(rows, tmp_path):
+    ckpt = tiny.make_tiny_hf_checkpoint(tmp_path / "init", seed=0)
+    probe = view_probe(ckpt, rows[:3], ("answer_only",), max_new_tokens=4)
+    assert set(probe) == {"student", "answer_only"} and all(0.0 <= v <= 100.0 for v in probe.values())
