@@ -63,6 +63,7 @@ import json
 import math
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -151,23 +152,20 @@ def _train(cfg_paths: dict[str, Path], threads: int) -> None:
                             "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1"}
         cmd = [sys.executable, "-m", "avsd_megatron.train", "--config", str(cfg_path), "--no-progress"]
         procs[name] = (cmd, subprocess.Popen(cmd, env=env))
-    failed = [(name, cmd, proc.wait()) for name, (cmd, proc) in procs.items()]
-    failed = [(name, cmd, rc) for name, cmd, rc in failed if rc != 0]
+    failed = [f"run {name!r} exit {rc}: {' '.join(cmd)}"
+              for name, (cmd, proc) in procs.items() if (rc := proc.wait()) != 0]
     if failed:
-        raise RuntimeError("training failed: " + "; ".join(f"run {n!r} exit {rc}: {' '.join(c)}" for n, c, rc in failed))
+        raise RuntimeError("training failed: " + "; ".join(failed))
 
 
 def _paired_stderr(before: dict[str, Any], after: dict[str, Any]) -> float:
     """Standard error (points) of Avg@k(after) - Avg@k(before) over the same problems: 100 * std_i(d_i) / sqrt(P) with
     d_i the difference of problem i's hit rates (ddof 1). The two models share problems and sampling seeds, so the
     per-problem difficulty cancels; the independent-sample `math.hypot` of the two s.e. overstates the noise."""
-    rates = [[sum(c["correct"] for c in s["completions"]) / len(s["completions"]) for s in result["samples"]]
+    rates = [[statistics.mean(c["correct"] for c in s["completions"]) for s in result["samples"]]
              for result in (before, after)]
-    diffs = [a - b for b, a in zip(*rates)]
-    if len(diffs) < 2:
-        return 0.0
-    mean = sum(diffs) / len(diffs)
-    return 100.0 * math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
+    diffs = [a - b for b, a in zip(*rates, strict=True)]
+    return 100.0 * statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
 
 
 def _table(rows: list[tuple[str, dict[str, Any], int | str]], k: int) -> str:

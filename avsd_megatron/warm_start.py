@@ -74,7 +74,7 @@ class SFTConfig:
 _EQUATION = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
 """One arithmetic step of a worked solution: `a op b = c` (the tiny dataset's step format)."""
 _MENTION = re.compile(r"(?<=[ {])\d+(?=[ }.,])")
-"""A number in prose (after a space or `{`, before a space, `}`, `.` or `,`); step numbers start lines, so never match."""
+"""A number in prose (after a space or `{`, before a space, `}`, `.` or `,`); step numbers start lines: no match."""
 _WRONG_OFFSETS = (-10, -2, -1, 1, 2, 10)
 
 
@@ -145,7 +145,7 @@ def sft_example_ids(tokenizer: Any, row: dict[str, str], rng: random.Random, tea
         answer_ids = tokenizer.encode(row["solution"], add_special_tokens=False) + [tokenizer.eos_token_id]
         return prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids
     text, (start, end) = corrupted
-    pieces = [tokenizer.encode(piece, add_special_tokens=False) for piece in (text[:start], text[start:end], text[end:])]
+    pieces = [tokenizer.encode(part, add_special_tokens=False) for part in (text[:start], text[start:end], text[end:])]
     if pieces[0] + pieces[1] + pieces[2] != tokenizer.encode(text, add_special_tokens=False):
         raise ValueError(f"corrupt_solution: the wrong value {text[start:end]!r} does not tokenize on its own in "
                          f"{text!r}; error examples need a tokenizer that splits digits (Qwen's pre-tokenizer does)")
