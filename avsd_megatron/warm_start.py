@@ -87,7 +87,8 @@ def _apply(a: int, op: str, b: int) -> int | None:
 def corrupt_solution(solution: str, rng: random.Random) -> tuple[str, tuple[int, int]] | None:
     """`solution` with one `a op b = c` step's result c replaced by a wrong value, and every later step recomputed
     from it (operands equal to a changed value follow it, and so do numbers in the prose after the step, such as the
-    final `\\boxed{}`).
+    final `\\boxed{}`). Values are matched as text, so a given quantity that happens to equal a changed result
+    follows it too; the text stays self-consistent.
 
     Returns:
         (new text, (start, end) character span of the wrong value), or None when the solution has no such step or
