@@ -283,13 +283,17 @@ def view_probe(hf_dir: str | Path, rows: Sequence[dict[str, str]], views: Sequen
 @torch.no_grad()
 def greedy_completions(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int,
                        batch_size: int) -> list[str]:
-    """Greedy completion text of each rendered prompt, `batch_size` prompts per left-padded `generate` call."""
-    tokenizer.padding_side = "left"  # generation continues every row from its last prompt token
+    """Greedy completion text of each rendered prompt, `batch_size` prompts per left-padded `generate` call (the
+    tokenizer's padding side is restored afterwards)."""
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # every row continues from its last prompt token
     texts = []
-    for start in range(0, len(prompts), batch_size):
-        enc = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True,
-                        add_special_tokens=False)
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-        texts += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    try:
+        for start in range(0, len(prompts), batch_size):
+            enc = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True,
+                            add_special_tokens=False)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+            texts += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
     return texts

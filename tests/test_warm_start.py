@@ -141,6 +141,7 @@ def test_greedy_completions_batched_equal_one_at_a_time(tokenizer, rows, tmp_pat
     batched = greedy_completions(model, tokenizer, prompts, max_new_tokens=12, batch_size=4)
     single = greedy_completions(model, tokenizer, prompts, max_new_tokens=12, batch_size=1)
     assert batched == single and all(batched)
+    assert tokenizer.padding_side == "right"  # the caller's tokenizer is left as it was
 
 
 def test_view_probe_scores_every_prompt_kind(rows, tmp_path):
