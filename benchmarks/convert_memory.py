@@ -44,11 +44,10 @@ def _reset_high_water_mark() -> None:
 
 def _step(kind: str, work: Path, shard_bytes: int) -> dict:
     """Run in a child process: import, note RSS, do `kind`, report the high-water mark above that."""
+    import megatron.core.dist_checkpointing.core  # noqa: F401
     import torch  # noqa: F401  (imports count towards the floor, not the step)
 
     from avsd_megatron.convert import convert_hf_to_megatron, convert_megatron_to_hf
-
-    import megatron.core.dist_checkpointing.core  # noqa: F401
 
     floor = _status_mb("VmRSS")
     _reset_high_water_mark()

@@ -165,7 +165,7 @@ def build(args: argparse.Namespace):
 
 def synthetic_batch(args: argparse.Namespace, dp_rank: int):
     """This DP rank's AVSDBatch of fixed-length random rows (no padding)."""
-    from avsd_megatron.batch import build_avsd_batch
+    from avsd_megatron.hook.batch import build_avsd_batch
 
     gen = torch.Generator().manual_seed(args.seed + dp_rank)
     vocab = QWEN3_8B["vocab"]
@@ -227,9 +227,9 @@ def measure(args: argparse.Namespace) -> None:
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from avsd_megatron.loss import AVSDLossConfig
-    from avsd_megatron.step import AVSDStep, MegatronGroups
-    from avsd_megatron.teacher_kinds import TeacherConfig, build_teacher
+    from avsd_megatron.hook.loss import AVSDLossConfig
+    from avsd_megatron.hook.step import AVSDStep, MegatronGroups
+    from avsd_megatron.hook.teacher_kinds import TeacherConfig, build_teacher
 
     model, optimizer, config, have_te = build(args)
     dp_size = parallel_state.get_data_parallel_world_size()
@@ -314,7 +314,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit(
             "benchmarks/gpu_step.py measures GPU throughput and needs CUDA; none is available here. "
-            "The CPU tests (tests/test_avsd_step.py) check the same step for correctness."
+            "The CPU tests (tests/hook/test_avsd_step.py) check the same step for correctness."
         )
     init_distributed(args)
     measure(args)

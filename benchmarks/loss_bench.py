@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo, for avsd_megatron
 
-from avsd_megatron.signals import sampled_token_targets  # noqa: E402  (imported before any measurement)
+from avsd_megatron.signals.sampled import sampled_token_targets  # noqa: E402  (imported before any measurement)
 from avsd_megatron.vocab_parallel import (  # noqa: E402
     avsd_sampled_token_loss,
     candidate_union,

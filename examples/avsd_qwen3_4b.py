@@ -4,12 +4,12 @@
         container_image=/images/avsd-megatron.sqsh 'container_mounts=["/lustre:/lustre"]' \\
         hf_path=/lustre/models/Qwen3-4B workdir=/lustre/avsd/qwen3_4b --dryrun --yes   # drop --dryrun to submit
 
-nodes= picks the TP/PP/DP preset (avsd_megatron/recipes.py); the same command is `nemorun avsd qwen3_4b ...`.
+nodes= picks the TP/PP/DP preset (avsd_megatron/pipelines/recipes.py); the same command is `nemorun avsd qwen3_4b ...`.
 """
 
 import nemo_run as run
 
-from avsd_megatron.recipes import qwen3_4b
+from avsd_megatron.pipelines.recipes import qwen3_4b
 
 if __name__ == "__main__":
     run.cli.main(qwen3_4b)

@@ -5,12 +5,12 @@
         hf_path=/lustre/models/Qwen3-8B workdir=/lustre/avsd/qwen3_8b --dryrun --yes   # drop --dryrun to submit
     python examples/avsd_qwen3_8b.py hf_path=models/Qwen3-8B --yes                     # one local 8-GPU node
 
-nodes= picks the TP/PP/DP preset (avsd_megatron/recipes.py); the same command is `nemorun avsd qwen3_8b ...`.
+nodes= picks the TP/PP/DP preset (avsd_megatron/pipelines/recipes.py); the same command is `nemorun avsd qwen3_8b ...`.
 """
 
 import nemo_run as run
 
-from avsd_megatron.recipes import qwen3_8b
+from avsd_megatron.pipelines.recipes import qwen3_8b
 
 if __name__ == "__main__":
     run.cli.main(qwen3_8b)

@@ -4,12 +4,12 @@
     python examples/avsd_tiny_cpu.py --yes 'train_overrides=["max_steps=2"]' workdir=outputs/avsd/tiny_try
     python examples/avsd_tiny_cpu.py --dryrun --yes             # print the commands, run nothing
 
-Run from the repository root with the venv active (`torchrun` on PATH). Arguments: avsd_megatron/recipes.py.
+Run from the repository root with the venv active (`torchrun` on PATH). Arguments: avsd_megatron/pipelines/recipes.py.
 """
 
 import nemo_run as run
 
-from avsd_megatron.recipes import tiny_cpu
+from avsd_megatron.pipelines.recipes import tiny_cpu
 
 if __name__ == "__main__":
     run.cli.main(tiny_cpu)

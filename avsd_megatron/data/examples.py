@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from avsd_megatron.verify.sandbox import TestCase
+
 TASKS = ("math", "code")
 BAD_ROW_POLICIES = ("error", "skip")
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -62,16 +64,6 @@ class MathExample:
     solution: str
     """Reference solution text; the full_solution / partial_solution / answer_only views are built from it."""
     row: RowRef
-
-
-@dataclass(frozen=True)
-class TestCase:
-    """One stdin -> stdout test of a code problem."""
-
-    __test__ = False  # not a pytest class
-
-    input: str
-    output: str
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from avsd_megatron.data import CodeExample, MathExample, TestCase
-from avsd_megatron.views import (
+from avsd_megatron.data.examples import CodeExample, MathExample
+from avsd_megatron.data.views import (
     CODE_VIEWS,
     DEFAULT_PARTIAL_RATIO,
     MATH_VIEWS,
@@ -41,6 +41,7 @@ from avsd_megatron.views import (
     math_view_payload,
     normalize_views,
 )
+from avsd_megatron.verify.sandbox import TestCase
 
 OVERLONG_POLICIES = ("skip", "truncate")
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."

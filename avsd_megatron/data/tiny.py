@@ -1,7 +1,7 @@
 """Tiny bundled assets for CPU runs and tests: a synthetic math dataset, a small BPE tokenizer with Qwen3's special
 tokens and chat template, a 4-layer Qwen3 config, and `make_tiny_hf_checkpoint` (random weights, HF layout).
 
-What ships under `avsd_megatron/assets/` (package data; rebuild all of it with `python -m avsd_megatron.tiny assets`):
+What ships under `avsd_megatron/data/assets/` (package data; rebuild all of it with `python -m avsd_megatron tiny assets`):
 
 | path                                   | what                                                                   |
 |----------------------------------------|------------------------------------------------------------------------|
@@ -53,7 +53,7 @@ from typing import Any
 
 import torch
 
-from avsd_megatron.data import RowRef, math_example_from_row
+from avsd_megatron.data.examples import RowRef, math_example_from_row
 
 __all__ = [
     "ASSETS_DIR",
@@ -331,8 +331,8 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 def _tokenizer_corpus(rows: list[dict[str, str]]) -> Iterator[str]:
     """What the BPE merges are learned from: the rows, and chat-rendered prompts of the first rows."""
-    from avsd_megatron.prompts import math_student_message, math_teacher_message
-    from avsd_megatron.views import MATH_VIEWS, math_view_payload
+    from avsd_megatron.data.prompts import math_student_message, math_teacher_message
+    from avsd_megatron.data.views import MATH_VIEWS, math_view_payload
 
     for row in rows:
         yield row["problem"]
@@ -522,9 +522,9 @@ def write_assets(assets_dir: str | Path = ASSETS_DIR) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m avsd_megatron.tiny", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m avsd_megatron tiny", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("assets", help="rebuild the shipped assets under avsd_megatron/assets/")
+    commands.add_parser("assets", help="rebuild the shipped assets under avsd_megatron/data/assets/")
     checkpoint = commands.add_parser("checkpoint", help="write a random-init tiny HF Qwen3 checkpoint directory")
     checkpoint.add_argument("out_dir", help="output directory (must not exist or be empty)")
     checkpoint.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")

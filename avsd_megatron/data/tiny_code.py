@@ -6,12 +6,12 @@ for CPU runs and tests of the code task (training with the reference / hint / fe
 | `tiny_code/train.jsonl`    | one row per problem of `TRAIN_PROBLEMS` (32)                                     |
 | `tiny_code/heldout.jsonl`  | one row per problem of `HELDOUT_PROBLEMS` (12), disjoint from train by problem   |
 
-Rebuild with `python -m avsd_megatron.tiny_code` (the tiny math set, tokenizer and config are `tiny.py`'s and are
+Rebuild with `python -m avsd_megatron tiny-code` (the tiny math set, tokenizer and config are `tiny.py`'s and are
 not touched). Each row has `id`, `problem`, `input_format`, `output_format`, `constraints`, `reference_solution` (a
 short Python 3 program), `algorithm_hint`, `examples` = `public_tests` (2 tests, shown in the prompt) and
 `hidden_tests` (4 more). Test inputs come from `random.Random(seed)` with a per-problem stream, so a row depends
 only on its problem and the seed; expected outputs are what the reference program prints for the input, computed
-in this process (the programs are this module's own constants, never model output). `tests/test_tiny_code.py`
+in this process (the programs are this module's own constants, never model output). `tests/data/test_tiny_code.py`
 runs every reference on all its tests in the sandbox.
 """
 
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from avsd_megatron.data import RowRef, code_example_from_row
+from avsd_megatron.data.examples import RowRef, code_example_from_row
 
 __all__ = [
     "HELDOUT_PROBLEMS",
@@ -304,7 +304,7 @@ def write_code_assets(out_dir: str | Path = TINY_CODE_DIR) -> tuple[Path, Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m avsd_megatron.tiny_code", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m avsd_megatron tiny-code", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(TINY_CODE_DIR), help=f"output directory (default {TINY_CODE_DIR})")
     args = parser.parse_args(argv)
     for path in write_code_assets(args.out):

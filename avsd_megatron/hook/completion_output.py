@@ -13,7 +13,7 @@ Tensor parallelism of the selection:
 * with sequence parallelism rank r holds positions [r S/tp, (r+1) S/tp): all-gather the sequence first
   (`gather_from_sequence_parallel_region`, backward = reduce-scatter of the per-rank partial input gradients),
   select, and multiply by the local weight shard directly (calling the layer would all-gather its input again).
-  Checked on CPU against the non-SP branch with a real `ColumnParallelLinear` (tests/test_avsd_step.py); a whole
+  Checked on CPU against the non-SP branch with a real `ColumnParallelLinear` (tests/hook/test_avsd_step.py); a whole
   model with sequence parallelism needs Apex or TE norms, so it has not run end to end here.
 """
 

@@ -2,7 +2,7 @@
 
 `get_forward_backward_func()(forward_step_func=AVSDForwardStep(...), data_iterator=iter(items), ...)` with one item
 `(AVSDMicroBatch, TeacherOutputs | None)` per micro-batch: the teacher outputs of micro-batch i (from
-`teacher.score_teachers`, same micro-batch order) travel with student micro-batch i, so on the last pipeline stage the
+`scoring.score_teachers`, same micro-batch order) travel with student micro-batch i, so on the last pipeline stage the
 loss of micro-batch i sees exactly its own teachers. Other stages receive None for the teacher outputs and never run
 the loss.
 
@@ -37,10 +37,10 @@ from typing import Any, Literal
 
 import torch
 
-from avsd_megatron.batch import AVSDMicroBatch
-from avsd_megatron.candidate_signals import WEIGHT_MODES
-from avsd_megatron.completion_output import CompletionLogits, completion_logits
-from avsd_megatron.signals import GATE_MODES, MODES, GateParams
+from avsd_megatron.hook.batch import AVSDMicroBatch
+from avsd_megatron.hook.completion_output import CompletionLogits, completion_logits
+from avsd_megatron.signals.candidate import WEIGHT_MODES
+from avsd_megatron.signals.sampled import GATE_MODES, MODES, GateParams
 from avsd_megatron.vocab_parallel import (
     avsd_candidate_loss_from_teacher,
     avsd_full_vocab_loss,

@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
-from avsd_megatron.batch import AVSDBatch, AVSDMicroBatch
-from avsd_megatron.completion_output import completion_hidden_states, output_weight_of, project_to_logits
-from avsd_megatron.loss import AVSDLossConfig, TeacherOutputs
-from avsd_megatron.teacher_kinds import Teacher
+from avsd_megatron.hook.batch import AVSDBatch, AVSDMicroBatch
+from avsd_megatron.hook.completion_output import completion_hidden_states, output_weight_of, project_to_logits
+from avsd_megatron.hook.loss import AVSDLossConfig, TeacherOutputs
+from avsd_megatron.hook.teacher_kinds import Teacher
 from avsd_megatron.vocab_parallel import CandidateSet, sampled_token_logprobs, teacher_candidates
 
 __all__ = ["TeacherScoringStep", "score_teachers"]

@@ -7,7 +7,7 @@
 
 1. zero the gradient buffers;
 2. `score_teachers`: one forward-only schedule over the M * B teacher rows of every micro-batch, teacher weights
-   swapped in (`teacher.py`);
+   swapped in (`teacher_kinds.py`);
 3. `update_student`: one forward-backward schedule over the student rows, micro-batch i paired with the teacher
    outputs of micro-batch i (`loss.AVSDForwardStep`); Megatron's `finalize_model_grads` reduces gradients over DP
    (and TP for replicated norms, PP for tied embeddings) and divides them by the summed count the loss returned;
@@ -28,10 +28,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from avsd_megatron.batch import AVSDBatch
-from avsd_megatron.loss import AVSDForwardStep, AVSDLossConfig, TeacherOutputs
-from avsd_megatron.teacher import score_teachers
-from avsd_megatron.teacher_kinds import Teacher
+from avsd_megatron.hook.batch import AVSDBatch
+from avsd_megatron.hook.loss import AVSDForwardStep, AVSDLossConfig, TeacherOutputs
+from avsd_megatron.hook.scoring import score_teachers
+from avsd_megatron.hook.teacher_kinds import Teacher
 
 __all__ = ["AVSDStep", "MegatronGroups", "StepResult", "reduce_metrics"]
 
@@ -154,7 +154,7 @@ class AVSDStep:
         self.optimizer.zero_grad()
 
     def score_teachers(self, batch: AVSDBatch) -> list[TeacherOutputs | None]:
-        """Phase 1: the forward-only teacher pass (`teacher.score_teachers`)."""
+        """Phase 1: the forward-only teacher pass (`scoring.score_teachers`)."""
         return score_teachers(
             self.model,
             batch,

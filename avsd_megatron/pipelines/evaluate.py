@@ -1,11 +1,11 @@
 """Evaluation of an HF checkpoint on a jsonl set of problems: math Avg@k (spec 5.2) or code pass@k (spec 5.3).
 
-    python -m avsd_megatron.evaluate --hf outputs/tiny_cpu/hf_final \\
-        --data avsd_megatron/assets/tiny_math/heldout.jsonl --k 8 --out outputs/tiny_cpu/eval.json
-    python -m avsd_megatron.evaluate --hf Qwen3-8B-avsd --data aime24.jsonl --k 16 --engine vllm \\
+    python -m avsd_megatron evaluate --hf outputs/tiny_cpu/hf_final \\
+        --data avsd_megatron/data/assets/tiny_math/heldout.jsonl --k 8 --out outputs/tiny_cpu/eval.json
+    python -m avsd_megatron evaluate --hf Qwen3-8B-avsd --data aime24.jsonl --k 16 --engine vllm \\
         --max-new-tokens 32768 --temperature 0.7 --top-p 0.95 --top-k -1 --thinking on
-    python -m avsd_megatron.evaluate --task code --hf outputs/tiny_code_cpu/hf_final \\
-        --data avsd_megatron/assets/tiny_code/heldout.jsonl --k 8 --tests all --out outputs/tiny_code_cpu/eval.json
+    python -m avsd_megatron evaluate --task code --hf outputs/tiny_code_cpu/hf_final \\
+        --data avsd_megatron/data/assets/tiny_code/heldout.jsonl --k 8 --tests all --out outputs/tiny_code_cpu/eval.json
 
 Math (`--task math`, the default). Per problem, the prompt is the problem text followed by the boxed-answer
 instruction (`prompts.math_eval_message`: no "Problem:" prefix), rendered as one user turn with the checkpoint's
@@ -20,13 +20,13 @@ which treats the problems as a sample from a larger pool (the sampling noise of 
 
 Data: jsonl, one object per line with string fields `problem` and `answer` (an int answer is accepted and turned
 into its decimal string); other fields are ignored. A bad file or row raises `ValueError` naming the file, line and
-field. The bundled `avsd_megatron/assets/tiny_math/*.jsonl` rows have this shape.
+field. The bundled `avsd_megatron/data/assets/tiny_math/*.jsonl` rows have this shape.
 
 Output (`--out FILE.json`): {"summary": {...}, "config": {...}, "samples": [{"index", "problem", "answer",
 "completions": [{"text", "extracted", "correct", "finish_reason", "num_tokens"}]}]}; the summary is also printed.
 
-Engines, for both tasks: `hf` (transformers generate, CPU or one GPU; `rollout.HFEngine`) or `vllm` (GPU only; one
-rank of `rollout_vllm.VLLMEngine`, which this module feeds the checkpoint's safetensors; not yet run on a GPU).
+Engines, for both tasks: `hf` (transformers generate, CPU or one GPU; `rollout.hf_engine.HFEngine`) or `vllm` (GPU only; one
+rank of `rollout.vllm_engine.VLLMEngine`, which this module feeds the checkpoint's safetensors; not yet run on a GPU).
 
 Benchmarks (spec 5.2) on a machine with Hub access, with `datasets`:
 
@@ -42,11 +42,11 @@ Benchmarks (spec 5.2) on a machine with Hub access, with `datasets`:
 
 Code (`--task code`, spec 5.3). Rows are code rows as the trainer reads them (`data.py`: `problem`,
 `reference_solution`, non-empty `public_tests`, optional `id`, `input_format`, `output_format`, `constraints`,
-`examples`, `hidden_tests`, ...; the bundled `avsd_megatron/assets/tiny_code/*.jsonl` have this shape); a bad row
+`examples`, `hidden_tests`, ...; the bundled `avsd_megatron/data/assets/tiny_code/*.jsonl` have this shape); a bad row
 raises `ValueError` naming file, line and field. The prompt is the training student's (`prompts.code_student_message`:
 instructions, problem fields, the `<final_code>` layout), with an empty think block when thinking is off (the
 default, as in the reference's code evaluation). k completions per problem (seed `request_seed(seed, index)`); each
-is graded by `grading.grade_code_completion`: its program (`views.extract_code`) runs in the sandbox on the row's
+is graded by `grading.grade_code_completion`: its program (`verify.extract.extract_code`) runs in the sandbox on the row's
 tests, `--tests all` (public + hidden, the default), `hidden` (the reference's protocol; every row must have hidden
 tests) or `public`, stopping at the first failure; its status is one of `sandbox.STATUSES`. Scores, with c_i passing
 samples of problem i out of k:
@@ -75,12 +75,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from avsd_megatron.data import BadRowError, CodeExample, RowRef, TestCase, code_example_from_row
-from avsd_megatron.grading import code_scores, grade_code_completion, grade_math_completion, math_scores
-from avsd_megatron.prompts import code_student_message, math_eval_message, render_chat
-from avsd_megatron.rollout import SamplingParams, request_seed
-from avsd_megatron.sandbox import STATUSES, Sandbox, SandboxConfig
-from avsd_megatron.views import extract_code
+from avsd_megatron.data.examples import BadRowError, CodeExample, RowRef, code_example_from_row
+from avsd_megatron.data.prompts import code_student_message, math_eval_message, render_chat
+from avsd_megatron.rollout.engine import SamplingParams, request_seed
+from avsd_megatron.verify.extract import extract_code
+from avsd_megatron.verify.grading import code_scores, grade_code_completion, grade_math_completion, math_scores
+from avsd_megatron.verify.sandbox import STATUSES, Sandbox, SandboxConfig, TestCase
 
 __all__ = [
     "EvalConfig",
@@ -347,7 +347,7 @@ def evaluate_hf_dir(hf_dir: str | Path, data: str | Path, cfg: EvalConfig, *, li
     else:
         raise ValueError(f"task={task!r} is not one of {TASKS}")
     if engine == "hf":
-        from avsd_megatron.rollout import HFEngine
+        from avsd_megatron.rollout.hf_engine import HFEngine
 
         eng = HFEngine.from_pretrained(hf_dir)
         tokenizer = eng.tokenizer
@@ -378,8 +378,8 @@ def _vllm_engine(hf_dir: str | Path, cfg: EvalConfig, *, max_prompt_tokens: int)
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from avsd_megatron.config import RolloutConfig, VLLMConfig
-    from avsd_megatron.rollout_vllm import VLLMEngine
+    from avsd_megatron.rollout.config import RolloutConfig, VLLMConfig
+    from avsd_megatron.rollout.vllm_engine import VLLMEngine
 
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -408,10 +408,10 @@ def _vllm_engine(hf_dir: str | Path, cfg: EvalConfig, *, max_prompt_tokens: int)
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m avsd_megatron.evaluate",
+        prog="python -m avsd_megatron evaluate",
         description="Evaluate an HF checkpoint on a jsonl of problems: math Avg@k / Pass@k / format rate "
         "(--task math), or code pass@1 / pass@k / status counts with every sample run in the sandbox (--task code).",
-        epilog="Scores, data schemas and output layout: the module docstring (avsd_megatron/evaluate.py).",
+        epilog="Scores, data schemas and output layout: the module docstring (avsd_megatron/pipelines/evaluate.py).",
     )
     # -- what -----------------------------------------------------------------------------------------------------
     parser.add_argument("--task", choices=TASKS, default="math",
@@ -419,7 +419,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hf", required=True, help="HF checkpoint directory (config, safetensors, tokenizer)")
     parser.add_argument("--data", required=True,
                         help="jsonl; math: string fields problem, answer; code: code rows (problem, "
-                        "reference_solution, public_tests, optional hidden_tests, ...; avsd_megatron/data.py)")
+                        "reference_solution, public_tests, optional hidden_tests, ...; avsd_megatron/data/examples.py)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N problems only")
     parser.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="hf: transformers; vllm: GPU only")
     # -- sampling -------------------------------------------------------------------------------------------------

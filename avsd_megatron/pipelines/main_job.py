@@ -1,8 +1,8 @@
 """The main job on CPU: tiny random-init Qwen3 -> SFT warm start -> AVSD (3 math views) and the single-view baseline
 on Megatron-Core -> HF -> held-out Avg@k before and after, in one table.
 
-    python -m avsd_megatron.main_job --out runs/tiny_cpu                  # the embedded default (2 CPU cores)
-    python -m avsd_megatron.main_job --out /tmp/mini --sft-steps 2 --steps 1 --heldout 4 --k 1 --probe 2  # plumbing
+    python -m avsd_megatron main-job --out runs/tiny_cpu                  # the embedded default (2 CPU cores)
+    python -m avsd_megatron main-job --out /tmp/mini --sft-steps 2 --steps 1 --heldout 4 --k 1 --probe 2  # plumbing
 
 Phases (wall time of each goes to summary.json):
 1. `init`: `tiny.make_tiny_hf_checkpoint(<out>/hf_init, seed)` (bundled config and tokenizer, random weights).
@@ -14,7 +14,7 @@ Phases (wall time of each goes to summary.json):
 3. `probe`: `warm_start.view_probe` on the first `--probe` held-out problems: greedy accuracy with the student
    prompt and with each view's teacher prompt. AVSD can only help if the views score far above the student.
 4. `convert`: `convert.convert_hf_to_megatron(hf_warm)` -> `<out>/megatron_warm` (fp32); both runs start from it.
-5. `train`: two `python -m avsd_megatron.train --config <out>/<run>/config.yaml` processes at once (one rank each,
+5. `train`: two `python -m avsd_megatron train --config <out>/<run>/config.yaml` processes at once (one rank each,
    gloo, Megatron on CPU, `--threads` threads), the trainer of `trainer.py`: `avsd`, avsd.mode=avsd with the views
    full_solution, partial_solution and answer_only; `single`, the baseline avsd.mode=single with full_solution.
    Same warm start, loss, data order, rollout seeds, lr and steps. Metrics go to `<out>/<run>/metrics.jsonl`.
@@ -73,11 +73,11 @@ from typing import Any
 
 import torch
 
-from avsd_megatron.config import TrainConfig, dump_config, from_dict, to_dict
-from avsd_megatron.evaluate import EvalConfig, evaluate_hf_dir
-from avsd_megatron.tiny import TINY_HELDOUT_PATH, TINY_TRAIN_PATH, make_tiny_hf_checkpoint, read_jsonl
-from avsd_megatron.views import MATH_VIEWS
-from avsd_megatron.warm_start import SFTConfig, view_probe, warm_start
+from avsd_megatron.data.tiny import TINY_HELDOUT_PATH, TINY_TRAIN_PATH, make_tiny_hf_checkpoint, read_jsonl
+from avsd_megatron.data.views import MATH_VIEWS
+from avsd_megatron.pipelines.evaluate import EvalConfig, evaluate_hf_dir
+from avsd_megatron.pipelines.warm_start import SFTConfig, view_probe, warm_start
+from avsd_megatron.training.config import TrainConfig, dump_config, from_dict, to_dict
 
 __all__ = ["main", "parse_args", "run_config"]
 
@@ -86,7 +86,7 @@ RUNS = {"avsd": ("avsd", MATH_VIEWS), "single": ("single", ("full_solution",))}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m avsd_megatron.main_job", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m avsd_megatron main-job", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/tiny_cpu", help="run directory (must not hold a summary.json)")
     p.add_argument("--seed", type=int, default=0, help="init weights, SFT order, optim and rollout seeds")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads of each training / eval process")
@@ -144,13 +144,13 @@ def _free_port() -> int:
 
 
 def _train(cfg_paths: dict[str, Path], threads: int) -> None:
-    """One `avsd_megatron.train` process per run, all at once (each its own process group on a free port, `threads`
+    """One `avsd_megatron.training.train` process per run, all at once (each its own process group on a free port, `threads`
     intra-op threads; the runs are independent, and two one-thread runs use both cores of a 2-core machine)."""
     procs = {}
     for name, cfg_path in cfg_paths.items():
         env = os.environ | {"OMP_NUM_THREADS": str(threads), "MASTER_ADDR": "127.0.0.1",
                             "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1"}
-        cmd = [sys.executable, "-m", "avsd_megatron.train", "--config", str(cfg_path), "--no-progress"]
+        cmd = [sys.executable, "-m", "avsd_megatron", "train", "--config", str(cfg_path), "--no-progress"]
         procs[name] = (cmd, subprocess.Popen(cmd, env=env))
     failed = [f"run {name!r} exit {rc}: {' '.join(cmd)}"
               for name, (cmd, proc) in procs.items() if (rc := proc.wait()) != 0]
@@ -178,8 +178,8 @@ def _table(rows: list[tuple[str, dict[str, Any], int | str]], k: int) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    from avsd_megatron.checkpointing import find_latest
     from avsd_megatron.convert import convert_hf_to_megatron, convert_megatron_to_hf
+    from avsd_megatron.training.checkpointing import find_latest
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)

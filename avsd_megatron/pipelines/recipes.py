@@ -11,12 +11,12 @@ wait for each other, Slurm jobs get `afterok` dependencies). `steps=[...]` picks
 
 | step          | command (run from the repository root)                     | skipped when                         |
 |---------------|------------------------------------------------------------|--------------------------------------|
-| `tiny_init`   | `python -m avsd_megatron.tiny checkpoint <hf_path>`        | hf_path exists (tiny recipe only)    |
+| `tiny_init`   | `python -m avsd_megatron tiny checkpoint <hf_path>`        | hf_path exists (tiny recipe only)    |
 | `convert_in`  | `tools/convert_checkpoint.py hf-to-megatron --tp T --pp P` | `<workdir>/megatron_init` exists, or |
 |               |                                                            | `megatron_checkpoint=` is given      |
-| `train`       | `torchrun ... -m avsd_megatron.train --config C --set ...` | never (resumes per the config)       |
+| `train`       | `torchrun ... -m avsd_megatron train --config C --set ...` | never (resumes per the config)       |
 | `convert_out` | `tools/convert_checkpoint.py megatron-to-hf` (newest step) | `<workdir>/hf/<step>` exists         |
-| `evaluate`    | `python -m avsd_megatron.evaluate --hf <workdir>/hf/latest` | no evaluate module or no eval_data=  |
+| `evaluate`    | `python -m avsd_megatron evaluate --hf <workdir>/hf/latest` | no evaluate module or no eval_data=  |
 |               | `--data <eval_data> --out <workdir>/eval.json`             | (dropped with a printed message)     |
 
 Layout of `workdir`: `megatron_init/` (converted start weights), `train/` (the trainer's output_dir: metrics,
@@ -54,16 +54,16 @@ try:
     import nemo_run as run
 except ImportError as exc:  # the launch extra is optional for everything else in the package
     raise ImportError(
-        "avsd_megatron.recipes needs NeMo-Run: pip install -e '.[launch]' (nemo-run 0.11.x with leptonai<0.47)"
+        "avsd_megatron.pipelines.recipes needs NeMo-Run: pip install -e '.[launch]' (nemo-run 0.11.x with leptonai<0.47)"
     ) from exc
 
-from avsd_megatron.config import ConfigError, ParallelConfig, load_config
+from avsd_megatron.training.config import ConfigError, ParallelConfig, load_config
 
 __all__ = ["PRESETS", "RECIPES", "STEPS", "Layout", "Recipe", "build_tasks", "launch", "qwen3_4b", "qwen3_8b",
            "tiny_cpu"]
 
 STEPS = ("tiny_init", "convert_in", "train", "convert_out", "evaluate")
-EVAL_MODULE = "avsd_megatron.evaluate"
+EVAL_MODULE = "avsd_megatron.pipelines.evaluate"
 
 # Slurm jobs: what every multi-node NCCL job here needs. Cluster-specific NCCL settings (NCCL_IB_HCA,
 # NCCL_SOCKET_IFNAME) are arguments; anything else goes through env={...}.
@@ -120,7 +120,7 @@ class Recipe:
     eval_data: str = ""
     """Default `evaluate --data` jsonl (problem, answer); empty = the user passes eval_data= or evaluate is skipped."""
     eval_args: tuple[str, ...] = ()
-    """Default extra `python -m avsd_megatron.evaluate` arguments (the user's eval_args= come after them)."""
+    """Default extra `python -m avsd_megatron evaluate` arguments (the user's eval_args= come after them)."""
 
 
 def _layouts(*layouts: Layout) -> dict[int, Layout]:
@@ -147,7 +147,7 @@ RECIPES = {
         "tiny_cpu", "examples/configs/tiny_cpu.yaml", "{workdir}/hf_init", "fp32",
         _layouts(Layout(1, tp=1, pp=1, micro_batch_size=2, gpus_per_node=2)),
         steps=("tiny_init", "convert_in", "train", "convert_out", "evaluate"),
-        eval_data="avsd_megatron/assets/tiny_math/heldout.jsonl",
+        eval_data="avsd_megatron/data/assets/tiny_math/heldout.jsonl",
         eval_args=("--limit", "4", "--k", "1", "--max-new-tokens", "16"),
     ),
 }
@@ -193,7 +193,7 @@ def _tiny_init(plan: Plan) -> run.Script:
     hf = shlex.quote(plan.hf_path)
     return run.Script(inline=(
         f'if [ -f {hf}/config.json ]; then echo "tiny_init: {hf} exists, kept"; '
-        f"else python -m avsd_megatron.tiny checkpoint {hf}; fi\n"
+        f"else python -m avsd_megatron tiny checkpoint {hf}; fi\n"
     ))
 
 
@@ -211,8 +211,8 @@ def _train(plan: Plan) -> run.Script:
     if plan.megatron_checkpoint:
         overrides.append(f"model.megatron_checkpoint={plan.megatron_checkpoint}")
     overrides += plan.train_overrides  # the user's win: later --set items override earlier ones
-    return run.Script(path="avsd_megatron.train", m=True, entrypoint="python",
-                      args=["--config", plan.recipe.config, "--no-progress", "--set", *overrides])
+    return run.Script(path="avsd_megatron", m=True, entrypoint="python",
+                      args=["train", "--config", plan.recipe.config, "--no-progress", "--set", *overrides])
 
 
 def _convert_out(plan: Plan) -> run.Script:
@@ -229,8 +229,8 @@ def _convert_out(plan: Plan) -> run.Script:
 
 
 def _evaluate(plan: Plan) -> run.Script:
-    return run.Script(path=EVAL_MODULE, m=True, entrypoint="python",
-                      args=["--hf", f"{plan.hf_out}/latest", "--data", plan.eval_data, "--out",
+    return run.Script(path="avsd_megatron", m=True, entrypoint="python",
+                      args=["evaluate", "--hf", f"{plan.hf_out}/latest", "--data", plan.eval_data, "--out",
                             f"{plan.workdir}/eval.json", "--no-progress", *plan.recipe.eval_args, *plan.eval_args])
 
 
@@ -360,7 +360,7 @@ def build_tasks(
     if "evaluate" in steps and importlib.util.find_spec(EVAL_MODULE) is None:
         skip = f"{EVAL_MODULE} is not in this checkout"
     elif "evaluate" in steps and not plan.eval_data:
-        skip = "no eval_data=FILE.jsonl given (problem/answer rows, see avsd_megatron/evaluate.py)"
+        skip = "no eval_data=FILE.jsonl given (problem/answer rows, see avsd_megatron/pipelines/evaluate.py)"
     if skip:
         print(f"evaluate: skipped: {skip}; pass steps=[...] without evaluate to silence this")
         steps = tuple(s for s in steps if s != "evaluate")
@@ -460,7 +460,7 @@ def _entrypoint(recipe_name: str):
     entry.__doc__ = (
         f"AVSD recipe {recipe_name}: steps {' -> '.join(recipe.steps)} ({recipe.config}).\n\n"
         "executor=local|slurm; nodes= picks the parallelism preset; train_overrides=[...] are the trainer's --set "
-        "items; see avsd_megatron/recipes.py."
+        "items; see avsd_megatron/pipelines/recipes.py."
     )
     return run.cli.entrypoint(entry, namespace="avsd", type="experiment")
 

@@ -39,8 +39,8 @@ from typing import Any
 
 import torch
 
-from avsd_megatron.prompts import math_eval_message, math_student_message, math_teacher_message, render_chat
-from avsd_megatron.views import MATH_VIEWS, math_view_payload
+from avsd_megatron.data.prompts import math_eval_message, math_student_message, math_teacher_message, render_chat
+from avsd_megatron.data.views import MATH_VIEWS, math_view_payload
 
 __all__ = ["SFTConfig", "sft_example_ids", "warm_start"]
 
@@ -259,7 +259,7 @@ def view_probe(hf_dir: str | Path, rows: Sequence[dict[str, str]], views: Sequen
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from avsd_megatron.grading import grade_math_completion
+    from avsd_megatron.verify.grading import grade_math_completion
 
     tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()

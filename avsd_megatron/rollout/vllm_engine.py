@@ -33,8 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from avsd_megatron.config import RolloutConfig
-from avsd_megatron.rollout import (
+from avsd_megatron.rollout.config import RolloutConfig
+from avsd_megatron.rollout.engine import (
     FINISH_REASONS,
     Completion,
     EngineState,
@@ -51,7 +51,7 @@ SUPPORTED_VLLM = "0.33"
 SLEEP_LEVEL = 2  # the weights are overwritten by every sync, so level 1's CPU copy would be wasted
 _INSTALL_HINT = (
     f"VLLMEngine needs vLLM {SUPPORTED_VLLM}.x and a CUDA GPU (pip install 'vllm=={SUPPORTED_VLLM}.*'); "
-    "on CPU use rollout.engine='hf' (avsd_megatron.rollout.HFEngine)"
+    "on CPU use rollout.engine='hf' (avsd_megatron.rollout.engine.HFEngine)"
 )
 
 

@@ -20,13 +20,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from avsd_megatron.signals import (
+from avsd_megatron.signals.sampled import (
     DEFAULT_EPS,
     GATE_MODES,
     MODES,
     GateParams,
-    arithmetic_logprobs,
     agreement,
+    arithmetic_logprobs,
     check_choice,
     check_eps,
     check_log_probs,

@@ -1,7 +1,7 @@
 """AVSD per-token target math: the elementwise steps every path shares, and the sampled-token targets (spec 2.2).
 
 Pure torch: no torch.distributed, no Megatron. Every function here is elementwise over the trailing axes, so the
-same code serves the sampled-token path (one scalar per token), the candidate path (`candidate_signals.py`, a
+same code serves the sampled-token path (one scalar per token), the candidate path (`candidate.py`, a
 support of Kc tokens per position) and the full-vocab, TP-sharded path (`vocab_parallel.py`, V/tp entries per
 rank). Where a step needs a normaliser over the support (a logsumexp) the caller supplies it; nothing here
 reduces over the vocabulary.
@@ -54,7 +54,7 @@ _WEIGHT_SUM_ATOL = 1e-5  # fp32 weights that sum to 1 up to rounding are accepte
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Validation helpers (shared with candidate_signals.py)
+# Validation helpers (shared with candidate.py)
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -177,7 +177,7 @@ def init_megatron(
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from avsd_megatron.testing.megatron_cpu import install
+    from avsd_megatron.runtime.megatron_cpu import install
 
     if parallel_state.model_parallel_is_initialized():
         raise RuntimeError("Megatron parallel_state is already initialised in this process; call init_megatron once")

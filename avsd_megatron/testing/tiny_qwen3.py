@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from avsd_megatron.convert.qwen3_config import padded_vocab_size  # Megatron-LM's rule; re-exported for tests
-from avsd_megatron.megatron_model import CPU_OVERRIDES
+from avsd_megatron.training.megatron_model import CPU_OVERRIDES
 
 if TYPE_CHECKING:  # Megatron is imported inside the functions: importing this module must not load it
     from megatron.core.models.gpt import GPTModel

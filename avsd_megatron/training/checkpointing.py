@@ -17,7 +17,7 @@ temporary file and `os.replace`. A kill at any point leaves either the previous 
 complete; `find_latest` also ignores a `latest` that names a missing or incomplete directory and falls back to the
 newest complete `step_*`.
 
-Megatron-Core 0.19 gotchas handled here (measured on CPU/gloo, see tests/test_trainer.py):
+Megatron-Core 0.19 gotchas handled here (measured on CPU/gloo, see tests/training/test_trainer.py):
 - the distributed optimizer's default sharding format fails on save: both save and load pass
   `metadata={"distrib_optim_sharding_type": "dp_reshardable"}` (loading needs the same layout: same TP, PP, DP);
 - a fresh optimizer cannot build its load-time state dict before it has state: `load` takes a model whose

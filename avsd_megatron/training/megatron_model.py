@@ -8,7 +8,7 @@
 Modes come from `TrainConfig` fields, each read once here: `model.dtype`, `model.layer_spec` ('local' on CPU, 'te'
 on GPU), `model.recompute`, `optim.distributed_optimizer`. `calculate_per_token_loss=True` and
 `finalize_model_grads_func` are always set (AVSDStep requires both). `on_cpu` adds the TransformerConfig switches
-CPU runs need (no fused kernels, CPU init, plain p2p; see `testing.megatron_cpu` for the runtime patches).
+CPU runs need (no fused kernels, CPU init, plain p2p; see `runtime.megatron_cpu` for the runtime patches).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from avsd_megatron.config import TrainConfig
 from avsd_megatron.convert import convert_hf_to_megatron, qwen3_config_to_transformer_config, qwen3_gpt_model_kwargs
+from avsd_megatron.training.config import TrainConfig
 
 __all__ = ["DTYPES", "build_gpt_model", "build_optimizer", "initial_checkpoint", "wrap_ddp"]
 

@@ -35,12 +35,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from avsd_megatron.config import TrainConfig
-from avsd_megatron.data import CodeExample, MathExample
-from avsd_megatron.prompts import EncodedPrompts, PromptReport, code_feedback_prompt, code_prompts, math_prompts
-from avsd_megatron.rollout import Completion
-from avsd_megatron.sandbox import STATUSES, Sandbox
-from avsd_megatron.views import CodeFeedback, feedback_payload
+from avsd_megatron.data.examples import CodeExample, MathExample
+from avsd_megatron.data.prompts import EncodedPrompts, PromptReport, code_feedback_prompt, code_prompts, math_prompts
+from avsd_megatron.data.views import CodeFeedback, feedback_payload
+from avsd_megatron.rollout.engine import Completion
+from avsd_megatron.training.config import TrainConfig
+from avsd_megatron.verify.sandbox import STATUSES, Sandbox
 
 __all__ = ["TASKS", "CodeTask", "MathTask", "TeacherRows", "run_feedback"]
 

@@ -1,14 +1,14 @@
 """Command line: train AVSD from a YAML config, as one process or under torchrun.
 
-    python -m avsd_megatron.tiny checkpoint outputs/tiny_cpu/hf_init            # the tiny config's start weights
-    python -m avsd_megatron.train --config examples/configs/tiny_cpu.yaml --set max_steps=2 rollout.max_new_tokens=8
-    torchrun --nproc-per-node 2 -m avsd_megatron.train --config examples/configs/tiny_cpu.yaml --set parallel.tp=2
+    python -m avsd_megatron tiny checkpoint outputs/tiny_cpu/hf_init            # the tiny config's start weights
+    python -m avsd_megatron train --config examples/configs/tiny_cpu.yaml --set max_steps=2 rollout.max_new_tokens=8
+    torchrun --nproc-per-node 2 -m avsd_megatron train --config examples/configs/tiny_cpu.yaml --set parallel.tp=2
 
 `--set key=value` overrides a dotted config field; the value is parsed as YAML (`--set avsd.views=[answer_only]`),
 then the whole config is validated as if it came from the file; `--help` lists every key with its default
 (generated from the config dataclasses). Without torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR) the process
 initialises a one-rank group itself, on an in-process store (no port). On a machine without CUDA, Megatron runs on
-CPU through the reversible patches of `avsd_megatron.testing.megatron_cpu` (gloo backend, `model.layer_spec: local`).
+CPU through the reversible patches of `avsd_megatron.runtime.megatron_cpu` (gloo backend, `model.layer_spec: local`).
 
 `dist_checkpointing.save` starts a helper process with the spawn method, which re-imports `__main__`: this module
 keeps everything behind the `if __name__ == "__main__":` guard.
@@ -22,22 +22,22 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from avsd_megatron.config import ConfigError, TrainConfig, from_dict, load_config, to_dict
+from avsd_megatron.training.config import ConfigError, TrainConfig, from_dict, load_config, to_dict
 
 __all__ = ["apply_overrides", "config_keys", "main", "parse_args"]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m avsd_megatron.train",
+        prog="python -m avsd_megatron train",
         description="AVSD (Adaptive-View Self-Distillation) training on Megatron-Core.",
-        epilog="config keys for --set (default; field docs in avsd_megatron/config.py):\n" + "\n".join(
+        epilog="config keys for --set (default; field docs in avsd_megatron/training/config.py):\n" + "\n".join(
             f"  {key} = {value!r}" for key, value in config_keys()
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     # -- config ---------------------------------------------------------------------------------------------------
-    parser.add_argument("--config", required=True, help="YAML run config (see avsd_megatron/config.py sections)")
+    parser.add_argument("--config", required=True, help="YAML run config (see avsd_megatron/training/config.py sections)")
     parser.add_argument(
         "--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
         help="override dotted config fields, values parsed as YAML (e.g. --set max_steps=2 parallel.tp=2); "
@@ -106,11 +106,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     import torch.distributed as dist
 
     if not torch.cuda.is_available():
-        from avsd_megatron.testing.megatron_cpu import install
+        from avsd_megatron.runtime.megatron_cpu import install
 
         install()  # for the rest of this process
     _init_distributed()
-    from avsd_megatron.trainer import Trainer
+    from avsd_megatron.training.trainer import Trainer
 
     try:
         Trainer(cfg, progress=not args.no_progress).train()

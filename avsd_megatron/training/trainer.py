@@ -60,9 +60,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from avsd_megatron.batch import AVSDBatch, build_avsd_batch
-from avsd_megatron.checkpointing import CheckpointManager, adam_step_count, prime_optimizer
-from avsd_megatron.config import ConfigError, TrainConfig, dump_config, to_dict
 from avsd_megatron.convert import (
     export_hf_weights,
     load_megatron_checkpoint,
@@ -72,14 +69,18 @@ from avsd_megatron.convert import (
 )
 from avsd_megatron.convert.convert import HF_ASSETS_DIR
 from avsd_megatron.convert.safetensors_io import copy_hf_assets
-from avsd_megatron.data import CodeExample, MathExample, load_examples
-from avsd_megatron.megatron_model import DTYPES, build_gpt_model, build_optimizer, initial_checkpoint, wrap_ddp
-from avsd_megatron.metrics_log import MetricsLog, PhaseTimer
-from avsd_megatron.prompts import EncodedPrompts, PromptReport
-from avsd_megatron.rollout import Completion, HFEngine, SamplingParams, request_seed
-from avsd_megatron.step import AVSDStep, MegatronGroups, StepResult, reduce_metrics
-from avsd_megatron.tasks import TASKS, TeacherRows
-from avsd_megatron.teacher_kinds import build_teacher
+from avsd_megatron.data.examples import CodeExample, MathExample, load_examples
+from avsd_megatron.data.prompts import EncodedPrompts, PromptReport
+from avsd_megatron.hook.batch import AVSDBatch, build_avsd_batch
+from avsd_megatron.hook.step import AVSDStep, MegatronGroups, StepResult, reduce_metrics
+from avsd_megatron.hook.teacher_kinds import build_teacher
+from avsd_megatron.rollout.engine import Completion, SamplingParams, request_seed
+from avsd_megatron.rollout.hf_engine import HFEngine
+from avsd_megatron.training.checkpointing import CheckpointManager, adam_step_count, prime_optimizer
+from avsd_megatron.training.config import ConfigError, TrainConfig, dump_config, to_dict
+from avsd_megatron.training.megatron_model import DTYPES, build_gpt_model, build_optimizer, initial_checkpoint, wrap_ddp
+from avsd_megatron.training.metrics_log import MetricsLog, PhaseTimer
+from avsd_megatron.training.tasks import TASKS, TeacherRows
 
 __all__ = ["PromptStream", "Rollout", "Trainer"]
 
@@ -149,7 +150,7 @@ def _hf_engine(cfg: TrainConfig, *, on_cpu: bool) -> Any:
 
 
 def _vllm_engine(cfg: TrainConfig, *, on_cpu: bool) -> Any:
-    from avsd_megatron.rollout_vllm import VLLMEngine
+    from avsd_megatron.rollout.vllm_engine import VLLMEngine
 
     if on_cpu:
         raise ConfigError("rollout.engine='vllm' needs a GPU; use rollout.engine='hf' on CPU")

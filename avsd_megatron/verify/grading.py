@@ -28,9 +28,8 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from avsd_megatron.data import TestCase
-from avsd_megatron.sandbox import STATUSES, ExecutionResult, Sandbox, run_tests
-from avsd_megatron.views import extract_code, last_boxed_content
+from avsd_megatron.verify.extract import extract_code, last_boxed_content
+from avsd_megatron.verify.sandbox import STATUSES, ExecutionResult, Sandbox, TestCase, run_tests
 
 MATH_VERIFY_TIMEOUT_S = 5
 

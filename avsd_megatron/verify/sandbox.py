@@ -44,8 +44,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from avsd_megatron.data import TestCase
-
 SANDBOX_KINDS = ("bwrap", "subprocess")
 STATUSES = ("passed", "syntax_error", "runtime_error", "wrong_answer", "timeout", "extraction_failure")
 Status = Literal["passed", "syntax_error", "runtime_error", "wrong_answer", "timeout", "extraction_failure"]
@@ -68,6 +66,16 @@ _LAUNCHER = (
     "resource.setrlimit(resource.RLIMIT_CORE, (0, 0))\n"
     "os.execv(sys.executable, [sys.executable, sys.argv[4]])\n"
 )
+
+
+@dataclass(frozen=True)
+class TestCase:
+    """One stdin -> stdout test of a code problem."""
+
+    __test__ = False  # not a pytest class
+
+    input: str
+    output: str
 
 
 class SandboxUnavailableError(RuntimeError):

@@ -2,11 +2,11 @@
 
 Megatron's output layer is vocab-parallel: TP rank r holds logits for columns [r * V/tp, (r + 1) * V/tp) of the
 padded vocabulary (columns >= the real `vocab_size` are padding and ignored). Each kernel computes AVSD exactly as
-if the full vocabulary were on one device, with the per-token math from `avsd_megatron.signals` /
-`avsd_megatron.candidate_signals` and only the normalisers / gathers done here. Every function that communicates
+if the full vocabulary were on one device, with the per-token math from `avsd_megatron.signals.sampled` /
+`avsd_megatron.signals.candidate` and only the normalisers / gathers done here. Every function that communicates
 takes `group` explicitly; `group=None` means one rank holding the whole vocabulary (no collective), never a
-fallback to a global group. This package imports torch, torch.distributed and `avsd_megatron.signals` /
-`candidate_signals` only -- never Megatron (`parallel_state`).
+fallback to a global group. This package imports torch, torch.distributed and `avsd_megatron.signals.sampled` /
+`signals.candidate` only -- never Megatron (`parallel_state`).
 
 Collectives per call (forward; every backward is collective-free):
 

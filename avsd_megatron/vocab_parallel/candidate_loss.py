@@ -2,7 +2,7 @@
 target, both renormalised over the per-token candidate set K_t (views' top-k union plus the sampled token).
 
 After the candidate logits are gathered (one all-reduce), every rank holds the same [.., N, Kc] tensors and runs
-the same `avsd_megatron.candidate_signals` math, so the loss is replicated and the student's gradient only needs
+the same `avsd_megatron.signals.candidate` math, so the loss is replicated and the student's gradient only needs
 to be scattered into the ids each shard owns: no backward collective.
 
 Two entry points:
@@ -19,13 +19,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from avsd_megatron.candidate_signals import (
+from avsd_megatron.signals.candidate import (
     candidate_epistemic_terms,
     candidate_targets,
     generalized_jsd,
     masked_log_softmax,
 )
-from avsd_megatron.signals import GateParams
+from avsd_megatron.signals.sampled import GateParams
 from avsd_megatron.vocab_parallel.candidates import candidate_union, distributed_topk, gather_candidate_logits
 from avsd_megatron.vocab_parallel.checks import check_logits, check_mask
 from avsd_megatron.vocab_parallel.sampled_loss import metric
@@ -150,7 +150,7 @@ def avsd_candidate_loss_from_teacher(
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Training-pass candidate loss given the teachers' `CandidateSet` (spec 2.3 steps 3-11).
 
-    log p_s = log_softmax over K_t of z_s / tau; q_T from `candidate_signals.candidate_targets`; per-token
+    log p_s = log_softmax over K_t of z_s / tau; q_T from `signals.candidate.candidate_targets`; per-token
     generalized JSD_beta(p_s, q_T) over K_t, clamped from above at token_clip (> 0); summed over valid tokens.
 
     Args:

@@ -9,7 +9,7 @@ Per token chunk (c tokens), with x = z / tau in fp32 on this shard's real column
         J = max(0, log q_A - log q_G), delta_m, view statistics, gate g(v): all elementwise on the shard
     R3  all-gather (max, sum-exp) of the pre-target log q_G + g J     -> log q_T
     R4  all-reduce of per-token partial sums [5, c]: JSD terms, sum_v a_v, entropy H, sum_v p_s g, sum_v p_s J
-Every elementwise step is a function of `avsd_megatron.signals` / `candidate_signals`; only the normalisers and the
+Every elementwise step is a function of `avsd_megatron.signals`; only the normalisers and the
 sums over the vocabulary are assembled here.
 
 Gradient (the target q_T is a constant, spec 6 item 4 default): with a_v = d(JSD terms)/d log p_s(v) (taken by
@@ -30,14 +30,14 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from avsd_megatron.candidate_signals import (
+from avsd_megatron.signals.candidate import (
     WEIGHT_MODES,
     agreement_centrality_weights,
     epistemic_partial_sums,
     generalized_jsd_elementwise,
     pairwise_jsd_half,
 )
-from avsd_megatron.signals import (
+from avsd_megatron.signals.sampled import (
     MODES,
     GateParams,
     arithmetic_logprobs,

@@ -5,7 +5,7 @@
 returned in the 3-tuple form Megatron's `calculate_per_token_loss=True` schedule expects; Megatron divides the
 summed loss by the summed token count, and `report[name] = [sum, count]` is reduced the same way. Only ell_s needs
 the vocabulary (one all-gather, `sampled_token_logprobs`); T, A, J, g are per-token scalars from
-`avsd_megatron.signals`, replicated on every TP rank.
+`avsd_megatron.signals.sampled`, replicated on every TP rank.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from avsd_megatron.signals import GateParams, epistemic_sampled_token_term, sampled_token_targets
+from avsd_megatron.signals.sampled import GateParams, epistemic_sampled_token_term, sampled_token_targets
 from avsd_megatron.vocab_parallel.checks import check_logits, check_mask
 from avsd_megatron.vocab_parallel.logprob import sampled_token_logprobs
 

@@ -1,7 +1,7 @@
 """HF Qwen3 <-> Megatron checkpoint conversion (`avsd_megatron.convert`, `tools/convert_checkpoint.py`).
 
-    .venv/bin/python -m pytest -q tests/test_convert_checkpoint.py            # all (~1 min on 2 cores)
-    .venv/bin/python -m pytest -q tests/test_convert_checkpoint.py -m "not integration"   # single-process only
+    .venv/bin/python -m pytest -q tests/convert/test_convert_checkpoint.py            # all (~1 min on 2 cores)
+    .venv/bin/python -m pytest -q tests/convert/test_convert_checkpoint.py -m "not integration"   # single-process only
 
 Fixtures are tiny random `transformers.Qwen3ForCausalLM`s, tied and untied, with GQA (4 heads, 2 KV heads),
 head_dim 24 != hidden/heads 16, V=250 (not a multiple of 128), RoPE theta 1e6 under `rope_parameters`, and random
@@ -48,12 +48,12 @@ from avsd_megatron.convert.mapping import (
     to_hf,
     to_megatron,
 )
-from avsd_megatron.megatron_model import CPU_OVERRIDES
+from avsd_megatron.training.megatron_model import CPU_OVERRIDES
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 V = 250  # not a multiple of 128: Megatron pads, export strips
 TOKENS = torch.tensor([[3, 17, 249, 0, 128, 64, 5, 200], [9, 9, 1, 248, 100, 33, 77, 2]])
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]  # (tp, pp)

@@ -1,6 +1,6 @@
-"""Tests for avsd_megatron.data: loading local jsonl/parquet rows through `datasets`, bad-row errors and skips.
+"""Tests for avsd_megatron.data.examples: loading local jsonl/parquet rows through `datasets`, bad-row errors and skips.
 
-Run: .venv/bin/python -m pytest -q tests/test_data.py
+Run: .venv/bin/python -m pytest -q tests/data/test_data.py
 
 Files are written by the tests into tmp_path; the `datasets` cache goes there too. Nothing touches the network.
 """
@@ -10,15 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from avsd_megatron.data import (
-    BadRowError,
-    CodeExample,
-    DataConfig,
-    MathExample,
-    RowRef,
-    TestCase,
-    load_examples,
-)
+from avsd_megatron.data.examples import BadRowError, CodeExample, DataConfig, MathExample, RowRef, load_examples
+from avsd_megatron.verify.sandbox import TestCase
 
 
 def write_jsonl(path: Path, rows: list) -> str:

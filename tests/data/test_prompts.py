@@ -1,7 +1,7 @@
-"""Tests for avsd_megatron.prompts: message structure, chat-template rendering with thinking toggled separately
+"""Tests for avsd_megatron.data.prompts: message structure, chat-template rendering with thinking toggled separately
 for student and teachers, tokenisation without a second BOS, over-length skip/truncate counts.
 
-Run: .venv/bin/python -m pytest -q tests/test_prompts.py
+Run: .venv/bin/python -m pytest -q tests/data/test_prompts.py
 
 The tokenizers are built here: a byte-level BPE with no merges (one token per byte, plus special tokens)
 wrapped in `PreTrainedTokenizerFast`, with a Qwen3-like template that reads `enable_thinking` and a
@@ -14,8 +14,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from avsd_megatron.data import CodeExample, MathExample, RowRef, TestCase
-from avsd_megatron.prompts import (
+from avsd_megatron.data.examples import CodeExample, MathExample, RowRef
+from avsd_megatron.data.prompts import (
     BOXED_INSTRUCTION,
     EMPTY_THINK,
     PromptConfig,
@@ -32,8 +32,8 @@ from avsd_megatron.prompts import (
     render_chat,
     template_mentions,
 )
-from avsd_megatron.sandbox import ExecutionResult
-from avsd_megatron.views import CodeFeedback, ViewStats
+from avsd_megatron.data.views import CodeFeedback, ViewStats
+from avsd_megatron.verify.sandbox import ExecutionResult, TestCase
 
 QWEN_LIKE = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"

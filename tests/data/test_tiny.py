@@ -1,7 +1,7 @@
-"""Bundled tiny assets (avsd_megatron/tiny.py): synthetic math dataset, BPE tokenizer + chat template, tiny Qwen3
+"""Bundled tiny assets (avsd_megatron/data/tiny.py): synthetic math dataset, BPE tokenizer + chat template, tiny Qwen3
 config and the random-init HF checkpoint (loads in transformers, converts to Megatron).
 
-Run: python -m pytest -q tests/test_tiny.py
+Run: python -m pytest -q tests/data/test_tiny.py
 """
 
 import json
@@ -9,11 +9,11 @@ import json
 import pytest
 import torch
 
-from avsd_megatron import tiny
-from avsd_megatron.data import DataConfig, load_examples
-from avsd_megatron.grading import math_answer
-from avsd_megatron.prompts import EMPTY_THINK, render_chat
-from avsd_megatron.views import partial_solution
+from avsd_megatron.data import tiny
+from avsd_megatron.data.examples import DataConfig, load_examples
+from avsd_megatron.data.prompts import EMPTY_THINK, render_chat
+from avsd_megatron.data.views import partial_solution
+from avsd_megatron.verify.grading import math_answer
 
 transformers = pytest.importorskip("transformers")
 

@@ -1,18 +1,18 @@
-"""Tests for the bundled tiny code dataset (avsd_megatron/tiny_code.py): the shipped files are what the generator
+"""Tests for the bundled tiny code dataset (avsd_megatron/data/tiny_code.py): the shipped files are what the generator
 writes, every row is a valid code row, every reference program passes all its tests in the bubblewrap sandbox,
 and the tiny tokenizer round-trips the code prompts.
 
-Run: .venv/bin/python -m pytest -q tests/test_tiny_code.py
+Run: .venv/bin/python -m pytest -q tests/data/test_tiny_code.py
 """
 
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from avsd_megatron import tiny, tiny_code
-from avsd_megatron.data import DataConfig, TestCase, load_examples
-from avsd_megatron.grading import grade_code_completion
-from avsd_megatron.sandbox import Sandbox, SandboxConfig
+from avsd_megatron.data import tiny, tiny_code
+from avsd_megatron.data.examples import DataConfig, load_examples
+from avsd_megatron.verify.grading import grade_code_completion
+from avsd_megatron.verify.sandbox import Sandbox, SandboxConfig, TestCase
 
 
 @pytest.fixture(scope="module")

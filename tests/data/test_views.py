@@ -1,6 +1,6 @@
-"""Tests for avsd_megatron.views: math view builders against spec 3.3, code views and feedback against spec 3.4.
+"""Tests for avsd_megatron.data.views: math view builders against spec 3.3, code views and feedback against spec 3.4.
 
-Run: .venv/bin/python -m pytest -q tests/test_views.py
+Run: .venv/bin/python -m pytest -q tests/data/test_views.py
 
 Expected payloads are written out by hand from the spec's rules. The feedback tests run real tiny programs in
 the bubblewrap sandbox (one program per status).
@@ -10,9 +10,8 @@ from collections import Counter
 
 import pytest
 
-from avsd_megatron.data import CodeExample, RowRef, TestCase
-from avsd_megatron.sandbox import Sandbox, SandboxConfig
-from avsd_megatron.views import (
+from avsd_megatron.data.examples import CodeExample, RowRef
+from avsd_megatron.data.views import (
     ANSWER_PREFIX,
     FEEDBACK_FIELD_MAX_CHARS,
     HINT_MAX_CHARS,
@@ -20,13 +19,10 @@ from avsd_megatron.views import (
     REFERENCE_MAX_CHARS,
     ViewStats,
     code_view_payload,
-    extract_code,
     feedback_payload,
     feedback_text,
     final_answer,
     hint_payload,
-    last_boxed_content,
-    last_boxed_span,
     math_view_payload,
     normalize_views,
     partial_solution,
@@ -34,6 +30,8 @@ from avsd_megatron.views import (
     segment_solution,
     static_hint,
 )
+from avsd_megatron.verify.extract import extract_code, last_boxed_content, last_boxed_span
+from avsd_megatron.verify.sandbox import Sandbox, SandboxConfig, TestCase
 
 
 def notice(partial: str) -> str:

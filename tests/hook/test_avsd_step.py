@@ -1,7 +1,7 @@
 """Tests for the AVSD hook inside Megatron-Core's schedules: teacher scoring pass, training step, teacher kinds.
 
-Run: .venv/bin/python -m pytest -q tests/test_avsd_step.py                        (all, ~30 s on 2 cores)
-     .venv/bin/python -m pytest -q tests/test_avsd_step.py -m "not integration"   (in-process only, seconds)
+Run: .venv/bin/python -m pytest -q tests/hook/test_avsd_step.py                        (all, ~30 s on 2 cores)
+     .venv/bin/python -m pytest -q tests/hook/test_avsd_step.py -m "not integration"   (in-process only, seconds)
 
 Every multi-process test reuses one launch per layout (`functools.cache`). A layout launch builds the tiny Qwen3
 `GPTModel` (GQA, QK-norm, SwiGLU, RoPE; V = 250) wrapped in Megatron's DDP with the distributed optimizer, loads the
@@ -26,8 +26,8 @@ import functools
 import pytest
 import torch
 
-from avsd_megatron.loss import AVSDLossConfig
-from avsd_megatron.teacher_kinds import TeacherConfig
+from avsd_megatron.hook.loss import AVSDLossConfig
+from avsd_megatron.hook.teacher_kinds import TeacherConfig
 from avsd_megatron.testing import (
     build_tiny_gpt_model,
     gather_full_state,
@@ -86,7 +86,7 @@ def _examples(num_examples: int = NUM_EXAMPLES, seed: int = 7):
 
 
 def _batch(examples, dp_rank: int = 0, dp_size: int = 1):
-    from avsd_megatron.batch import build_avsd_batch
+    from avsd_megatron.hook.batch import build_avsd_batch
 
     student, teacher, completions = examples
     per_rank = len(student) // dp_size
@@ -145,7 +145,7 @@ def _full_state(model, grads: bool = False) -> dict:
 
 def _student_logprobs(model, batch, tp_group) -> list[torch.Tensor]:
     """ℓ_s [N] per micro-batch through AVSDForwardStep's output processor (last stage; completion positions only)."""
-    from avsd_megatron.loss import AVSDForwardStep
+    from avsd_megatron.hook.loss import AVSDForwardStep
     from avsd_megatron.vocab_parallel import sampled_token_logprobs
 
     step = AVSDForwardStep(AVSDLossConfig(temperature=TAU), tp_group=tp_group)
@@ -204,9 +204,9 @@ def layout_rank(tp: int, pp: int, full_state: dict | None) -> dict:
     init_megatron(tp, pp, seed=SEED)
     from megatron.core import parallel_state
 
-    from avsd_megatron.step import AVSDStep, MegatronGroups, reduce_metrics
-    from avsd_megatron.teacher import score_teachers
-    from avsd_megatron.teacher_kinds import LiveTeacher, build_teacher
+    from avsd_megatron.hook.scoring import score_teachers
+    from avsd_megatron.hook.step import AVSDStep, MegatronGroups, reduce_metrics
+    from avsd_megatron.hook.teacher_kinds import LiveTeacher, build_teacher
 
     groups = MegatronGroups.from_parallel_state()
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
@@ -270,7 +270,7 @@ def sequence_parallel_output_rank() -> dict:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import ColumnParallelLinear
 
-    from avsd_megatron.completion_output import completion_logits
+    from avsd_megatron.hook.completion_output import completion_logits
     from avsd_megatron.vocab_parallel import sampled_token_logprobs
 
     tp_group = parallel_state.get_tensor_model_parallel_group()
@@ -320,10 +320,10 @@ def _params(model) -> list[torch.Tensor]:
 def teacher_kinds_rank() -> dict:
     """One rank (TP1): frozen / live / EMA teachers over 3 steps each, and 20 steps of learning on a fixed batch."""
     init_megatron(1, 1, seed=SEED)
-    from avsd_megatron.loss import AVSDForwardStep
-    from avsd_megatron.signals import sampled_token_targets
-    from avsd_megatron.step import AVSDStep, MegatronGroups
-    from avsd_megatron.teacher_kinds import build_teacher
+    from avsd_megatron.hook.loss import AVSDForwardStep
+    from avsd_megatron.hook.step import AVSDStep, MegatronGroups
+    from avsd_megatron.hook.teacher_kinds import build_teacher
+    from avsd_megatron.signals.sampled import sampled_token_targets
 
     groups = MegatronGroups.from_parallel_state()
     batch = _batch(_examples())
@@ -453,7 +453,7 @@ def test_teacher_config_rejects_bad_fields(kwargs, match):
 
 
 def test_frozen_teacher_swaps_theta0_in_and_restores_student_bitwise():
-    from avsd_megatron.teacher_kinds import build_teacher
+    from avsd_megatron.hook.teacher_kinds import build_teacher
 
     layer = torch.nn.Linear(4, 3).to(torch.bfloat16)
     theta0 = [p.detach().clone() for p in layer.parameters()]
@@ -469,7 +469,7 @@ def test_frozen_teacher_swaps_theta0_in_and_restores_student_bitwise():
 
 
 def test_ema_teacher_update_is_the_formula_in_fp32():
-    from avsd_megatron.teacher_kinds import build_teacher
+    from avsd_megatron.hook.teacher_kinds import build_teacher
 
     layer = torch.nn.Linear(4, 3).to(torch.bfloat16)
     teacher = build_teacher(TeacherConfig(kind="ema", ema_decay=0.999), layer.parameters())
@@ -488,7 +488,7 @@ def test_ema_teacher_update_is_the_formula_in_fp32():
 def test_build_teacher_refuses_weight_swap_with_overlapped_param_gather():
     import types
 
-    from avsd_megatron.teacher_kinds import build_teacher
+    from avsd_megatron.hook.teacher_kinds import build_teacher
 
     layer = torch.nn.Linear(2, 2)
     fake_ddp = types.SimpleNamespace(ddp_config=types.SimpleNamespace(overlap_param_gather=True))
@@ -498,7 +498,7 @@ def test_build_teacher_refuses_weight_swap_with_overlapped_param_gather():
 
 
 def test_normalizations_return_megatron_sum_and_count():
-    from avsd_megatron.loss import NORMALIZERS
+    from avsd_megatron.hook.loss import NORMALIZERS
 
     loss_sum, n = torch.tensor(6.0), torch.tensor(4, dtype=torch.int32)
     assert NORMALIZERS["global_token_mean"](loss_sum, n) == (loss_sum, n)
@@ -519,7 +519,7 @@ def test_normalizations_return_megatron_sum_and_count():
 def test_avsd_step_rejects_incomplete_model_config(overrides, match):
     import types
 
-    from avsd_megatron.step import AVSDStep, MegatronGroups
+    from avsd_megatron.hook.step import AVSDStep, MegatronGroups
 
     fields = dict(calculate_per_token_loss=True, finalize_model_grads_func=print, context_parallel_size=1)
     fields.update(overrides)
@@ -543,8 +543,8 @@ class _RecordingSchedule:
 
 
 def test_score_teachers_runs_all_views_together_in_one_forward_only_schedule():
-    from avsd_megatron.teacher import score_teachers
-    from avsd_megatron.teacher_kinds import LiveTeacher
+    from avsd_megatron.hook.scoring import score_teachers
+    from avsd_megatron.hook.teacher_kinds import LiveTeacher
 
     batch = _batch(_examples())
     model, schedule = torch.nn.Linear(2, 2), _RecordingSchedule()
@@ -568,7 +568,7 @@ def test_score_teachers_runs_all_views_together_in_one_forward_only_schedule():
 def test_update_student_pairs_micro_batch_i_with_teacher_outputs_i():
     import types
 
-    from avsd_megatron.step import AVSDStep, MegatronGroups
+    from avsd_megatron.hook.step import AVSDStep, MegatronGroups
 
     batch = _batch(_examples())
     model, schedule = torch.nn.Linear(2, 2), _RecordingSchedule()
@@ -619,7 +619,7 @@ def test_student_completion_logits_equal_each_sequence_alone_in_float64():
 @pytest.mark.integration
 def test_losses_equal_float64_reference_for_both_normalizations():
     """global_token_mean = sum(-A l_s) / all tokens; microbatch_token_mean = mean of per-micro-batch token means."""
-    from avsd_megatron.signals import sampled_token_targets
+    from avsd_megatron.signals.sampled import sampled_token_targets
 
     ref = _launch(1, 1, 1)[0]
     sums, counts = [], []

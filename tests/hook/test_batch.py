@@ -1,11 +1,11 @@
-"""Tests for avsd_megatron.batch: the student / teacher row layout and its gather indices.
+"""Tests for avsd_megatron.hook.batch: the student / teacher row layout and its gather indices.
 
-Run: .venv/bin/python -m pytest -q tests/test_batch.py        (seconds, no Megatron)
+Run: .venv/bin/python -m pytest -q tests/hook/test_batch.py        (seconds, no Megatron)
 
 The alignment tests check, for every completion token of every stream, that the gathered flat index points at the
 row's position P - 1 + j (the token *before* y_j in that row, so its output predicts y_j) and that the next token
 of that row is y_j, with different prompt lengths per view and per example. The end-to-end check through a real
-model (padded scoring pass == each sequence run alone) is in tests/test_avsd_step.py.
+model (padded scoring pass == each sequence run alone) is in tests/hook/test_avsd_step.py.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from avsd_megatron.batch import build_avsd_batch
+from avsd_megatron.hook.batch import build_avsd_batch
 
 VIEWS = ("full_solution", "partial_solution", "answer_only")
 

@@ -1,18 +1,19 @@
-"""Evaluation (avsd_megatron/evaluate.py). Math: CLI on the tiny checkpoint, scores re-derived from the saved samples,
-known scores from a scripted engine, bad data files. Code (samples run in bubblewrap, as in tests/test_sandbox.py):
+"""Evaluation (avsd_megatron/pipelines/evaluate.py). Math: CLI on the tiny checkpoint, scores re-derived from the saved samples,
+known scores from a scripted engine, bad data files. Code (samples run in bubblewrap, as in tests/verify/test_sandbox.py):
 CLI on the tiny code set with the tiny random model, known pass@k from scripted reference / wrong programs, bad rows.
 
-Run: python -m pytest -q tests/test_evaluate.py
+Run: python -m pytest -q tests/pipelines/test_evaluate.py
 """
 
 import json
 
 import pytest
 
-from avsd_megatron import evaluate, tiny
-from avsd_megatron.grading import grade_math_completion
-from avsd_megatron.prompts import BOXED_INSTRUCTION
-from avsd_megatron.rollout import Completion
+from avsd_megatron.data import tiny
+from avsd_megatron.data.prompts import BOXED_INSTRUCTION
+from avsd_megatron.pipelines import evaluate
+from avsd_megatron.rollout.engine import Completion
+from avsd_megatron.verify.grading import grade_math_completion
 
 pytest.importorskip("transformers")
 pytest.importorskip("math_verify")
@@ -114,9 +115,9 @@ def test_load_math_eval_rows_int_answer_and_limit(tmp_path):
 
 
 def test_evaluate_cli_code_tiny_checkpoint_counts_every_sample(tmp_path):
-    from avsd_megatron.sandbox import STATUSES
-    from avsd_megatron.tiny_code import TINY_CODE_HELDOUT_PATH
-    from avsd_megatron.views import extract_code
+    from avsd_megatron.data.tiny_code import TINY_CODE_HELDOUT_PATH
+    from avsd_megatron.verify.extract import extract_code
+    from avsd_megatron.verify.sandbox import STATUSES
 
     hf = tiny.make_tiny_hf_checkpoint(tmp_path / "hf", seed=0)
     out = tmp_path / "code.json"
@@ -143,8 +144,8 @@ def _fenced(code: str) -> str:
 
 
 def test_evaluate_code_known_pass_at_k_from_reference_and_wrong_programs():
-    from avsd_megatron.sandbox import Sandbox, SandboxConfig
-    from avsd_megatron.tiny_code import TINY_CODE_HELDOUT_PATH
+    from avsd_megatron.data.tiny_code import TINY_CODE_HELDOUT_PATH
+    from avsd_megatron.verify.sandbox import Sandbox, SandboxConfig
 
     tokenizer = tiny.load_tiny_tokenizer()
     examples = evaluate.load_code_eval_rows(TINY_CODE_HELDOUT_PATH, limit=2)
@@ -173,7 +174,7 @@ def test_evaluate_code_known_pass_at_k_from_reference_and_wrong_programs():
 
 
 def test_code_eval_tests_selects_public_hidden_or_all():
-    from avsd_megatron.tiny_code import TINY_CODE_TRAIN_PATH
+    from avsd_megatron.data.tiny_code import TINY_CODE_TRAIN_PATH
 
     (example,) = evaluate.load_code_eval_rows(TINY_CODE_TRAIN_PATH, limit=1, tests="hidden")
     assert evaluate.code_eval_tests(example, "public") == example.public_tests

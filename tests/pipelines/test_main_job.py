@@ -1,13 +1,13 @@
-"""The CPU main job (avsd_megatron/main_job.py) end to end in miniature (its warm start: tests/test_warm_start.py).
+"""The CPU main job (avsd_megatron/pipelines/main_job.py) end to end in miniature (its warm start: tests/pipelines/test_warm_start.py).
 
-Run: python -m pytest -q tests/test_main_job.py
+Run: python -m pytest -q tests/pipelines/test_main_job.py
 """
 
 import json
 
 import pytest
 
-from avsd_megatron import main_job
+from avsd_megatron.pipelines import main_job
 
 pytest.importorskip("transformers")
 pytest.importorskip("megatron.core")

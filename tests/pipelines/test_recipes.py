@@ -1,6 +1,6 @@
-"""NeMo-Run recipes (avsd_megatron/recipes.py, examples/avsd_*.py) and the container (docker/Dockerfile).
+"""NeMo-Run recipes (avsd_megatron/pipelines/recipes.py, examples/avsd_*.py) and the container (docker/Dockerfile).
 
-Run: python -m pytest -q tests/test_recipes.py          (needs the launch extra: pip install -e '.[train,test,launch]')
+Run: python -m pytest -q tests/pipelines/test_recipes.py          (needs the launch extra: pip install -e '.[train,test,launch]')
 
 - presets: every parallelism preset divides its config's batch, and the module docstring's table says what the
   data says;
@@ -26,11 +26,11 @@ import pytest
 
 run = pytest.importorskip("nemo_run", reason="the launch extra (nemo-run) is not installed")  # CI installs it
 
-from avsd_megatron import recipes  # noqa: E402
-from avsd_megatron.config import ConfigError, load_config  # noqa: E402
-from avsd_megatron.train import apply_overrides  # noqa: E402
+from avsd_megatron.pipelines import recipes  # noqa: E402
+from avsd_megatron.training.config import ConfigError, load_config  # noqa: E402
+from avsd_megatron.training.train import apply_overrides  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 CONTAINER = "/images/avsd-megatron.sqsh"
 
@@ -104,7 +104,7 @@ def test_recipes_evaluate_dropped_with_a_message_when_missing(tmp_path, monkeypa
                         lambda name, *a: None if name == recipes.EVAL_MODULE else real_find_spec(name, *a))
     tasks = recipes.build_tasks(recipes.RECIPES["tiny_cpu"], workdir=str(tmp_path))
     assert [name for name, _, _ in tasks] == ["tiny_init", "convert_in", "train", "convert_out"]
-    assert "evaluate: skipped: avsd_megatron.evaluate is not in this checkout" in capsys.readouterr().out
+    assert "evaluate: skipped: avsd_megatron.pipelines.evaluate is not in this checkout" in capsys.readouterr().out
     monkeypatch.undo()
     tasks = recipes.build_tasks(recipes.RECIPES["qwen3_8b"], workdir=str(tmp_path))  # no eval_data for Qwen3
     assert "evaluate" not in [name for name, _, _ in tasks]
@@ -140,14 +140,14 @@ def test_recipes_slurm_dryrun_renders_sbatch(tmp_path):
                  "#SBATCH --exclusive", "#SBATCH --time=02:30:00"):
         assert line in train, line
     assert "torchrun" in train and "--nnodes 2 --nproc-per-node 8" in train
-    assert re.search(r"-m avsd_megatron\.train --config examples/configs/qwen3_8b\.yaml --no-progress --set "
+    assert re.search(r"-m avsd_megatron train --config examples/configs/qwen3_8b\.yaml --no-progress --set "
                      rf"output_dir={tmp_path}/q8b/train model\.hf_path=/models/Qwen3-8B parallel\.tp=2 parallel\.pp=1 "
                      rf"micro_batch_size=4 model\.megatron_checkpoint={tmp_path}/q8b/megatron_init max_steps=7", train)
     # the single-process steps: one node, one task, the short time limit; evaluate gets the node's GPUs
     for script in (convert_in, convert_out):
         assert "#SBATCH --nodes=1" in script and "#SBATCH --time=01:00:00" in script
         assert "--gpus-per-node" not in script and "torchrun" not in script
-    assert "#SBATCH --gpus-per-node=8" in evaluate and "-m avsd_megatron.evaluate --hf" in evaluate
+    assert "#SBATCH --gpus-per-node=8" in evaluate and "-m avsd_megatron evaluate --hf" in evaluate
     # the inline steps' bodies are written to the experiment's scripts/ folder: their commands are in the configs
     assert "bash /nemo_run/scripts/convert_in.sh" in convert_in
 
@@ -163,7 +163,7 @@ def test_recipes_nemorun_cli_lists_the_avsd_recipes(tmp_path):
     dry = _run_cli([str(nemorun), "avsd", "tiny_cpu", f"workdir={tmp_path}/t", "--dryrun", "--yes"], tmp_path, 120)
     args = re.sub(r"\s+", " ", dry.stdout)  # the local dry run prints each task's argv as a Python list
     assert dry.returncode == 0, (dry.stdout + dry.stderr)[-3000:]
-    assert "'torchrun'," in args and "'--nproc-per-node', '2'," in args and "'-m', 'avsd_megatron.train'," in args
+    assert "'torchrun'," in args and "'--nproc-per-node', '2'," in args and "'-m', 'avsd_megatron', 'train'," in args
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
-"""The SFT warm start (avsd_megatron/warm_start.py): example layout, error examples, the bucketed token mean.
+"""The SFT warm start (avsd_megatron/pipelines/warm_start.py): example layout, error examples, the bucketed token mean.
 
-Run: python -m pytest -q tests/test_warm_start.py
+Run: python -m pytest -q tests/pipelines/test_warm_start.py
 """
 
 import random
@@ -9,8 +9,8 @@ import re
 import pytest
 import torch
 
-from avsd_megatron import tiny
-from avsd_megatron.warm_start import (
+from avsd_megatron.data import tiny
+from avsd_megatron.pipelines.warm_start import (
     IGNORE,
     SFTConfig,
     _accumulate_token_mean_loss,
@@ -131,7 +131,7 @@ def test_greedy_completions_batched_equal_one_at_a_time(tokenizer, rows, tmp_pat
     """Left padding must not change a greedy completion (positions, masks): batched == unbatched generate."""
     from transformers import AutoModelForCausalLM
 
-    from avsd_megatron.prompts import math_eval_message, render_chat
+    from avsd_megatron.data.prompts import math_eval_message, render_chat
 
     ckpt = tiny.make_tiny_hf_checkpoint(tmp_path / "init", seed=1)
     model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()

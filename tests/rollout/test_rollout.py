@@ -1,15 +1,16 @@
-"""Rollout engines (avsd_megatron/rollout.py): HFEngine on tiny random Qwen3s: exact T/top-k/top-p sampling,
+"""Rollout engines (avsd_megatron/rollout/engine.py): HFEngine on tiny random Qwen3s: exact T/top-k/top-p sampling,
 seeded determinism, stop/length handling, strict weight updates, the sleep/wake state machine.
 
-Run: python -m pytest -q tests/test_rollout.py
+Run: python -m pytest -q tests/rollout/test_rollout.py
 """
 
 import pytest
 import torch
 
-from avsd_megatron import tiny
-from avsd_megatron.config import RolloutConfig
-from avsd_megatron.rollout import Completion, HFEngine, SamplingParams, request_seed
+from avsd_megatron.data import tiny
+from avsd_megatron.rollout.config import RolloutConfig
+from avsd_megatron.rollout.engine import Completion, SamplingParams, request_seed
+from avsd_megatron.rollout.hf_engine import HFEngine
 
 transformers = pytest.importorskip("transformers")
 
@@ -261,12 +262,12 @@ def test_tiny_cpu_config_pieces_compose(tmp_path):
     """examples/configs/tiny_cpu.yaml -> tiny checkpoint -> bundled rows -> prompts -> HFEngine rollouts -> grades."""
     from pathlib import Path
 
-    from avsd_megatron.config import load_config
-    from avsd_megatron.data import DataConfig, load_examples
-    from avsd_megatron.grading import grade_math_completion, math_answer
-    from avsd_megatron.prompts import PromptReport, math_prompts
+    from avsd_megatron.data.examples import DataConfig, load_examples
+    from avsd_megatron.data.prompts import PromptReport, math_prompts
+    from avsd_megatron.training.config import load_config
+    from avsd_megatron.verify.grading import grade_math_completion, math_answer
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     cfg = load_config(root / "examples" / "configs" / "tiny_cpu.yaml")
     engine = HFEngine.from_pretrained(tiny.make_tiny_hf_checkpoint(tmp_path / "hf_init", seed=cfg.optim.seed))
     examples, _ = load_examples(DataConfig(sources=(str(root / cfg.data.sources[0]),), task=cfg.data.task))

@@ -1,8 +1,8 @@
-"""vLLM adapter (avsd_megatron/rollout_vllm.py) without a GPU: the clear error without vllm, the version pin, the
+"""vLLM adapter (avsd_megatron/rollout/vllm_engine.py) without a GPU: the clear error without vllm, the version pin, the
 LLM kwargs and their checks, and the call sequence against a fake `vllm` module (vllm-rollouts.md §5). The real
 engine runs only in the GPU smoke test at the end (skipped without CUDA and vLLM).
 
-Run: python -m pytest -q tests/test_rollout_vllm.py
+Run: python -m pytest -q tests/rollout/test_rollout_vllm.py
 """
 
 import importlib.util
@@ -14,12 +14,12 @@ import types
 import pytest
 import torch
 
-from avsd_megatron import tiny
-from avsd_megatron.config import RolloutConfig, VLLMConfig
 from avsd_megatron.convert.mapping import expected_hf_shapes
 from avsd_megatron.convert.qwen3_config import Qwen3Dims, read_hf_config
-from avsd_megatron.rollout import Completion, SamplingParams, request_seed
-from avsd_megatron.rollout_vllm import SUPPORTED_VLLM, VLLMEngine, import_vllm, vllm_engine_kwargs
+from avsd_megatron.data import tiny
+from avsd_megatron.rollout.config import RolloutConfig, VLLMConfig
+from avsd_megatron.rollout.engine import Completion, SamplingParams, request_seed
+from avsd_megatron.rollout.vllm_engine import SUPPORTED_VLLM, VLLMEngine, import_vllm, vllm_engine_kwargs
 
 ENGINE_ARGS = dict(tensor_parallel_size=1, rank=0, world_size=1, max_prompt_tokens=512)
 
@@ -212,7 +212,7 @@ def test_vllm_engine_greedy_equals_transformers_and_follows_weight_updates(tmp_p
     fp32 greedy output; changed weights change the output."""
     from safetensors.torch import load_file
 
-    from avsd_megatron.rollout import HFEngine
+    from avsd_megatron.rollout.hf_engine import HFEngine
 
     for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
         monkeypatch.setenv(key, value)

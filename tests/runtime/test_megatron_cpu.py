@@ -1,7 +1,7 @@
 """Tests for avsd_megatron.testing: real Megatron-Core on CPU (gloo), the rank launcher, the tiny Qwen3 model.
 
-Run: .venv/bin/python -m pytest -q tests/test_megatron_cpu.py                       (all, ~1 min)
-     .venv/bin/python -m pytest -q tests/test_megatron_cpu.py -m "not integration"  (in-process only, seconds)
+Run: .venv/bin/python -m pytest -q tests/runtime/test_megatron_cpu.py                       (all, ~1 min)
+     .venv/bin/python -m pytest -q tests/runtime/test_megatron_cpu.py -m "not integration"  (in-process only, seconds)
 
 Unit tests check that the CPU patches are explicit (importing the package patches nothing) and reversible, and that
 the CPU RNG tracker keeps Megatron's fork contract. Integration tests launch gloo ranks with `run_on_ranks`, one
@@ -23,13 +23,13 @@ import time
 import pytest
 import torch
 
+from avsd_megatron.runtime import megatron_on_cpu
 from avsd_megatron.testing import (
     RankError,
     build_tiny_gpt_model,
     gather_full_state,
     init_megatron,
     load_full_state_into,
-    megatron_on_cpu,
     run_on_ranks,
     tiny_qwen3_config,
 )
@@ -224,19 +224,19 @@ _PATCHED_CUDA_NAMES = ("current_device", "Stream", "stream", "current_stream", "
 
 
 def test_import_testing_patches_nothing():
-    """A fresh interpreter importing avsd_megatron.testing keeps torch.cuda intact and does not load Megatron."""
+    """A fresh interpreter importing avsd_megatron.testing and .runtime keeps torch.cuda intact, loads no Megatron."""
     code = (
         "import sys, torch\n"
         f"names = {_PATCHED_CUDA_NAMES!r}\n"
         "before = {n: getattr(torch.cuda, n) for n in names}\n"
-        "import avsd_megatron.testing\n"
+        "import avsd_megatron.runtime, avsd_megatron.testing\n"
         "assert all(getattr(torch.cuda, n) is before[n] for n in names), 'torch.cuda patched on import'\n"
-        "assert not avsd_megatron.testing.is_installed()\n"
+        "assert not avsd_megatron.runtime.is_installed()\n"
         "assert not any(m.startswith('megatron') for m in sys.modules), 'megatron imported'\n"
         "from torch.overrides import _get_current_function_mode_stack\n"
         "assert not _get_current_function_mode_stack(), 'a TorchFunctionMode is active'\n"
     )
-    repo_root = pathlib.Path(__file__).resolve().parents[1]
+    repo_root = pathlib.Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=repo_root)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
@@ -316,7 +316,7 @@ def test_run_on_ranks_returns_results_in_rank_order():
 @pytest.mark.integration
 def test_run_on_ranks_names_failing_rank_and_kills_peers():
     start = time.monotonic()
-    with pytest.raises(RankError, match=r"rank 1/2 failed in tests\.test_megatron_cpu\.fail_on_rank_one") as info:
+    with pytest.raises(RankError, match=r"rank 1/2 failed in tests\.runtime\.test_megatron_cpu\.fail_on_rank_one") as info:
         run_on_ranks(fail_on_rank_one, 2, timeout=120)
     assert "ValueError: deliberate failure on rank one" in str(info.value)
     assert time.monotonic() - start < 60, "the blocked peer should be killed after a short grace, not at timeout"

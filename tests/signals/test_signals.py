@@ -1,6 +1,6 @@
-"""Tests for avsd_megatron.signals and avsd_megatron.candidate_signals (spec 2.2, 2.3, 6.4).
+"""Tests for avsd_megatron.signals.sampled and avsd_megatron.signals.candidate (spec 2.2, 2.3, 6.4).
 
-Run: .venv/bin/python -m pytest -q tests/test_signals.py
+Run: .venv/bin/python -m pytest -q tests/signals/test_signals.py
 
 Equivalence tests re-derive every quantity in float64 with plain Python loops over tokens, views and candidates
 (math.log / math.exp, no vectorised code); property tests use hypothesis; the rest cover bad input, excluded
@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from avsd_megatron.candidate_signals import (
+from avsd_megatron.signals.candidate import (
     agreement_centrality_weights,
     candidate_epistemic_terms,
     candidate_targets,
@@ -24,7 +24,7 @@ from avsd_megatron.candidate_signals import (
     masked_log_softmax,
     pairwise_jsd_half,
 )
-from avsd_megatron.signals import (
+from avsd_megatron.signals.sampled import (
     GATE_MODES,
     MODES,
     GateParams,

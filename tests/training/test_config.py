@@ -1,7 +1,7 @@
-"""Run configuration (avsd_megatron/config.py): paper defaults, every shipped YAML validates, YAML errors name the
+"""Run configuration (avsd_megatron/training/config.py): paper defaults, every shipped YAML validates, YAML errors name the
 file and the dotted field, dump/load round trip, the loss/teacher configs it builds, the LR schedule.
 
-Run: python -m pytest -q tests/test_config.py
+Run: python -m pytest -q tests/training/test_config.py
 """
 
 import dataclasses
@@ -10,23 +10,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from avsd_megatron.config import (
+from avsd_megatron.hook.loss import AVSDLossConfig
+from avsd_megatron.hook.teacher_kinds import TeacherConfig
+from avsd_megatron.rollout.config import RolloutConfig
+from avsd_megatron.signals.sampled import GateParams
+from avsd_megatron.training.config import (
     AVSDConfig,
     ConfigError,
     OptimConfig,
     ParallelConfig,
-    RolloutConfig,
     TrainConfig,
     dump_config,
     from_dict,
     load_config,
     to_dict,
 )
-from avsd_megatron.loss import AVSDLossConfig
-from avsd_megatron.signals import GateParams
-from avsd_megatron.teacher_kinds import TeacherConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_CONFIGS = sorted((ROOT / "examples" / "configs").glob("*.yaml"))
 
 

@@ -1,13 +1,13 @@
 """MetricsLog writes what the trainer logs: JSONL records, and TensorBoard scalars read back from the event files.
 
-Run: python -m pytest -q tests/test_metrics_log.py
+Run: python -m pytest -q tests/training/test_metrics_log.py
 """
 
 import math
 
 import pytest
 
-from avsd_megatron.metrics_log import TENSORBOARD_DIR, MetricsLog, NullLog, read_jsonl_metrics
+from avsd_megatron.training.metrics_log import TENSORBOARD_DIR, MetricsLog, NullLog, read_jsonl_metrics
 
 
 def _scalars(log_dir):

@@ -1,21 +1,21 @@
-"""Tests for avsd_megatron.tasks: the teacher rows of math and code steps, with real sandbox runs for the code
-feedback view (bubblewrap; `apt-get install -y bubblewrap`, as for tests/test_sandbox.py).
+"""Tests for avsd_megatron.training.tasks: the teacher rows of math and code steps, with real sandbox runs for the code
+feedback view (bubblewrap; `apt-get install -y bubblewrap`, as for tests/verify/test_sandbox.py).
 
-Run: .venv/bin/python -m pytest -q tests/test_tasks.py
+Run: .venv/bin/python -m pytest -q tests/training/test_tasks.py
 """
 
 from dataclasses import replace
 
 import pytest
 
-from avsd_megatron import tiny
-from avsd_megatron.config import from_dict
-from avsd_megatron.data import CodeExample, RowRef, TestCase
-from avsd_megatron.prompts import PromptReport
-from avsd_megatron.rollout import Completion
-from avsd_megatron.sandbox import STATUSES, Sandbox, SandboxConfig
-from avsd_megatron.tasks import CodeTask, MathTask, run_feedback
-from avsd_megatron.views import feedback_payload
+from avsd_megatron.data import tiny
+from avsd_megatron.data.examples import CodeExample, RowRef
+from avsd_megatron.data.prompts import PromptReport
+from avsd_megatron.data.views import feedback_payload
+from avsd_megatron.rollout.engine import Completion
+from avsd_megatron.training.config import from_dict
+from avsd_megatron.training.tasks import CodeTask, MathTask, run_feedback
+from avsd_megatron.verify.sandbox import STATUSES, Sandbox, SandboxConfig, TestCase
 
 pytest.importorskip("transformers")
 

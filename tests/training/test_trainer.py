@@ -1,9 +1,9 @@
 """Tests for the AVSD trainer, its checkpoints and its CLI, on the bundled tiny Qwen3 / dataset on CPU.
 
-Run: .venv/bin/python -m pytest -q tests/test_trainer.py                        (all, ~70 s on 2 idle cores)
-     .venv/bin/python -m pytest -q tests/test_trainer.py -m "not integration"   (in-process only, seconds)
+Run: .venv/bin/python -m pytest -q tests/training/test_trainer.py                        (all, ~70 s on 2 idle cores)
+     .venv/bin/python -m pytest -q tests/training/test_trainer.py -m "not integration"   (in-process only, seconds)
 
-End to end (integration): the CLI (`python -m avsd_megatron.train`, one process, TP1, converting the HF start
+End to end (integration): the CLI (`python -m avsd_megatron train`, one process, TP1, converting the HF start
 checkpoint itself, saving every step with keep_last=1) and TP2 / PP2 launches (2 gloo ranks) each run 2 steps of the
 whole loop (rollout with HFEngine -> teacher scoring -> student update -> weight sync) and write finite metrics to
 metrics.jsonl; their first loss equals TP1's (same weights, same samples). A saved checkpoint converts to HF
@@ -35,11 +35,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from avsd_megatron.checkpointing import CheckpointManager, find_latest
-from avsd_megatron.config import ConfigError, from_dict, load_config, to_dict
 from avsd_megatron.testing import run_on_ranks
+from avsd_megatron.training.checkpointing import CheckpointManager, find_latest
+from avsd_megatron.training.config import ConfigError, from_dict, load_config, to_dict
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY_YAML = ROOT / "examples" / "configs" / "tiny_cpu.yaml"
 TINY_CODE_YAML = ROOT / "examples" / "configs" / "tiny_code_cpu.yaml"
 LOSS_ATOL = 1e-6
@@ -69,13 +69,13 @@ def _config(out_dir: Path, hf_dir: str, yaml: Path = TINY_YAML, **top) -> dict:
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory) -> str:
-    from avsd_megatron.tiny import make_tiny_hf_checkpoint
+    from avsd_megatron.data.tiny import make_tiny_hf_checkpoint
 
     return str(make_tiny_hf_checkpoint(tmp_path_factory.mktemp("tiny") / "hf_init"))
 
 
 def _records(out_dir: Path) -> list[dict]:
-    from avsd_megatron.metrics_log import read_jsonl_metrics
+    from avsd_megatron.training.metrics_log import read_jsonl_metrics
 
     return read_jsonl_metrics(out_dir)
 
@@ -95,8 +95,8 @@ def _assert_finite_records(records: list[dict], steps: int) -> None:
 
 def train_rank(cfg_data: dict) -> list[dict]:
     """Install the CPU patches, build a Trainer from `cfg_data`, train to max_steps; return the step metrics."""
-    from avsd_megatron.testing import install
-    from avsd_megatron.trainer import Trainer
+    from avsd_megatron.runtime import install
+    from avsd_megatron.training.trainer import Trainer
 
     install()
     return Trainer(from_dict(cfg_data), progress=False).train()
@@ -104,9 +104,9 @@ def train_rank(cfg_data: dict) -> list[dict]:
 
 def interrupted_run_rank(cfg_data: dict) -> dict:
     """3 steps with save_every=1; the third save fails after the shards are written, before the rename."""
-    import avsd_megatron.checkpointing as checkpointing
-    from avsd_megatron.testing import install
-    from avsd_megatron.trainer import Trainer
+    import avsd_megatron.training.checkpointing as checkpointing
+    from avsd_megatron.runtime import install
+    from avsd_megatron.training.trainer import Trainer
 
     install()
     trainer = Trainer(from_dict(cfg_data), progress=False)
@@ -130,8 +130,8 @@ def interrupted_run_rank(cfg_data: dict) -> dict:
 def baselines_rank(cfg_datas: list[dict]) -> list[float]:
     """max_steps steps per config, each in a fresh Trainer over the same (already initialised) parallel state;
     returns each config's last loss."""
-    from avsd_megatron.testing import install
-    from avsd_megatron.trainer import Trainer
+    from avsd_megatron.runtime import install
+    from avsd_megatron.training.trainer import Trainer
 
     install()
     losses = []
@@ -142,11 +142,12 @@ def baselines_rank(cfg_datas: list[dict]) -> list[float]:
 
 
 def code_train_rank(cfg_data: dict, real_cfg_data: dict | None) -> dict:
-    """`cfg_data` (data.task=code) for max_steps with a scripted engine (tests/test_trainer.py docstring), recording
+    """`cfg_data` (data.task=code) for max_steps with a scripted engine (tests/training/test_trainer.py docstring), recording
     each step's completions and decoded feedback rows; then `real_cfg_data` (if given) with the real HF engine."""
-    from avsd_megatron.rollout import Completion, HFEngine
-    from avsd_megatron.testing import install
-    from avsd_megatron.trainer import Trainer
+    from avsd_megatron.rollout.engine import Completion
+    from avsd_megatron.rollout.hf_engine import HFEngine
+    from avsd_megatron.runtime import install
+    from avsd_megatron.training.trainer import Trainer
 
     class ScriptedCodeEngine(HFEngine):
         """Real weights and state machine; completion 0 of a prompt is its reference program, 1 a wrong one."""
@@ -192,16 +193,16 @@ def code_train_rank(cfg_data: dict, real_cfg_data: dict | None) -> dict:
 
 
 def _tiny_code_rows() -> list[dict]:
-    from avsd_megatron.tiny import read_jsonl
-    from avsd_megatron.tiny_code import TINY_CODE_TRAIN_PATH
+    from avsd_megatron.data.tiny import read_jsonl
+    from avsd_megatron.data.tiny_code import TINY_CODE_TRAIN_PATH
 
     return read_jsonl(TINY_CODE_TRAIN_PATH)
 
 
 def bad_layout_rank(cfg_data: dict) -> str:
     """Construct a Trainer that must refuse its config (layout, resume); return the error message."""
-    from avsd_megatron.testing import install
-    from avsd_megatron.trainer import Trainer
+    from avsd_megatron.runtime import install
+    from avsd_megatron.training.trainer import Trainer
 
     install()
     try:
@@ -217,7 +218,7 @@ def bad_layout_rank(cfg_data: dict) -> str:
 
 
 def test_cli_set_overrides_and_errors(tmp_path):
-    from avsd_megatron.train import apply_overrides
+    from avsd_megatron.training.train import apply_overrides
 
     cfg = load_config(TINY_YAML)
     new = apply_overrides(cfg, ["max_steps=3", "parallel.tp=2", "avsd.views=[answer_only]", "optim.lr=1e-5"])
@@ -233,14 +234,14 @@ def test_cli_set_overrides_and_errors(tmp_path):
 
 
 def test_cli_set_repeats_accumulate():
-    from avsd_megatron.train import parse_args
+    from avsd_megatron.training.train import parse_args
 
     args = parse_args(["--config", "x.yaml", "--set", "max_steps=2", "optim.lr=1", "--set", "max_steps=3"])
     assert args.overrides == ["max_steps=2", "optim.lr=1", "max_steps=3"]
 
 
 def test_cli_help_lists_options():
-    proc = subprocess.run([sys.executable, "-m", "avsd_megatron.train", "--help"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "avsd_megatron", "train", "--help"], capture_output=True, text=True,
                           timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "--config" in proc.stdout and "--set" in proc.stdout
@@ -273,7 +274,7 @@ def test_checkpoint_find_latest_skips_incomplete(tmp_path):
 
 
 def test_prompt_stream_order_is_seeded_and_resumable():
-    from avsd_megatron.trainer import PromptStream
+    from avsd_megatron.training.trainer import PromptStream
 
     examples = list(range(10))
     encode = lambda e: None if e == 3 else f"p{e}"  # noqa: E731 - example 3 is "overlong"
@@ -295,14 +296,14 @@ def test_prompt_stream_order_is_seeded_and_resumable():
 
 @pytest.fixture(scope="module")
 def cli_run(hf_dir, tmp_path_factory) -> Path:
-    """`python -m avsd_megatron.train` on tiny_cpu.yaml for 2 steps (one process, TP1); returns output_dir."""
+    """`python -m avsd_megatron train` on tiny_cpu.yaml for 2 steps (one process, TP1); returns output_dir."""
     out = tmp_path_factory.mktemp("cli")
     overrides = [f"output_dir={out}", f"model.hf_path={hf_dir}", "max_steps=2", "prompts_per_step=4",
                  "rollout.max_new_tokens=8", "logging.generations_every=2", "checkpoint.resume=null",
                  "checkpoint.save_every=1", "checkpoint.keep_last=1",
                  "optim.distributed_optimizer=true"]
     proc = subprocess.run(
-        [sys.executable, "-m", "avsd_megatron.train", "--config", str(TINY_YAML), "--no-progress", "--set",
+        [sys.executable, "-m", "avsd_megatron", "train", "--config", str(TINY_YAML), "--no-progress", "--set",
          *overrides], capture_output=True, text=True, timeout=300, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -420,9 +421,9 @@ def test_trainer_resume_reproduces_next_steps_and_interrupted_save_keeps_latest(
 def test_trainer_code_task_feedback_rows_are_each_completions_own(hf_dir, tmp_path):
     """data.task=code, views reference / hint / feedback, TP1, rollout.n=2: per prompt its reference program (passes)
     and a wrong one; 2 steps with the scripted engine, then 1 with the real HF engine."""
-    from avsd_megatron.data import RowRef, code_example_from_row
-    from avsd_megatron.sandbox import STATUSES, Sandbox, SandboxConfig
-    from avsd_megatron.views import feedback_payload
+    from avsd_megatron.data.examples import RowRef, code_example_from_row
+    from avsd_megatron.data.views import feedback_payload
+    from avsd_megatron.verify.sandbox import STATUSES, Sandbox, SandboxConfig
 
     data = _config(tmp_path / "code", hf_dir, yaml=TINY_CODE_YAML, rollout__n=2, sandbox__wall_time_s=SANDBOX_WALL_S)
     real = _config(tmp_path / "real", hf_dir, yaml=TINY_CODE_YAML, max_steps=1, sandbox__wall_time_s=SANDBOX_WALL_S)
@@ -464,7 +465,7 @@ def test_trainer_code_task_feedback_rows_are_each_completions_own(hf_dir, tmp_pa
 def test_trainer_code_task_on_two_ranks_agrees_and_sums_feedback(hf_dir, tmp_path, tp):
     """data.task=code on 2 ranks: at TP2 only the first rank of the group runs the programs and both shards must build
     the same rows (same loss); at DP2 each rank runs its own prompts and the status counts are summed over DP."""
-    from avsd_megatron.sandbox import STATUSES
+    from avsd_megatron.verify.sandbox import STATUSES
 
     data = _config(tmp_path / "code", hf_dir, yaml=TINY_CODE_YAML, rollout__n=2, max_steps=1, parallel__tp=tp,
                    sandbox__wall_time_s=SANDBOX_WALL_S)

@@ -1,7 +1,7 @@
-"""Tests for avsd_megatron.grading: math answer extraction and equivalence (spec 5.2), Avg@k / format rate,
+"""Tests for avsd_megatron.verify.grading: math answer extraction and equivalence (spec 5.2), Avg@k / format rate,
 unbiased pass@k against the closed form, code metrics (spec 5.3) on real sandbox runs.
 
-Run: .venv/bin/python -m pytest -q tests/test_grading.py
+Run: .venv/bin/python -m pytest -q tests/verify/test_grading.py
 
 Every expected value is worked out by hand in the test (or from math.comb for pass@k).
 """
@@ -10,8 +10,7 @@ import math
 
 import pytest
 
-from avsd_megatron.data import TestCase
-from avsd_megatron.grading import (
+from avsd_megatron.verify.grading import (
     MathGrade,
     code_scores,
     grade_code_completion,
@@ -21,7 +20,7 @@ from avsd_megatron.grading import (
     math_scores,
     pass_at_k,
 )
-from avsd_megatron.sandbox import Sandbox, SandboxConfig
+from avsd_megatron.verify.sandbox import Sandbox, SandboxConfig, TestCase
 
 # ----------------------------------------------------------------------------------------------------------------
 # Math

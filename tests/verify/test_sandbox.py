@@ -1,6 +1,6 @@
-"""Tests for avsd_megatron.sandbox: isolation (network, filesystem, environment), resource limits, the judge.
+"""Tests for avsd_megatron.verify.sandbox: isolation (network, filesystem, environment), resource limits, the judge.
 
-Run: .venv/bin/python -m pytest -q tests/test_sandbox.py
+Run: .venv/bin/python -m pytest -q tests/verify/test_sandbox.py
 
 Needs bubblewrap (`apt-get install -y bubblewrap`; .ci/run installs it). Every check runs a real tiny program;
 the few `kind="subprocess"` runs are the controls showing that the same program does reach what the sandbox
@@ -14,16 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from avsd_megatron.data import TestCase
-from avsd_megatron.sandbox import (
+from avsd_megatron.verify.sandbox import (
     Sandbox,
     SandboxConfig,
     SandboxUnavailableError,
+    TestCase,
     error_type,
     normalize_output,
     run_tests,
 )
-
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,10 @@
 """Tests for avsd_megatron.vocab_parallel: vocab-sharded AVSD equals the unsharded signals math (spec 2, 7).
 
-Run: .venv/bin/python -m pytest -q tests/test_vocab_parallel.py          (unit + integration, ~1 min)
-     .venv/bin/python -m pytest -q tests/test_vocab_parallel.py -m "not integration"   (unit only, seconds)
+Run: .venv/bin/python -m pytest -q tests/vocab_parallel/test_vocab_parallel.py          (unit + integration, ~1 min)
+     .venv/bin/python -m pytest -q tests/vocab_parallel/test_vocab_parallel.py -m "not integration"   (unit only, seconds)
 
 Unit tests run one process with group=None and compare each kernel to a plain composition of
-`torch.log_softmax` + `avsd_megatron.signals` / `candidate_signals` (autograd for the gradients). Integration tests
+`torch.log_softmax` + `avsd_megatron.signals` (autograd for the gradients). Integration tests
 launch TP = 1, 2, 4 gloo ranks (`avsd_megatron.testing.run_on_ranks`, one launch per TP size for all checks) on a
 vocabulary of 300 real tokens padded to a multiple of 128 * tp (so at TP = 4 one shard holds 44 real columns and
 one holds none; padding columns carry large garbage logits). Each rank records every torch.distributed call per
@@ -23,9 +23,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from avsd_megatron.candidate_signals import candidate_targets, generalized_jsd, masked_log_softmax
-from avsd_megatron.candidate_signals import candidate_epistemic_terms
-from avsd_megatron.signals import epistemic_sampled_token_term, sampled_token_targets
+from avsd_megatron.signals.candidate import (
+    candidate_epistemic_terms,
+    candidate_targets,
+    generalized_jsd,
+    masked_log_softmax,
+)
+from avsd_megatron.signals.sampled import epistemic_sampled_token_term, sampled_token_targets
 from avsd_megatron.vocab_parallel import (
     avsd_candidate_loss,
     avsd_candidate_loss_from_teacher,
@@ -699,12 +703,12 @@ def test_group_none_issues_no_collectives():
 
 
 def test_vocab_parallel_never_imports_megatron():
-    """Layering (style 3.1): vocab_parallel imports torch, torch.distributed, the stdlib and avsd_megatron.signals /
-    candidate_signals only -- never Megatron's parallel_state (or anything else from Megatron)."""
-    package = pathlib.Path(__file__).resolve().parents[1] / "avsd_megatron" / "vocab_parallel"
+    """Layering (style 3.1): vocab_parallel imports torch, torch.distributed, the stdlib and avsd_megatron.signals
+    only -- never Megatron's parallel_state (or anything else from Megatron)."""
+    package = pathlib.Path(__file__).resolve().parents[2] / "avsd_megatron" / "vocab_parallel"
     allowed = re.compile(
-        r"^(__future__|math|dataclasses|typing|torch|torch\.distributed|avsd_megatron\.signals|"
-        r"avsd_megatron\.candidate_signals|avsd_megatron\.vocab_parallel(\.\w+)?)$"
+        r"^(__future__|math|dataclasses|typing|torch|torch\.distributed|avsd_megatron\.signals(\.\w+)?|"
+        r"avsd_megatron\.vocab_parallel(\.\w+)?)$"
     )
     files = sorted(package.glob("*.py"))
     assert files

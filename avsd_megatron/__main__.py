@@ -1,0 +1,52 @@
+"""`python -m avsd_megatron COMMAND [ARGS]`: the project's command lines, one word each.
+
+    train       AVSD training from a YAML config (`training.train`; one process or under torchrun)
+    evaluate    math Avg@k / code pass@k of an HF checkpoint (`pipelines.evaluate`)
+    main-job    the CPU pipeline on the bundled tiny model: SFT -> AVSD -> held-out table (`pipelines.main_job`)
+    tiny        bundled tiny assets: `tiny checkpoint DIR` writes a random-init tiny Qwen3 (`data.tiny`)
+    tiny-code   rebuild the bundled tiny code set (`data.tiny_code`)
+
+`python -m avsd_megatron COMMAND --help` shows a command's flags. The checkpoint converter is
+`tools/convert_checkpoint.py`; the NeMo-Run recipes are `examples/avsd_*.py` and `nemorun avsd ...`.
+
+`dist_checkpointing.save` starts a helper process with the spawn method, which re-imports `__main__`: everything
+here stays behind the `if __name__ == "__main__":` guard.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+COMMANDS = {
+    "train": ("avsd_megatron.training.train", "AVSD training from a YAML config (one process or under torchrun)"),
+    "evaluate": ("avsd_megatron.pipelines.evaluate", "math Avg@k / code pass@k of an HF checkpoint"),
+    "main-job": ("avsd_megatron.pipelines.main_job", "the CPU pipeline on the bundled tiny model"),
+    "tiny": ("avsd_megatron.data.tiny", "bundled tiny assets; `tiny checkpoint DIR` writes the tiny Qwen3"),
+    "tiny-code": ("avsd_megatron.data.tiny_code", "rebuild the bundled tiny code set"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: python -m avsd_megatron COMMAND [ARGS ...]", "", "commands:"]
+    lines += [f"  {name:<10}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    lines += ["", "python -m avsd_megatron COMMAND --help shows a command's flags."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if args[0] not in COMMANDS:
+        print(f"error: unknown command {args[0]!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[args[0]][0])
+    module.main(args[1:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
