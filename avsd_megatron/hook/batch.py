@@ -72,7 +72,8 @@ class AVSDMicroBatch:
         teacher: StreamInputs with R = M * B rows (row m * B + b), gather_index [M * N] (view m's N tokens at
             m * N .. (m + 1) * N - 1).
         token_ids: [N] int64 sampled completion tokens y_t, prompt-major order.
-        loss_mask: [N] bool valid completion tokens (all True unless `completion_masks` said otherwise).
+        loss_mask: [N] bool valid completion tokens: `completion_masks` (all True if None) and, unless
+            `train_pad_tokens`, token != pad_id.
         completion_lengths: [B] int64 T_b (N = sum).
     """
 
@@ -159,6 +160,7 @@ def build_avsd_batch(
     completion_masks: Sequence[Sequence[bool]] | None = None,
     pad_to_multiple_of: int = 1,
     max_seq_length: int | None = None,
+    train_pad_tokens: bool = False,
 ) -> AVSDBatch:
     """Lay out E examples (prompts x one sampled completion) as an `AVSDBatch` (module docstring).
 
@@ -169,12 +171,15 @@ def build_avsd_batch(
             student and all views.
         view_names: the M view names, unique, in the order of `teacher_prompts[e]`.
         micro_batch_size: B prompts per micro-batch; E must be a multiple of B.
-        pad_id: token id written after each row's end (never read by the loss).
+        pad_id: token id written after each row's end (never read by the loss). A completion token equal to it is
+            excluded from the loss unless train_pad_tokens (the reference: valid = completion tokens != pad id,
+            spec 3.5; for Qwen3 pad = <|endoftext|>, which is also a stop token of generation).
         vocab_size: real vocabulary size V; every id (pad_id included) must be in [0, V). None skips the check.
         completion_masks: E bool sequences as long as the completions: False excludes a token from the loss.
             None = every completion token is valid.
         pad_to_multiple_of: round L_s and L_t up to a multiple of this (sequence parallelism needs the TP size).
         max_seq_length: if given, raise when L_s or L_t (after rounding) exceeds it.
+        train_pad_tokens: keep pad-id tokens inside completions in the loss (DEVIATES from the reference).
     Returns:
         AVSDBatch with E / B micro-batches.
     Raises:
@@ -218,6 +223,8 @@ def build_avsd_batch(
         masks = [torch.ones(len(c), dtype=torch.bool) for c in completion]
     else:
         masks = [_mask(e, completion_masks[e], len(completion[e])) for e in range(num_examples)]
+    if not train_pad_tokens:
+        masks = [m & (c != pad_id) for m, c in zip(masks, completion)]
 
     student_len = _round_up(max(len(p) + len(c) for p, c in zip(student, completion)), pad_to_multiple_of)
     teacher_len = _round_up(

@@ -46,6 +46,7 @@ from avsd_megatron.vocab_parallel import (
     avsd_full_vocab_loss,
     avsd_sampled_token_loss,
 )
+from avsd_megatron.vocab_parallel.full_vocab import CLIP_SCOPES
 from avsd_megatron.vocab_parallel.sampled_loss import metric
 
 __all__ = [
@@ -94,6 +95,12 @@ class AVSDLossConfig:
     """Agreement-centrality η."""
     detach_target: bool = True
     """Candidate loss: hold q_T constant (False reproduces the reference's gradient through the gate, spec 6.4)."""
+    single_view_clip: Literal["entry", "token"] = "entry"
+    """mode='single' with loss='full_vocab': 'entry' (the reference, spec 2.4) clamps each (token, vocabulary entry)
+    JSD term at token_clip; 'token' clamps each token's JSD, as every other mode and the candidate loss do."""
+    detach_gate: bool = False
+    """Epistemic term (sampled and candidate losses): False (the reference, spec 2.2 step 10, 2.3 step 11) lets
+    gradient flow through g; True holds g constant there."""
     teacher_chunk_tokens: int | None = None
     """Scoring pass: completion tokens per output-layer chunk (bounds the [M, c, V/tp] teacher logits; one TP
     collective per chunk). None = the whole micro-batch at once."""
@@ -107,6 +114,7 @@ class AVSDLossConfig:
             ("mode", self.mode, MODES),
             ("gate", self.gate, GATE_MODES),
             ("weight_mode", self.weight_mode, WEIGHT_MODES),
+            ("single_view_clip", self.single_view_clip, CLIP_SCOPES),
         )
         for name, value, choices in checks:
             if value not in choices:
@@ -164,6 +172,7 @@ def _sampled_loss(logits, mb: AVSDMicroBatch, teacher: TeacherOutputs, cfg: AVSD
         gate_params=cfg.gate_params,
         view_names=view_names,
         epistemic_tau=cfg.epistemic_tau,
+        detach_gate=cfg.detach_gate,
         chunk_size=cfg.logprob_chunk_size,
     )
 
@@ -186,6 +195,7 @@ def _candidate_loss(logits, mb: AVSDMicroBatch, teacher: TeacherOutputs, cfg: AV
         eta=cfg.eta,
         detach_target=cfg.detach_target,
         epistemic_tau=cfg.epistemic_tau,
+        detach_gate=cfg.detach_gate,
     )
 
 
@@ -200,6 +210,7 @@ def _full_vocab_loss(logits, mb: AVSDMicroBatch, teacher: TeacherOutputs, cfg: A
         beta=cfg.beta,
         token_clip=cfg.token_clip,
         group=group,
+        clip_scope=cfg.single_view_clip if cfg.mode == "single" else "token",
         view_hidden=teacher.view_hidden,
         view_output_weight=teacher.view_output_weight,
         vocab_size=cfg.vocab_size,

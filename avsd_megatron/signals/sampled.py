@@ -335,9 +335,14 @@ class SampledTokenTargets:
     sign_agreement: Tensor
     """S = |Σ_m w_m sign(δ_m)|."""
     valid: Tensor
-    """[*N] bool: mask ∧ ℓ_s finite ∧ every ℓ_m finite. The loss sums over these tokens only."""
+    """[*N] bool: mask ∧ ℓ_s finite ∧ T finite, the reference's rule (spec 2.2 step 9). T is finite when every ℓ_m
+    is (avsd, consensus, single) or, in arithmetic mode, when at least one ℓ_m is (log q_A stays finite). The loss
+    sums over these tokens only."""
     num_excluded: Tensor
-    """[] int64: masked-in tokens dropped because ℓ_s or some ℓ_m is -inf (not synced to the host)."""
+    """[] int64: masked-in tokens dropped because ℓ_s or T is not finite (not synced to the host)."""
+    views_finite: Tensor
+    """[*N] bool: valid ∧ every ℓ_m finite, where the view statistics (δ̄, |δ|‾, V, S, C, g, J, log q_G) exist. It
+    equals `valid` except in arithmetic mode; the diagnostics above are 0 where it is False."""
 
 
 def _check_sampled_inputs(student_logprobs: Tensor, view_logprobs: Tensor, mode: str, gate: str) -> None:
@@ -424,37 +429,47 @@ def sampled_token_targets(
             )
         view_weights = view_weights.to(dtype=dtype, device=ell_s.device)
 
-    finite = torch.isfinite(ell_s) & torch.isfinite(ell_m).all(dim=0)  # -inf is legal input, never a finite value
-    valid = mask & finite
-    num_excluded = (mask & ~finite).sum()
-    # Zero the excluded tokens before any math, so no inf/NaN exists even in unselected branches (NaN-free grads).
+    # The reference drops a token only when ℓ_s or T is non-finite (spec 2.2 step 9). -inf is legal input, never a
+    # finite value; log q_A = logsumexp_m(...) is finite as soon as one view is, the other targets need all views.
+    all_views = torch.isfinite(ell_m).all(dim=0)
+    target_finite = torch.isfinite(ell_m).any(dim=0) if mode == "arithmetic" else all_views
+    valid = mask & torch.isfinite(ell_s) & target_finite
+    views_finite = valid & all_views
+    num_excluded = (mask & ~valid).sum()
+    # Zero the excluded tokens before any math, so no inf/NaN exists even in unselected branches (NaN-free grads);
+    # arithmetic mode keeps a valid token's -inf views for its logsumexp only.
     ell_s = torch.where(valid, ell_s, 0.0)
-    ell_m = torch.where(valid.unsqueeze(0), ell_m, 0.0)
+    ell_m_stats = torch.where(views_finite.unsqueeze(0), ell_m, 0.0)
+    ell_m_mix = torch.where(valid.unsqueeze(0), ell_m, 0.0)
 
-    log_q_g = geometric_logits(ell_m, view_weights)
-    log_q_a = arithmetic_logprobs(ell_m, view_weights)
-    gap = jensen_gap(log_q_a, log_q_g)
-    stats = view_statistics(view_advantages(ell_m, ell_s), view_weights)
+    log_q_g = geometric_logits(ell_m_stats, view_weights)
+    log_q_a = arithmetic_logprobs(ell_m_mix, view_weights)
+    gap = jensen_gap(torch.where(views_finite, log_q_a, 0.0), log_q_g)
+    stats = view_statistics(view_advantages(ell_m_stats, ell_s), view_weights)
     g = select_gate(gate)(stats, gap, params, eps)
-    target = _sampled_target(mode, log_q_g, log_q_a, g, gap, ell_m)
+    target = _sampled_target(mode, log_q_g, log_q_a, g, gap, ell_m_stats)
 
     def keep(x: Tensor) -> Tensor:
         return torch.where(valid, x, 0.0)
 
+    def keep_stats(x: Tensor) -> Tensor:
+        return torch.where(views_finite, x, 0.0)
+
     return SampledTokenTargets(
         target=keep(target),
         advantage=keep(target - ell_s),
-        gate=keep(g),
-        jensen_gap=keep(gap),
-        consensus_advantage=keep(stats.delta_mean),
-        agreement=keep(agreement(stats.delta_mean, stats.delta_abs_mean, eps)),
-        log_q_g=keep(log_q_g),
+        gate=keep_stats(g),
+        jensen_gap=keep_stats(gap),
+        consensus_advantage=keep_stats(stats.delta_mean),
+        agreement=keep_stats(agreement(stats.delta_mean, stats.delta_abs_mean, eps)),
+        log_q_g=keep_stats(log_q_g),
         log_q_a=keep(log_q_a),
-        delta_abs_mean=keep(stats.delta_abs_mean),
-        variance=keep(stats.variance),
-        sign_agreement=keep(stats.sign_agreement),
+        delta_abs_mean=keep_stats(stats.delta_abs_mean),
+        variance=keep_stats(stats.variance),
+        sign_agreement=keep_stats(stats.sign_agreement),
         valid=valid,
         num_excluded=num_excluded,
+        views_finite=views_finite,
     )
 
 

@@ -4,7 +4,12 @@ Defaults are the paper's released math setting (spec §1, `scripts/math/train_av
 differs from the reference says so in its field docstring, and so does every flag that switches a deviation on.
 Deviations that are not switchable (for the record, spec §6): full-parameter training instead of LoRA r=64 (the
 frozen teacher is a copy of θ₀, `teacher_kinds`), fp32 log-probs instead of bf16, packed sequences with contiguous
-positions instead of right padding, and rollouts seeded per request instead of by process rank.
+positions instead of right padding, rollouts seeded per request instead of by process rank, NaN or +inf logits
+and log-probs raise an error naming the tensor and index (the reference drops such tokens silently from the loss),
+and the candidate loss ranks each view's top-k on the logits z as the model emits them (the reference ranks
+bf16(z / τ), whose rounding can merge or reorder near-ties and so change the candidate set). The pad-id mask, the
+gradient through the epistemic gate, the single-view clip and arithmetic mode's token drop follow the reference by
+default (avsd.train_pad_tokens, avsd.detach_gate, avsd.single_view_clip; `signals.sampled_token_targets`).
 
 | section      | dataclass          | concern                                                       |
 |--------------|--------------------|---------------------------------------------------------------|
@@ -46,6 +51,7 @@ from avsd_megatron.rollout.config import RolloutConfig
 from avsd_megatron.signals.candidate import WEIGHT_MODES
 from avsd_megatron.signals.sampled import GATE_MODES, MODES, GateParams
 from avsd_megatron.verify.sandbox import SandboxConfig
+from avsd_megatron.vocab_parallel.full_vocab import CLIP_SCOPES
 
 __all__ = [
     "AVSDConfig",
@@ -190,6 +196,18 @@ class AVSDConfig:
     epistemic_tau: float = 0.0
     """τ_e of the epistemic-preservation term (`--epistemic_tau` with `--use_epistemic_preservation`); 0 = off,
     as in every released script. Needs mode='avsd'."""
+    detach_gate: bool = False
+    """Epistemic term of the sampled and candidate losses: False (the reference, spec 2.2 step 10, 2.3 step 11) lets
+    gradient flow through the gate g, which depends on the student; True holds g constant (spec §6 item 4 calls the
+    leak a weak point). Read only when epistemic_tau > 0."""
+    single_view_clip: Literal["entry", "token"] = "entry"
+    """How token_clip applies with mode='single', loss='full_vocab': 'entry' (the reference, spec 2.4 and §6 item 5)
+    clamps each (token, vocabulary entry) JSD term; 'token' DEVIATES: it clamps each token's JSD like the
+    candidate path (spec 2.3 step 10), which zeroes the gradient of every clipped token."""
+    train_pad_tokens: bool = False
+    """Keep completion tokens equal to the tokenizer's pad id in the loss. False is the reference (spec 3.5: valid =
+    completion tokens != pad id; Qwen3's pad <|endoftext|> is also a stop token, so a completion can end with it);
+    True DEVIATES."""
 
     def __post_init__(self) -> None:
         if isinstance(self.views, str) or not isinstance(self.views, (tuple, list)):
@@ -208,6 +226,7 @@ class AVSDConfig:
         _choice("avsd.loss", self.loss, LOSS_KINDS)
         _choice("avsd.normalization", self.normalization, NORMALIZATIONS)
         _choice("avsd.weight_mode", self.weight_mode, WEIGHT_MODES)
+        _choice("avsd.single_view_clip", self.single_view_clip, CLIP_SCOPES)
         if not isinstance(self.gate_params, GateParams):
             raise ConfigError(f"avsd.gate_params must be a GateParams, got {type(self.gate_params).__name__}")
         if not (0.0 < self.partial_solution_ratio < 1.0):
@@ -252,6 +271,8 @@ class AVSDConfig:
             weight_mode=self.weight_mode,
             eta=self.eta,
             detach_target=self.detach_target,
+            detach_gate=self.detach_gate,
+            single_view_clip=self.single_view_clip,
             **overrides,
         )
 

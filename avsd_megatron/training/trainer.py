@@ -283,6 +283,7 @@ class Trainer:
             [list(c.token_ids) for c in rollout.completions],
             view_names=self.cfg.avsd.views, micro_batch_size=self.cfg.micro_batch_size * n,
             pad_id=self.tokenizer.pad_token_id, vocab_size=self.vocab_size, completion_masks=rows.masks,
+            train_pad_tokens=self.cfg.avsd.train_pad_tokens,
         )
 
     def set_lr(self) -> float:

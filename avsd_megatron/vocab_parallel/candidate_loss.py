@@ -164,7 +164,9 @@ def avsd_candidate_loss_from_teacher(
         token_clip: per-token clamp of the JSD from above (reference 0.05; 0 disables).
         **target_kwargs: passed to `candidate_targets` (gate_params, weight_mode, eta, q_a_floor, eps,
             detach_target -- default True; False reproduces the reference's gradient through the gate) plus
-            epistemic_tau (float, default 0: adds sum_valid -tau_e (1 - lambda_t) H_t, spec 2.3 step 11).
+            epistemic_tau (float, default 0: adds sum_valid -tau_e (1 - lambda_t) H_t, spec 2.3 step 11) and
+            detach_gate (bool, default False = the reference: gradient also flows through g in lambda_t; True holds
+            g constant there).
     Returns:
         loss_sum: [] fp32 sum over valid tokens of the clipped JSD (+ epistemic term), differentiable.
         num_tokens: [] int32 valid tokens (loss_mask and a non-empty candidate set).
@@ -194,6 +196,7 @@ def _candidate_loss(
     beta: float,
     token_clip: float,
     epistemic_tau: float = 0.0,
+    detach_gate: bool = False,
     **target_kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Replicated candidate math on gathered student candidate logits z_s [N, Kc] (fp32, z / tau)."""
@@ -210,7 +213,7 @@ def _candidate_loss(
     valid = loss_mask & targets.token_valid
     loss_sum = torch.where(valid, jsd, 0.0).sum()
     if epistemic_tau:
-        epi = candidate_epistemic_terms(log_p_s, targets.gate, mask, tau_e=epistemic_tau)
+        epi = candidate_epistemic_terms(log_p_s, targets.gate, mask, tau_e=epistemic_tau, detach_gate=detach_gate)
         loss_sum = loss_sum + torch.where(valid, epi.loss, 0.0).sum()
 
     count = valid.sum()

@@ -8,7 +8,8 @@ Per token chunk (c tokens), with x = z / tau in fp32 on this shard's real column
         log q_A = logsumexp_m(log w_m + ell_m) (normalised by construction: no collective, not renormalised),
         J = max(0, log q_A - log q_G), delta_m, view statistics, gate g(v): all elementwise on the shard
     R3  all-gather (max, sum-exp) of the pre-target log q_G + g J     -> log q_T
-    R4  all-reduce of per-token partial sums [5, c]: JSD terms, sum_v a_v, entropy H, sum_v p_s g, sum_v p_s J
+    R4  all-reduce of per-token partial sums [6, c]: JSD terms, sum_v a_v, entropy H, sum_v p_s g, sum_v p_s J,
+        clipped entries
 Every elementwise step is a function of `avsd_megatron.signals`; only the normalisers and the
 sums over the vocabulary are assembled here.
 
@@ -58,7 +59,10 @@ __all__ = ["avsd_full_vocab_loss", "DEFAULT_FULL_VOCAB_CHUNK_ELEMENTS"]
 DEFAULT_FULL_VOCAB_CHUNK_ELEMENTS = 1 << 22
 """Default tokens per chunk = max(1, 2**22 // V_real_loc): each fp32 [c, V/tp] buffer is <= 16 MiB."""
 
-_SUMS = ("jsd", "sum_a", "entropy", "mean_gate", "mean_gap")  # rows of the R4 all-reduce
+_SUMS = ("jsd", "sum_a", "entropy", "mean_gate", "mean_gap", "clipped")  # rows of the R4 all-reduce
+CLIP_SCOPES = ("token", "entry")
+"""Where token_clip clamps: each token's JSD (spec 2.3 step 10, the candidate path) or each (token, vocabulary
+entry) term before the sum over the vocabulary (spec 2.4, the reference's single-view full-vocabulary loss)."""
 
 
 @dataclass(frozen=True)
@@ -73,9 +77,14 @@ class _Config:
     eta: float
     beta: float
     token_clip: float
+    clip_scope: str
     q_a_floor: float
     eps: float
     tokens_per_chunk: int
+
+
+def _clips_tokens(cfg: _Config) -> bool:
+    return cfg.clip_scope == "token" and cfg.token_clip > 0
 
 
 def _local_max_sumexp(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,6 +163,10 @@ def _chunk(x_s: torch.Tensor, x_m: torch.Tensor, cfg: _Config, need_grad: bool):
     with torch.enable_grad():
         leaf = ell_s.detach().requires_grad_(need_grad)
         terms = generalized_jsd_elementwise(leaf, log_q_t, support, beta=cfg.beta)
+        clipped = torch.zeros_like(terms)
+        if cfg.clip_scope == "entry" and cfg.token_clip > 0:  # torch.clamp: no gradient where an entry is clipped
+            clipped = (terms > cfg.token_clip).to(terms.dtype)
+            terms = terms.clamp_max(cfg.token_clip)
         a = torch.autograd.grad(terms.sum(), leaf)[0] if need_grad else None  # d terms / d log p_s, elementwise
     entropy, mean_gate = epistemic_partial_sums(ell_s, gate, support)
     p_s = torch.where(torch.isfinite(ell_s), ell_s.exp(), 0.0)
@@ -164,6 +177,7 @@ def _chunk(x_s: torch.Tensor, x_m: torch.Tensor, cfg: _Config, need_grad: bool):
             entropy,
             mean_gate,
             (p_s * gap).sum(dim=-1),
+            clipped.sum(dim=-1),
         ]
     )
     sums = all_reduce_sum(sums, cfg.group)  # R4
@@ -193,12 +207,12 @@ class _FullVocabAVSD(torch.autograd.Function):
             per_token[:, lo:hi] = sums
             if need_grad:
                 jsd = sums[0]
-                live = loss_mask[lo:hi] & (jsd <= cfg.token_clip) if cfg.token_clip > 0 else loss_mask[lo:hi]
+                live = loss_mask[lo:hi] & (jsd <= cfg.token_clip) if _clips_tokens(cfg) else loss_mask[lo:hi]
                 scale = live.to(torch.float32) / cfg.tau  # hard clamp: clipped tokens get no gradient
                 g = a.sub_(p_s * sums[1].unsqueeze(-1)).mul_(scale.unsqueeze(-1))
                 grad[lo:hi, :vr] = g.to(grad.dtype)
         raise_if_invalid(None, shard.vocab_size, bad, logits_name="student/view logits", lead_shape=(num_tokens,))
-        jsd = per_token[0].clamp_max(cfg.token_clip) if cfg.token_clip > 0 else per_token[0]
+        jsd = per_token[0].clamp_max(cfg.token_clip) if _clips_tokens(cfg) else per_token[0]
         loss_sum = torch.where(loss_mask, jsd, 0.0).sum()
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(per_token)
@@ -221,6 +235,7 @@ def avsd_full_vocab_loss(
     beta: float,
     token_clip: float,
     group: dist.ProcessGroup | None,
+    clip_scope: str = "token",
     view_logits: torch.Tensor | None = None,
     view_hidden: torch.Tensor | None = None,
     view_output_weight: torch.Tensor | None = None,
@@ -242,7 +257,9 @@ def avsd_full_vocab_loss(
         mode: 'avsd' | 'consensus' | 'arithmetic' | 'single' (M = 1).
         gate: 'avsd' | 'sigmoid' | 'consistency_exp'.
         beta: generalized-JSD beta in [0, 1].
-        token_clip: per-token clamp from above (hard: no gradient for clipped tokens); 0 disables.
+        token_clip: clamp from above (hard: no gradient for what is clipped); 0 disables.
+        clip_scope: 'token' clamps each token's JSD; 'entry' clamps each (token, vocabulary entry) term before the
+            sum, as the reference's single-view full-vocabulary loss does (spec 2.4, §6 item 5).
         group: tensor-parallel group; None = one rank.
         view_logits: [M, N, V/tp] view logits shard; or instead
         view_hidden: [M, N, H] the views' final hidden states (after the final norm) and
@@ -260,11 +277,12 @@ def avsd_full_vocab_loss(
         loss_sum: [] fp32, sum over loss_mask of the (clipped) per-token JSD; differentiable w.r.t. student_logits
             with q_T held constant.
         num_tokens: [] int32 = loss_mask.sum().
-        metrics: detached fp32 [2] (sum, num_tokens): mv_jsd_mean, mv_jsd_clipped_frac, mv_student_entropy_mean,
+        metrics: detached fp32 [2] (sum, num_tokens): mv_jsd_mean, mv_jsd_clipped_frac (tokens whose JSD, or with
+            clip_scope='entry' at least one of whose entries, was clipped), mv_student_entropy_mean,
             mv_gate_mean (lambda_t = sum_v p_s(v) g(v)), mv_gate_open_frac (lambda_t > 0.5),
             mv_jensen_gap_mean (sum_v p_s(v) J(v)).
     Collectives (per chunk of tokens): forward 3 `all_gather_into_tensor` ([2, (M+1) c], [2, c], [2, c] fp32) and
-        1 `all_reduce(SUM)` ([5, c] fp32), plus 1 `all_reduce(SUM)` of [c, M(M-1)/2] with agreement_centrality;
+        1 `all_reduce(SUM)` ([6, c] fp32), plus 1 `all_reduce(SUM)` of [c, M(M-1)/2] with agreement_centrality;
         backward: none.
     Memory: the gradient [N, V/tp] (logits dtype) exists from the forward on; per chunk about (4M + 16) fp32
         [c, V/tp] temporaries (plus [M, c, V/tp] logits in the weight dtype on the hidden-state path).
@@ -279,6 +297,7 @@ def avsd_full_vocab_loss(
     num_views = _check_teacher(view_logits, view_hidden, view_output_weight, num_tokens, local_width)
     check_choice("mode", mode, MODES)
     check_choice("weight_mode", weight_mode, WEIGHT_MODES)
+    check_choice("clip_scope", clip_scope, CLIP_SCOPES)
     select_gate(gate)
     if mode == "single" and num_views != 1:
         raise ValueError(f"mode='single' needs exactly one view, got M={num_views}")
@@ -300,7 +319,7 @@ def avsd_full_vocab_loss(
     tokens = int(chunk_size) if chunk_size is not None else default_tokens
     cfg = _Config(
         shard, group, tau, mode, gate, GateParams() if gate_params is None else gate_params, weight_mode, float(eta),
-        float(beta), float(token_clip), float(q_a_floor), float(eps), tokens,
+        float(beta), float(token_clip), clip_scope, float(q_a_floor), float(eps), tokens,
     )
     teacher = [t.detach() if t is not None else None for t in (view_logits, view_hidden, view_output_weight)]
     loss_sum, per_token = _FullVocabAVSD.apply(student_logits, loss_mask, *teacher, cfg)
@@ -310,10 +329,13 @@ def avsd_full_vocab_loss(
     def token_sum(x: torch.Tensor) -> torch.Tensor:
         return torch.where(loss_mask, x.to(torch.float32), 0.0).sum()
 
-    jsd, _, entropy, mean_gate, mean_gap = per_token
-    clipped = jsd >= token_clip if token_clip > 0 else torch.zeros_like(loss_mask)
+    jsd, _, entropy, mean_gate, mean_gap, clipped_entries = per_token
+    if not _clips_tokens(cfg):
+        clipped = clipped_entries > 0
+    else:
+        clipped, jsd = jsd >= token_clip, jsd.clamp_max(token_clip)
     metrics = {
-        "mv_jsd_mean": metric(token_sum(jsd.clamp_max(token_clip) if token_clip > 0 else jsd), count),
+        "mv_jsd_mean": metric(token_sum(jsd), count),
         "mv_jsd_clipped_frac": metric(token_sum(clipped), count),
         "mv_student_entropy_mean": metric(token_sum(entropy), count),
         "mv_gate_mean": metric(token_sum(mean_gate), count),

@@ -42,6 +42,7 @@ def avsd_sampled_token_loss(
     view_weights: torch.Tensor | None = None,
     view_names: Sequence[str] | None = None,
     epistemic_tau: float = 0.0,
+    detach_gate: bool = False,
     eps: float = 1e-8,
     chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -62,8 +63,9 @@ def avsd_sampled_token_loss(
         gate_params: constants of the sigmoid / consistency_exp gates; None = spec defaults.
         view_weights: [M] view weights; None = uniform (the reference).
         view_names: M names for the per-view metrics; None = '0', '1', ...
-        epistemic_tau: tau_e of the epistemic-preservation term (spec 2.2 step 10, gate detached); 0 = off (the
-            released scripts).
+        epistemic_tau: tau_e of the epistemic-preservation term (spec 2.2 step 10); 0 = off (the released scripts).
+        detach_gate: epistemic term only: False (the reference) lets gradient flow through g, which depends on
+            ell_s through delta; True holds g constant. The main term's advantage is always detached (step 8).
         eps: C and g denominators.
         chunk_size: rows upcast to fp32 at a time in `sampled_token_logprobs`.
     Returns:
@@ -99,8 +101,10 @@ def avsd_sampled_token_loss(
     ell_s = sampled_token_logprobs(
         student_logits, token_ids, temperature=temperature, group=group, vocab_size=vocab_size, chunk_size=chunk_size
     )  # [N] fp32, with grad; the one collective
+    # The targets see ell_s with grad only where a gradient through g is wanted (the reference's epistemic term).
+    gate_grad = bool(epistemic_tau) and not detach_gate
     targets = sampled_token_targets(
-        ell_s.detach(),
+        ell_s if gate_grad else ell_s.detach(),
         view_logprobs,
         mask=loss_mask,
         mode=mode,
@@ -114,7 +118,9 @@ def avsd_sampled_token_loss(
     ell_valid = torch.where(valid, ell_s, 0.0)  # no -inf reaches the sum or its gradient
     loss_sum = -(advantage * ell_valid).sum()
     if epistemic_tau:
-        loss_sum = loss_sum + epistemic_sampled_token_term(ell_s, targets.gate, valid, epistemic_tau).sum()
+        loss_sum = loss_sum + epistemic_sampled_token_term(
+            ell_s, targets.gate, valid, epistemic_tau, detach_gate=not gate_grad
+        ).sum()
 
     count = valid.sum()
     ell_s_d = ell_valid.detach()
@@ -129,7 +135,9 @@ def avsd_sampled_token_loss(
         "mv_gate_open_frac": metric(((targets.gate > 0.5) & valid).sum(), count),
         "mv_excluded_frac": metric(targets.num_excluded, loss_mask.sum()),
     }
-    view_sums = torch.where(valid, view_logprobs.detach().to(torch.float32), 0.0).sum(dim=1)  # [M]
-    for name, total in zip(names, view_sums):
-        metrics[f"mv_tinker_view_logprob_{name}"] = metric(total, count)
+    views = view_logprobs.detach().to(torch.float32)
+    view_used = valid & torch.isfinite(views)  # [M, N]; an arithmetic-mode token may keep a -inf view
+    view_sums = torch.where(view_used, views, 0.0).sum(dim=1)  # [M]
+    for name, total, used in zip(names, view_sums, view_used.sum(dim=1)):
+        metrics[f"mv_tinker_view_logprob_{name}"] = metric(total, used)
     return loss_sum, count.to(torch.int32), metrics

@@ -55,6 +55,7 @@ SAMPLED_CONFIGS = {
     "consensus-avsd": dict(mode="consensus", gate="avsd"),
     "arithmetic-sigmoid": dict(mode="arithmetic", gate="sigmoid"),
     "avsd-avsd-epistemic": dict(mode="avsd", gate="avsd", epistemic_tau=0.01),
+    "avsd-sigmoid-epistemic-detached-gate": dict(mode="avsd", gate="sigmoid", epistemic_tau=0.01, detach_gate=True),
 }
 CANDIDATE_CONFIGS = {
     "avsd-avsd": dict(mode="avsd", gate="avsd", beta=0.5, token_clip=0.05),
@@ -128,10 +129,13 @@ def ref_logprobs(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def ref_sampled(case, view_logprobs, cfg):
     s = leaf(case["student"])
     ell_s = ref_logprobs(s, case["y"])
-    t = sampled_token_targets(ell_s.detach(), view_logprobs, mask=case["mask"], mode=cfg["mode"], gate=cfg["gate"])
+    detach_gate = cfg.get("detach_gate", False)  # the kernel's default is the reference: g keeps its gradient
+    t = sampled_token_targets(ell_s.detach() if detach_gate else ell_s, view_logprobs, mask=case["mask"],
+                              mode=cfg["mode"], gate=cfg["gate"])
     loss = -(t.advantage.detach() * torch.where(t.valid, ell_s, 0.0)).sum()
     if cfg.get("epistemic_tau"):
-        loss = loss + epistemic_sampled_token_term(ell_s, t.gate, t.valid, cfg["epistemic_tau"]).sum()
+        loss = loss + epistemic_sampled_token_term(ell_s, t.gate, t.valid, cfg["epistemic_tau"],
+                                                   detach_gate=detach_gate).sum()
     loss.backward()
     return loss.detach(), s.grad
 
@@ -139,6 +143,7 @@ def ref_sampled(case, view_logprobs, cfg):
 def ref_candidate(case, cfg):
     cfg = dict(cfg)
     beta, clip, tau_e = cfg.pop("beta"), cfg.pop("token_clip"), cfg.pop("epistemic_tau", 0.0)
+    detach_gate = cfg.pop("detach_gate", False)
     s = leaf(case["student"])
     views = case["views"].float()
     top = views.topk(K, dim=-1).indices
@@ -149,7 +154,7 @@ def ref_candidate(case, cfg):
     jsd = generalized_jsd(log_p_s, t.log_q_T, cm, beta=beta, token_clip=clip)
     loss = torch.where(case["mask"], jsd, 0.0).sum()
     if tau_e:
-        epistemic = candidate_epistemic_terms(log_p_s, t.gate, cm, tau_e=tau_e).loss
+        epistemic = candidate_epistemic_terms(log_p_s, t.gate, cm, tau_e=tau_e, detach_gate=detach_gate).loss
         loss = loss + torch.where(case["mask"], epistemic, 0.0).sum()
     loss.backward()
     return loss.detach(), s.grad
