@@ -70,7 +70,7 @@ class AVSDMicroBatch:
     Attributes:
         student: StreamInputs with R = B rows, gather_index [N].
         teacher: StreamInputs with R = M * B rows (row m * B + b), gather_index [M * N] (view m's N tokens at
-            m * N .. (m + 1) * N - 1).
+            m * N .. (m + 1) * N - 1); None when the batch was built without teacher prompts (GRPO: M = 0).
         token_ids: [N] int64 sampled completion tokens y_t, prompt-major order.
         loss_mask: [N] bool valid completion tokens: `completion_masks` (all True if None) and, unless
             `train_pad_tokens`, token != pad_id.
@@ -78,7 +78,7 @@ class AVSDMicroBatch:
     """
 
     student: StreamInputs
-    teacher: StreamInputs
+    teacher: StreamInputs | None
     token_ids: torch.Tensor
     loss_mask: torch.Tensor
     completion_lengths: torch.Tensor
@@ -89,7 +89,7 @@ class AVSDMicroBatch:
 
     @property
     def num_views(self) -> int:
-        return self.teacher.num_rows // self.student.num_rows
+        return 0 if self.teacher is None else self.teacher.num_rows // self.student.num_rows
 
     @property
     def num_tokens(self) -> int:
@@ -99,7 +99,7 @@ class AVSDMicroBatch:
         """A copy with every tensor on `device`."""
         return AVSDMicroBatch(
             student=self.student.to(device),
-            teacher=self.teacher.to(device),
+            teacher=None if self.teacher is None else self.teacher.to(device),
             token_ids=self.token_ids.to(device),
             loss_mask=self.loss_mask.to(device),
             completion_lengths=self.completion_lengths.to(device),
@@ -115,7 +115,7 @@ class AVSDBatch:
         view_names: the M view names (teacher row m * B + b carries view m).
         micro_batch_size: B prompts per micro-batch.
         student_seq_length: L_s, row length of every student row.
-        teacher_seq_length: L_t, row length of every teacher row.
+        teacher_seq_length: L_t, row length of every teacher row (0 without teacher rows).
     """
 
     micro_batches: tuple[AVSDMicroBatch, ...]
@@ -150,7 +150,7 @@ class AVSDBatch:
 
 def build_avsd_batch(
     student_prompts: Sequence[Sequence[int]],
-    teacher_prompts: Sequence[Sequence[Sequence[int]]],
+    teacher_prompts: Sequence[Sequence[Sequence[int]]] | None,
     completions: Sequence[Sequence[int]],
     *,
     view_names: Sequence[str],
@@ -166,7 +166,9 @@ def build_avsd_batch(
 
     Args:
         student_prompts: E token-id sequences, the student prompt x of each example (>= 1 token).
-        teacher_prompts: E sequences of M token-id sequences: example e's teacher prompt carrying view m (>= 1 token).
+        teacher_prompts: E sequences of M token-id sequences: example e's teacher prompt carrying view m (>= 1 token);
+            None = no teacher rows (view_names must be empty; the micro-batches' `teacher` is None), for an
+            objective without a teacher (GRPO).
         completions: E token-id sequences, the sampled completion y of each example (>= 1 token), shared by the
             student and all views.
         view_names: the M view names, unique, in the order of `teacher_prompts[e]`.
@@ -188,10 +190,15 @@ def build_avsd_batch(
             prompt or completion, an id outside [0, vocab_size), E not a multiple of B, bad view names, a row
             longer than max_seq_length.
     """
-    names = _check_view_names(view_names)
+    no_teacher = teacher_prompts is None
+    if no_teacher and tuple(view_names):
+        raise ValueError(f"teacher_prompts=None needs view_names=(), got {tuple(view_names)}")
+    names = () if no_teacher else _check_view_names(view_names)
     num_views = len(names)
     num_examples = len(student_prompts)
     for arg, value in (("teacher_prompts", teacher_prompts), ("completions", completions)):
+        if value is None:
+            continue
         if len(value) != num_examples:
             raise ValueError(f"len({arg})={len(value)} != len(student_prompts)={num_examples}")
     if completion_masks is not None and len(completion_masks) != num_examples:
@@ -213,7 +220,7 @@ def build_avsd_batch(
     student = [_ids(f"student_prompts[{e}]", p, vocab_size) for e, p in enumerate(student_prompts)]
     completion = [_ids(f"completions[{e}]", c, vocab_size) for e, c in enumerate(completions)]
     teacher = []
-    for e, views in enumerate(teacher_prompts):
+    for e, views in enumerate(teacher_prompts or ()):
         if isinstance(views, (str, bytes)) or len(views) != num_views:
             got = len(views) if not isinstance(views, (str, bytes)) else type(views).__name__
             raise ValueError(f"teacher_prompts[{e}] has {got} views, expected M={num_views} (view_names={names})")
@@ -227,7 +234,7 @@ def build_avsd_batch(
         masks = [m & (c != pad_id) for m, c in zip(masks, completion)]
 
     student_len = _round_up(max(len(p) + len(c) for p, c in zip(student, completion)), pad_to_multiple_of)
-    teacher_len = _round_up(
+    teacher_len = 0 if no_teacher else _round_up(
         max(len(v) + len(c) for views, c in zip(teacher, completion) for v in views), pad_to_multiple_of
     )
     if max_seq_length is not None:
@@ -247,7 +254,7 @@ def build_avsd_batch(
         micro_batches.append(
             AVSDMicroBatch(
                 student=_stream(student_rows, comps, student_len, pad_id),
-                teacher=_stream(teacher_rows, comps * num_views, teacher_len, pad_id),
+                teacher=None if no_teacher else _stream(teacher_rows, comps * num_views, teacher_len, pad_id),
                 token_ids=torch.cat(comps),  # [N]
                 loss_mask=torch.cat([masks[e] for e in examples]),  # [N]
                 completion_lengths=torch.tensor([len(c) for c in comps], dtype=torch.long),  # [B]

@@ -16,6 +16,7 @@ chosen once at construction (`AVSDLossConfig.loss`):
 | `sampled`    | view log-probs ℓ_m [M, N] fp32          | `avsd_sampled_token_loss` (spec 2.2)      | 1 fwd, 0 bwd   |
 | `candidate`  | `CandidateSet` (top-k union, log-probs) | `avsd_candidate_loss_from_teacher` (2.3)  | 1 fwd, 0 bwd   |
 | `full_vocab` | final hidden states [M, N, H] + W_out    | `avsd_full_vocab_loss`                    | 4 per chunk    |
+| `policy_gradient` | token advantages [N] (GRPO, no teacher) | `policy_gradient_loss`               | 1 fwd, 0 bwd   |
 
 Normalisation (spec 2.6), returned in Megatron's `calculate_per_token_loss=True` 3-tuple form, so that
 `finalize_model_grads` divides the summed gradients by the summed count over micro-batches and DP ranks:
@@ -45,11 +46,13 @@ from avsd_megatron.vocab_parallel import (
     avsd_candidate_loss_from_teacher,
     avsd_full_vocab_loss,
     avsd_sampled_token_loss,
+    policy_gradient_loss,
 )
 from avsd_megatron.vocab_parallel.full_vocab import CLIP_SCOPES
 from avsd_megatron.vocab_parallel.sampled_loss import metric
 
 __all__ = [
+    "AVSD_LOSS_KINDS",
     "AVSDForwardStep",
     "AVSDLossConfig",
     "LOSS_KINDS",
@@ -58,7 +61,10 @@ __all__ = [
     "avsd_microbatch_loss",
 ]
 
-LOSS_KINDS = ("sampled", "candidate", "full_vocab")
+AVSD_LOSS_KINDS = ("sampled", "candidate", "full_vocab")
+"""The losses that read the teacher scoring pass."""
+LOSS_KINDS = AVSD_LOSS_KINDS + ("policy_gradient",)
+"""The AVSD losses, then `policy_gradient` (GRPO: advantages come with the micro-batch, no teacher)."""
 NORMALIZATIONS = ("microbatch_token_mean", "global_token_mean")
 
 
@@ -68,9 +74,10 @@ class AVSDLossConfig:
 
     temperature: float
     """τ, the rollout's sampling temperature; student and teacher logits are divided by it (spec 2.1)."""
-    loss: Literal["sampled", "candidate", "full_vocab"] = "sampled"
+    loss: Literal["sampled", "candidate", "full_vocab", "policy_gradient"] = "sampled"
     """sampled: the paper's sampled-token loss (spec 2.2, the released scripts); candidate: generalized JSD on the
-    views' top-k union (spec 2.3); full_vocab: generalized JSD over the whole vocabulary."""
+    views' top-k union (spec 2.3); full_vocab: generalized JSD over the whole vocabulary; policy_gradient: -A_t ℓ_s
+    with the advantages of `TeacherOutputs.token_advantages` (GRPO; the scoring pass is not run)."""
     normalization: Literal["microbatch_token_mean", "global_token_mean"] = "microbatch_token_mean"
     """microbatch_token_mean reproduces the reference (spec 2.6); global_token_mean pools all tokens of the step."""
     mode: str = "avsd"
@@ -144,6 +151,8 @@ class TeacherOutputs:
             (loss='full_vocab').
         view_output_weight: [V/tp, H] the teacher's output-layer weight shard (loss='full_vocab'; a copy when the
             teacher's weights are swapped in only for the scoring pass).
+        token_advantages: [N] fp32 advantage of every completion token (loss='policy_gradient': GRPO puts the
+            completion's group-normalised advantage on each of its tokens; no teacher pass made it).
 
     Memory: every micro-batch's outputs live from the scoring pass until the student pass, i.e. per step about
     num_microbatches * M * N fp32 scalars (sampled), * Kc (candidate) or * H model-dtype values (full_vocab).
@@ -153,6 +162,7 @@ class TeacherOutputs:
     candidates: Any = None
     view_hidden: torch.Tensor | None = None
     view_output_weight: torch.Tensor | None = None
+    token_advantages: torch.Tensor | None = None
 
 
 LossFn = Callable[..., tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
@@ -221,7 +231,29 @@ def _full_vocab_loss(logits, mb: AVSDMicroBatch, teacher: TeacherOutputs, cfg: A
     )
 
 
-LOSSES: dict[str, LossFn] = {"sampled": _sampled_loss, "candidate": _candidate_loss, "full_vocab": _full_vocab_loss}
+def _policy_gradient_loss(logits, mb: AVSDMicroBatch, teacher: TeacherOutputs, cfg: AVSDLossConfig, group,
+                          view_names):
+    del view_names
+    if teacher.token_advantages is None:
+        raise ValueError("loss='policy_gradient' needs TeacherOutputs.token_advantages [N] for every micro-batch")
+    return policy_gradient_loss(
+        logits,
+        mb.token_ids,
+        teacher.token_advantages,
+        mb.loss_mask,
+        temperature=cfg.temperature,
+        group=group,
+        vocab_size=cfg.vocab_size,
+        chunk_size=cfg.logprob_chunk_size,
+    )
+
+
+LOSSES: dict[str, LossFn] = {
+    "sampled": _sampled_loss,
+    "candidate": _candidate_loss,
+    "full_vocab": _full_vocab_loss,
+    "policy_gradient": _policy_gradient_loss,
+}
 
 
 def _microbatch_token_mean(loss_sum: torch.Tensor, num_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,7 +27,7 @@ import torch
 
 from avsd_megatron.hook.batch import AVSDBatch, AVSDMicroBatch
 from avsd_megatron.hook.completion_output import completion_hidden_states, output_weight_of, project_to_logits
-from avsd_megatron.hook.loss import AVSDLossConfig, TeacherOutputs
+from avsd_megatron.hook.loss import AVSD_LOSS_KINDS, AVSDLossConfig, TeacherOutputs
 from avsd_megatron.hook.teacher_kinds import Teacher
 from avsd_megatron.vocab_parallel import CandidateSet, sampled_token_logprobs, teacher_candidates
 
@@ -166,6 +166,10 @@ def score_teachers(
     Returns:
         list of `batch.num_microbatches` `TeacherOutputs` on the last stage (micro-batch order), Nones elsewhere.
     """
+    if config.loss not in AVSD_LOSS_KINDS:
+        raise ValueError(f"loss={config.loss!r} has no teacher scoring pass (its targets come with the batch)")
+    if batch.num_views == 0:
+        raise ValueError("the batch has no teacher rows (built with teacher_prompts=None): nothing to score")
     if forward_backward_func is None:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 

@@ -4,6 +4,7 @@
 |-------------|------------------------------------------------------------------------------------------------|
 | `sampled`   | sampled-token targets (2.2): log q_G, log q_A, J, δ̄, C, g, T and A = T - ℓ_s for every mode/gate |
 | `candidate` | candidate-set / full-distribution targets (2.3), view weights, generalized JSD_β, epistemic terms |
+| `grpo`      | GRPO's group-normalised advantages (the paper's RL baseline)                                     |
 
 Plain torch on whole tensors: never `torch.distributed`, never Megatron (`tests/test_layering.py`). The
 vocab-sharded versions of these quantities are `avsd_megatron.vocab_parallel`.
@@ -19,6 +20,7 @@ from avsd_megatron.signals.candidate import (
     generalized_jsd,
     generalized_jsd_elementwise,
 )
+from avsd_megatron.signals.grpo import REWARD_SCALES, GroupAdvantages, group_advantages
 from avsd_megatron.signals.sampled import (
     GATE_MODES,
     MODES,
@@ -42,10 +44,12 @@ from avsd_megatron.signals.sampled import (
 __all__ = [
     "GATE_MODES",
     "MODES",
+    "REWARD_SCALES",
     "WEIGHT_MODES",
     "CandidateTargets",
     "EpistemicTerms",
     "GateParams",
+    "GroupAdvantages",
     "SampledTokenTargets",
     "ViewStatistics",
     "agreement",
@@ -60,6 +64,7 @@ __all__ = [
     "generalized_jsd",
     "generalized_jsd_elementwise",
     "geometric_logits",
+    "group_advantages",
     "jensen_gap",
     "sampled_token_targets",
     "select_gate",

@@ -17,6 +17,7 @@ default (avsd.train_pad_tokens, avsd.detach_gate, avsd.single_view_clip; `signal
 | `parallel`   | `ParallelConfig`   | TP, PP (DP is derived from the world size)                    |
 | `rollout`    | `rollout.config.RolloutConfig` | engine, sampling, weight sync; `rollout.vllm`: `VLLMConfig` |
 | `avsd`       | `AVSDConfig`       | views, target mode, gate, teacher kind, loss and normaliser   |
+| `grpo`       | `GRPOConfig`       | rewards and advantage scaling of the GRPO baseline (`algorithm: grpo`) |
 | `optim`      | `OptimConfig`      | AdamW, clipping, LR schedule, seed                            |
 | `data`       | `data.DataConfig`  | training rows                                                 |
 | `prompts`    | `prompts.PromptConfig` | thinking on/off per side, prompt length cap               |
@@ -45,10 +46,11 @@ from typing import Any, Literal
 from avsd_megatron.data.examples import DataConfig
 from avsd_megatron.data.prompts import PromptConfig
 from avsd_megatron.data.views import CODE_VIEWS, MATH_VIEWS, normalize_views
-from avsd_megatron.hook.loss import LOSS_KINDS, NORMALIZATIONS, AVSDLossConfig
+from avsd_megatron.hook.loss import AVSD_LOSS_KINDS, NORMALIZATIONS, AVSDLossConfig
 from avsd_megatron.hook.teacher_kinds import STORAGES, TEACHER_KINDS, TeacherConfig
 from avsd_megatron.rollout.config import RolloutConfig
 from avsd_megatron.signals.candidate import WEIGHT_MODES
+from avsd_megatron.signals.grpo import REWARD_SCALES
 from avsd_megatron.signals.sampled import GATE_MODES, MODES, GateParams
 from avsd_megatron.verify.sandbox import SandboxConfig
 from avsd_megatron.vocab_parallel.full_vocab import CLIP_SCOPES
@@ -58,6 +60,7 @@ __all__ = [
     "CheckpointConfig",
     "CodeSandboxConfig",
     "ConfigError",
+    "GRPOConfig",
     "LoggingConfig",
     "ModelConfig",
     "OptimConfig",
@@ -223,7 +226,7 @@ class AVSDConfig:
         _choice("avsd.gate", self.gate, GATE_MODES)
         _choice("avsd.teacher", self.teacher, TEACHER_KINDS)
         _choice("avsd.teacher_storage", self.teacher_storage, STORAGES)
-        _choice("avsd.loss", self.loss, LOSS_KINDS)
+        _choice("avsd.loss", self.loss, AVSD_LOSS_KINDS)
         _choice("avsd.normalization", self.normalization, NORMALIZATIONS)
         _choice("avsd.weight_mode", self.weight_mode, WEIGHT_MODES)
         _choice("avsd.single_view_clip", self.single_view_clip, CLIP_SCOPES)
@@ -279,6 +282,50 @@ class AVSDConfig:
     def teacher_config(self) -> TeacherConfig:
         """The `teacher_kinds.TeacherConfig` of this objective."""
         return TeacherConfig(kind=self.teacher, ema_decay=self.ema_decay, storage=self.teacher_storage)
+
+
+ALGORITHMS = ("avsd", "grpo")
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    """The GRPO baseline (`algorithm: grpo`; the paper compares AVSD against it, spec §4). Read only then.
+
+    Per prompt the rollout.n completions are graded by the task's grader (math: math-verify on the last \\boxed{}
+    answer against the final answer of the reference solution; code: the extracted program on the example's public
+    tests in the sandbox, the tests the feedback view uses); advantages are group-normalised
+    (`signals.grpo.group_advantages`) and every token of a completion carries its completion's advantage in the
+    sampled-token policy-gradient loss (`vocab_parallel.policy_gradient_loss`). No teacher scoring pass runs. With
+    one optimizer step per rollout the importance ratio is 1, so PPO-style clipping never acts and is not
+    implemented; there is no KL term to a reference model (the OPSD repository's GRPO runs β = 0, spec §4).
+    The OPSD settings otherwise: lr 2e-5, 8 generations, temperature 1.2, 16000 completion tokens, scale_rewards
+    group (set optim.lr, rollout.n, rollout.temperature, rollout.max_new_tokens accordingly).
+    The loss normaliser is avsd.normalization (token means, as TRL's default 'dapo'/'bnpo' loss types).
+    """
+
+    scale_rewards: Literal["group", "none"] = "group"
+    """'group' (TRL / OPSD default): A = (r − mean_group) / (std_group + std_eps); 'none': A = r − mean_group."""
+    std_eps: float = 1e-4
+    """Added to the group std before dividing (TRL's 1e-4)."""
+    correct_reward: float = 1.0
+    """Reward of a correct answer (math) or a program passing every public test (code)."""
+    wrong_reward: float = 0.0
+    """Reward of a parseable but wrong answer / a program that runs and fails a test."""
+    failure_reward: float = 0.0
+    """Reward of a completion with no parseable answer: no closed \\boxed{} (math), no extractable program
+    (code). Such a completion never earns correct_reward, whatever else its text says (reward-hacking guard)."""
+
+    def __post_init__(self) -> None:
+        _choice("grpo.scale_rewards", self.scale_rewards, REWARD_SCALES)
+        for name in ("std_eps", "correct_reward", "wrong_reward", "failure_reward"):
+            _finite(f"grpo.{name}", getattr(self, name))
+        if self.std_eps <= 0:
+            raise ConfigError(f"grpo.std_eps={self.std_eps!r} must be > 0")
+        if not self.correct_reward > max(self.wrong_reward, self.failure_reward):
+            raise ConfigError(
+                f"grpo.correct_reward={self.correct_reward!r} must exceed grpo.wrong_reward={self.wrong_reward!r} "
+                f"and grpo.failure_reward={self.failure_reward!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -432,10 +479,15 @@ class TrainConfig:
     """Prompts per micro-batch per DP rank (the reference: per-device batch 4); the rest is accumulation."""
     max_steps: int = 500
     """Optimizer steps (the reference: 500, about 0.53 epoch of the 30k rows)."""
+    algorithm: Literal["avsd", "grpo"] = "avsd"
+    """avsd: the method (or a baseline of the `avsd` section: single view, consensus, arithmetic); grpo: the RL
+    baseline of the `grpo` section, on the same rollouts, model, parallelism and checkpoints (needs rollout.n >= 2;
+    the avsd section's views, gate and teacher are then unused)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     avsd: AVSDConfig = field(default_factory=AVSDConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(sources=(PAPER_DATASET,), task="math"))
     """Training rows (the reference: the OPSD OpenThoughts math 30k set, train split)."""
@@ -453,6 +505,12 @@ class TrainConfig:
         _at_least("prompts_per_step", self.prompts_per_step, 1)
         _at_least("micro_batch_size", self.micro_batch_size, 1)
         _at_least("max_steps", self.max_steps, 1)
+        _choice("algorithm", self.algorithm, ALGORITHMS)
+        if self.algorithm == "grpo" and self.rollout.n < 2:
+            raise ConfigError(
+                f"algorithm='grpo' needs rollout.n >= 2 completions per prompt (group-normalised advantages), got "
+                f"rollout.n={self.rollout.n}"
+            )
         if self.prompts_per_step % self.micro_batch_size:
             raise ConfigError(
                 f"prompts_per_step={self.prompts_per_step} is not a multiple of micro_batch_size="
@@ -475,6 +533,21 @@ class TrainConfig:
                     f"rollout.vllm.max_model_len={self.rollout.vllm.max_model_len} < prompts.max_prompt_tokens + "
                     f"rollout.max_new_tokens = {self.prompts.max_prompt_tokens} + {self.rollout.max_new_tokens}"
                 )
+
+    def loss_config(self, vocab_size: int | None = None, **overrides: Any) -> AVSDLossConfig:
+        """The loss of the run: the avsd section's (`AVSDConfig.loss_config`), or GRPO's policy-gradient loss with
+        avsd.normalization; τ = rollout.temperature."""
+        tau = self.rollout.temperature
+        if self.algorithm == "grpo":
+            return AVSDLossConfig(temperature=tau, vocab_size=vocab_size, loss="policy_gradient",
+                                  normalization=self.avsd.normalization, **overrides)
+        return self.avsd.loss_config(tau, vocab_size, **overrides)
+
+    def teacher_config(self) -> TeacherConfig:
+        """avsd.teacher_config(); GRPO has no teacher, so it gets the live one (no copy of θ₀ is made)."""
+        if self.algorithm == "grpo":
+            return TeacherConfig(kind="live", storage=self.avsd.teacher_storage)
+        return self.avsd.teacher_config()
 
     def num_microbatches(self, world_size: int) -> int:
         """Micro-batches per rank per optimizer step: prompts_per_step / (micro_batch_size · dp)."""

@@ -11,6 +11,8 @@ The trainer builds one at construction (`TASKS[cfg.data.task]`) and calls, per s
     task.encode(example)                             -> EncodedPrompts | None (None: skipped for length)
     task.teacher_rows(examples, prompts, completions) -> TeacherRows: per completion its M teacher prompts in
                                                         avsd.views order, loss masks, metrics, log extras
+    task.rewards(examples, prompts, completions, grpo) -> [Graded] per completion (algorithm='grpo'): its
+                                                        grader's outcome (correct / wrong / unparseable) and reward
 
 Code execution (CodeTask): only the first rank of each model-parallel group (TP x PP) runs the programs; the
 feedback is broadcast to the other ranks of the group (`share`), so every TP shard and pipeline stage of a
@@ -37,26 +39,49 @@ import torch.distributed as dist
 
 from avsd_megatron.data.examples import CodeExample, MathExample
 from avsd_megatron.data.prompts import EncodedPrompts, PromptReport, code_feedback_prompt, code_prompts, math_prompts
-from avsd_megatron.data.views import CodeFeedback, feedback_payload
+from avsd_megatron.data.views import CodeFeedback, feedback_payload, final_answer
 from avsd_megatron.rollout.engine import Completion
 from avsd_megatron.training.config import TrainConfig
+from avsd_megatron.verify.grading import grade_math_completion
 from avsd_megatron.verify.sandbox import STATUSES, Sandbox
 
-__all__ = ["TASKS", "CodeTask", "MathTask", "TeacherRows", "run_feedback"]
+__all__ = ["OUTCOMES", "TASKS", "CodeTask", "Graded", "MathTask", "TeacherRows", "run_feedback"]
 
 
 @dataclass(frozen=True)
 class TeacherRows:
     """The teacher side of a step's E completions (E = prompts x rollout.n, completions of a prompt consecutive)."""
 
-    ids: list[list[list[int]]]
-    """[E][M] token ids: completion e's teacher prompt carrying view m (avsd.views order)."""
+    ids: list[list[list[int]]] | None
+    """[E][M] token ids: completion e's teacher prompt carrying view m (avsd.views order); None without a teacher
+    (algorithm='grpo')."""
     masks: list[list[bool]] | None = None
     """[E][len(completion e)] loss mask; None = every completion token is valid."""
     metrics: dict[str, float] = field(default_factory=dict)
     """Step metrics of the task (already reduced over data-parallel ranks)."""
     extras: list[dict[str, Any]] | None = None
     """[E] per-completion fields for the generations log; None = none."""
+    advantages: list[float] | None = None
+    """[E] per-completion advantage (algorithm='grpo'); None for AVSD, whose targets come from the teachers."""
+
+
+OUTCOMES = ("correct", "wrong", "unparseable")
+"""How a graded completion ended: its reward is grpo.correct_reward / wrong_reward / failure_reward."""
+
+
+@dataclass(frozen=True)
+class Graded:
+    """One completion graded for a reward (GRPO)."""
+
+    outcome: str
+    """One of OUTCOMES."""
+    reward: float
+    extras: dict[str, Any] = field(default_factory=dict)
+    """Fields for the generations log (the extracted answer, the sandbox status)."""
+
+
+def _reward(outcome: str, grpo: Any) -> float:
+    return {"correct": grpo.correct_reward, "wrong": grpo.wrong_reward, "unparseable": grpo.failure_reward}[outcome]
 
 
 class MathTask:
@@ -74,6 +99,21 @@ class MathTask:
         n = _per_prompt(prompts, completions)
         views = self.cfg.avsd.views
         return TeacherRows([[p.teacher_ids[v] for v in views] for p in prompts for _ in range(n)])
+
+    def rewards(self, examples: Sequence[MathExample], prompts: Sequence[EncodedPrompts],
+                completions: Sequence[Completion], grpo: Any) -> list[Graded]:
+        """Grade each completion with math-verify (`grading.grade_math_completion`) against the final answer of
+        its example's reference solution (`views.final_answer`, what the answer_only view shows). A completion
+        without a closed \\boxed{} answer is 'unparseable' (grpo.failure_reward), even if its text contains the
+        right answer: the reward never falls back to searching free text."""
+        n = _per_prompt(prompts, completions)
+        golds = [final_answer(e.solution)[0] for e in examples]
+        out = []
+        for e, completion in enumerate(completions):
+            grade = grade_math_completion(completion.text, golds[e // n])
+            outcome = "unparseable" if grade.answer is None else ("correct" if grade.correct else "wrong")
+            out.append(Graded(outcome, _reward(outcome, grpo), {"answer": grade.answer, "gold": golds[e // n]}))
+        return out
 
 
 class CodeTask:
@@ -123,6 +163,23 @@ class CodeTask:
         metrics["rollout/pass_rate"] = metrics["feedback/passed"] / max(1.0, sum(counts[:-1]))
         extras = [{"feedback_status": f.status, "feedback": f.payload} for f in feedbacks]
         return TeacherRows(ids, None if all(all(m) for m in masks) else masks, metrics, extras)
+
+    def rewards(self, examples: Sequence[CodeExample], prompts: Sequence[EncodedPrompts],
+                completions: Sequence[Completion], grpo: Any) -> list[Graded]:
+        """Run each completion's extracted program on its example's public tests in the sandbox (the tests the
+        feedback view uses; only the executing rank runs them, the group shares the outcome): passed -> 'correct',
+        no extractable program -> 'unparseable' (grpo.failure_reward), any other status -> 'wrong'."""
+        n = _per_prompt(prompts, completions)
+        owners = [examples[e // n] for e in range(len(completions))]
+        feedbacks = None
+        if self.sandbox is not None:
+            feedbacks = run_feedback(owners, completions, self.sandbox, workers=self.cfg.sandbox.workers)
+        statuses = self.share(None if feedbacks is None else [f.status for f in feedbacks])
+        out = []
+        for status in statuses:
+            outcome = {"passed": "correct", "extraction_failure": "unparseable"}.get(status, "wrong")
+            out.append(Graded(outcome, _reward(outcome, grpo), {"status": status}))
+        return out
 
     def _feedback_ids(self, example: CodeExample, feedback: CodeFeedback) -> tuple[list[int], bool]:
         """(token ids of the feedback teacher prompt, whether the completion stays in the loss)."""

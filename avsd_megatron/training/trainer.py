@@ -24,13 +24,18 @@ One step (`train_step`), per rank:
   the model-parallel group's first rank are then broadcast to the others, so every TP/PP rank of a DP replica
   trains on identical samples. With `rollout.sync_every` = 1 the engine sleeps after generating (colocated memory
   goes back to training); with k > 1 it stays awake between syncs (its weights must survive);
-- `task.teacher_rows()` (timed as `views`): each completion's M teacher prompts. Math: the example's view prompts.
+- the algorithm's targets step (`algorithms.TARGETS[algorithm]`, chosen once). avsd: `task.teacher_rows()` (timed
+  as `views`), then after `build_batch()` the teacher scoring pass (`score_teachers`); grpo: `task.rewards()` and
+  group-normalised advantages (timed as `rewards`), then per-token advantages (`advantages`) and no teacher pass.
+  AVSD's teacher rows, `task.teacher_rows()`: each completion's M teacher prompts. Math: the example's view prompts.
   Code (`tasks.CodeTask`): the reference / hint prompts of the example, and a feedback prompt of the completion's
   own: its extracted program is run on the example's public tests in the sandbox (`sandbox` section; bubblewrap
   unless sandbox.unsafe_subprocess) and the outcome (passed, or the failing input with expected vs printed
   output, the traceback, ...) is the feedback view's payload;
-- `build_batch()`: `build_avsd_batch` of student rows and M view rows sharing each completion;
-- `score_teachers()` and `update_student()` (`AVSDStep`'s phases), then the optimizer step and the teacher update;
+- `build_batch()`: `build_avsd_batch` of student rows and M view rows sharing each completion (none for grpo);
+  completion tokens equal to the pad id leave the loss unless avsd.train_pad_tokens (the reference, spec 3.5);
+- `score_teachers()` (avsd) and `update_student()` (`AVSDStep`'s phases), then the optimizer step and the teacher
+  update;
 - `sync_weights()` every `rollout.sync_every` steps: `export_hf_weights` -> `engine.update_weights`;
 - metrics (rank 0, `metrics_log`) every `logging.log_every` steps; every `logging.generations_every` steps the
   problems, prompts and completions of DP rank 0's slice; a checkpoint every `checkpoint.save_every` steps (its
@@ -39,9 +44,11 @@ One step (`train_step`), per rank:
 
 Metrics per record: loss, grad_norm, num_tokens, lr, the kernels' `mv_*` means (`step.reduce_metrics`, over DP),
 rollout/completion_len_mean, rollout/stop_rate, data/cursor, data/prompts_skipped, time/<phase> and time/total;
-code runs add feedback/<status> counts (passed, wrong_answer, syntax_error, runtime_error, timeout,
-extraction_failure; summed over DP), feedback/prompts_skipped and rollout/pass_rate (`tasks`), and their
-generation records the feedback status and payload of each logged completion.
+grpo runs add reward/mean, reward/std, reward/correct_frac, reward/unparseable_frac, grpo/zero_variance_frac,
+grpo/advantage_abs_mean and the pg_* loss metrics instead of mv_* (`algorithms`); code runs add feedback/<status>
+counts (passed, wrong_answer, syntax_error, runtime_error, timeout, extraction_failure; summed over DP),
+feedback/prompts_skipped and rollout/pass_rate (`tasks`), and their generation records the feedback status and
+payload of each logged completion.
 
 Raises at construction (`ValueError`/`ConfigError` naming the field, `SandboxUnavailableError`): a parallel layout
 that differs from an already-initialised Megatron, prompts_per_step not divisible by micro_batch_size * dp, a code
@@ -77,6 +84,7 @@ from avsd_megatron.hook.teacher_kinds import build_teacher
 from avsd_megatron.rollout.engine import Completion, SamplingParams, request_seed
 from avsd_megatron.rollout.hf_engine import HFEngine
 from avsd_megatron.training.checkpointing import CheckpointManager, adam_step_count, prime_optimizer
+from avsd_megatron.training.algorithms import TARGETS
 from avsd_megatron.training.config import ConfigError, TrainConfig, dump_config, to_dict
 from avsd_megatron.training.megatron_model import DTYPES, build_gpt_model, build_optimizer, initial_checkpoint, wrap_ddp
 from avsd_megatron.training.metrics_log import MetricsLog, PhaseTimer
@@ -196,10 +204,10 @@ class Trainer:
         load_megatron_checkpoint(gpt, initial_checkpoint(cfg))
         self.model = wrap_ddp(gpt, cfg)
         self.optimizer = build_optimizer(self.model, cfg)
-        self.teacher = build_teacher(cfg.avsd.teacher_config(), self.model.parameters(), self.model)
+        self.teacher = build_teacher(cfg.teacher_config(), self.model.parameters(), self.model)
         self.megatron_groups = MegatronGroups.from_parallel_state()
-        self.avsd = AVSDStep(self.model, self.optimizer, cfg.avsd.loss_config(cfg.rollout.temperature,
-                             self.vocab_size), self.teacher, groups=self.megatron_groups)
+        self.avsd = AVSDStep(self.model, self.optimizer, cfg.loss_config(self.vocab_size), self.teacher,
+                             groups=self.megatron_groups)
 
         self.engine = engine if engine is not None else ENGINES[cfg.rollout.engine](cfg, on_cpu=self.on_cpu)
         self.sampling = SamplingParams.from_config(cfg.rollout)
@@ -208,6 +216,10 @@ class Trainer:
         self.task = TASKS[cfg.data.task](
             self.tokenizer, cfg, self.prompt_report, executes=self.rank == self.groups["mp_src"],
             share=self._share_within_replica, dp_group=self.megatron_groups.dp, device=self._device,
+        )
+        self.targets = TARGETS[cfg.algorithm](
+            self.task, cfg, score=self.score_teachers, prepare=self.avsd.zero_grads, dp_group=self.megatron_groups.dp,
+            is_last_stage=self.megatron_groups.is_last_stage, device=self._device,
         )
         examples, self.load_report = load_examples(cfg.data)
         self.stream = PromptStream(examples, self.task.encode, seed=cfg.optim.seed)
@@ -243,12 +255,12 @@ class Trainer:
         """One optimizer step (module docstring); returns its metrics."""
         with self.timer("rollout"):
             rollout = self.rollout()
-        with self.timer("views"):
-            rows = self.task.teacher_rows(rollout.examples, rollout.prompts, rollout.completions)
+        with self.timer(self.targets.rows_phase):  # avsd: the views' teacher rows; grpo: rewards, advantages
+            rows = self.targets.rows(rollout.examples, rollout.prompts, rollout.completions)
         batch = self.build_batch(rollout, rows)
         lr = self.set_lr()
-        with self.timer("score_teachers"):
-            teacher_outputs = self.score_teachers(batch)
+        with self.timer(self.targets.outputs_phase):  # avsd: the teacher scoring pass; grpo: per-token advantages
+            teacher_outputs = self.targets.outputs(batch.to(self._device), rows)
         with self.timer("update_student"):
             result = self.update_student(batch, teacher_outputs)
         self.step += 1
@@ -281,7 +293,8 @@ class Trainer:
             [p.student_ids for p in prompts],
             rows.ids,
             [list(c.token_ids) for c in rollout.completions],
-            view_names=self.cfg.avsd.views, micro_batch_size=self.cfg.micro_batch_size * n,
+            view_names=self.cfg.avsd.views if rows.ids is not None else (),  # grpo: no teacher rows
+            micro_batch_size=self.cfg.micro_batch_size * n,
             pad_id=self.tokenizer.pad_token_id, vocab_size=self.vocab_size, completion_masks=rows.masks,
             train_pad_tokens=self.cfg.avsd.train_pad_tokens,
         )

@@ -28,7 +28,8 @@ Collectives per call (forward; every backward is collective-free):
 | `collectives`     | the two collective wrappers (all-gather, all-reduce) and the vocab-shard layout       |
 | `checks`          | input validation (errors name the argument and value)                                |
 | `logprob`         | `sampled_token_logprobs`: sharded log p(y), analytic chunked backward                 |
-| `sampled_loss`    | `avsd_sampled_token_loss`: the default AVSD loss in Megatron's per-token form         |
+| `sampled_loss`    | `avsd_sampled_token_loss`: the default AVSD loss in Megatron's per-token form;        |
+|                   | `policy_gradient_loss`: the same loss with given advantages (GRPO)                   |
 | `candidates`      | distributed top-k, vectorised candidate union, candidate-logit gather                 |
 | `candidate_loss`  | candidate-set AVSD loss (generalized JSD on K_t)                                      |
 | `full_vocab`      | full-vocabulary AVSD loss, chunked, teacher logits or hidden states                   |
@@ -44,7 +45,7 @@ from avsd_megatron.vocab_parallel.candidates import TopK, candidate_union, distr
 from avsd_megatron.vocab_parallel.collectives import VocabShard, vocab_shard
 from avsd_megatron.vocab_parallel.full_vocab import avsd_full_vocab_loss
 from avsd_megatron.vocab_parallel.logprob import sampled_token_logprobs
-from avsd_megatron.vocab_parallel.sampled_loss import avsd_sampled_token_loss
+from avsd_megatron.vocab_parallel.sampled_loss import avsd_sampled_token_loss, policy_gradient_loss
 
 __all__ = [
     "CandidateSet",
@@ -57,6 +58,7 @@ __all__ = [
     "candidate_union",
     "distributed_topk",
     "gather_candidate_logits",
+    "policy_gradient_loss",
     "sampled_token_logprobs",
     "teacher_candidates",
     "vocab_shard",

@@ -6,6 +6,10 @@ returned in the 3-tuple form Megatron's `calculate_per_token_loss=True` schedule
 summed loss by the summed token count, and `report[name] = [sum, count]` is reduced the same way. Only ell_s needs
 the vocabulary (one all-gather, `sampled_token_logprobs`); T, A, J, g are per-token scalars from
 `avsd_megatron.signals.sampled`, replicated on every TP rank.
+
+`policy_gradient_loss` is the same signed cross-entropy with the advantages given (GRPO: each token carries its
+sequence's group-normalised advantage, `signals.grpo`); with one optimizer step per rollout the importance ratio is
+1, so this is GRPO's clipped surrogate's gradient exactly (no KL term).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from avsd_megatron.signals.sampled import GateParams, epistemic_sampled_token_te
 from avsd_megatron.vocab_parallel.checks import check_logits, check_mask
 from avsd_megatron.vocab_parallel.logprob import sampled_token_logprobs
 
-__all__ = ["avsd_sampled_token_loss", "metric"]
+__all__ = ["avsd_sampled_token_loss", "metric", "policy_gradient_loss"]
 
 
 def metric(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -140,4 +144,61 @@ def avsd_sampled_token_loss(
     view_sums = torch.where(view_used, views, 0.0).sum(dim=1)  # [M]
     for name, total, used in zip(names, view_sums, view_used.sum(dim=1)):
         metrics[f"mv_tinker_view_logprob_{name}"] = metric(total, used)
+    return loss_sum, count.to(torch.int32), metrics
+
+
+def policy_gradient_loss(
+    student_logits: torch.Tensor,
+    token_ids: torch.Tensor,
+    advantages: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    temperature: float,
+    group: dist.ProcessGroup | None,
+    vocab_size: int | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Sampled-token policy-gradient loss -sum_valid A_t ell_s(t) with given per-token advantages (GRPO).
+
+    Args:
+        student_logits: [N, V/tp] bf16/fp32 student logits shard, with grad.
+        token_ids: [N] int sampled tokens.
+        advantages: [N] finite float A_t (no grad; e.g. the completion's group-normalised advantage per token).
+        loss_mask: [N] bool valid completion tokens.
+        temperature, group, vocab_size, chunk_size: as in `avsd_sampled_token_loss`.
+    Returns:
+        loss_sum: [] fp32, differentiable w.r.t. student_logits.
+        num_tokens: [] int32 valid tokens (loss_mask and finite ell_s).
+        metrics: detached fp32 [2] (sum, num_tokens): pg_advantage_mean, pg_student_logprob_mean,
+            pg_excluded_frac = (#masked-in tokens with ell_s = -inf, #masked-in tokens).
+    Collectives:
+        forward: one `all_gather_into_tensor` of [3, N] fp32 (`sampled_token_logprobs`); backward: none.
+    Raises:
+        ValueError/TypeError: shape mismatches, non-finite advantages, NaN/+inf logits, a token outside [0, V).
+    """
+    check_logits("student_logits", student_logits, ndim=2)
+    num_tokens_total = student_logits.shape[0]
+    if token_ids.shape != (num_tokens_total,):
+        raise ValueError(f"token_ids must be [N={num_tokens_total}], got shape {tuple(token_ids.shape)}")
+    if advantages.shape != (num_tokens_total,) or not advantages.is_floating_point():
+        raise ValueError(
+            f"advantages must be a float [N={num_tokens_total}] tensor, got {advantages.dtype} "
+            f"{tuple(advantages.shape)}"
+        )
+    if not bool(torch.isfinite(advantages).all()):
+        raise ValueError("advantages contain NaN or inf; rewards and their group statistics must be finite")
+    check_mask("loss_mask", loss_mask, (num_tokens_total,))
+    ell_s = sampled_token_logprobs(
+        student_logits, token_ids, temperature=temperature, group=group, vocab_size=vocab_size, chunk_size=chunk_size
+    )  # [N] fp32, with grad; the one collective
+    valid = loss_mask & torch.isfinite(ell_s)
+    advantage = torch.where(valid, advantages.detach().to(ell_s.dtype), 0.0)
+    ell_valid = torch.where(valid, ell_s, 0.0)
+    loss_sum = -(advantage * ell_valid).sum()
+    count = valid.sum()
+    metrics = {
+        "pg_advantage_mean": metric(advantage.sum(), count),
+        "pg_student_logprob_mean": metric(ell_valid.detach().sum(), count),
+        "pg_excluded_frac": metric((loss_mask & ~valid).sum(), loss_mask.sum()),
+    }
     return loss_sum, count.to(torch.int32), metrics

@@ -22,6 +22,7 @@ configs, the teacher swap and EMA on a plain layer, the normalizations, and what
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
@@ -52,6 +53,11 @@ WEIGHT_TOL = dict(rtol=0.0, atol=1e-6)
 # layouts differ by at most lr * |dg| / eps. (Megatron's distributed optimizer accepts Adam only.)
 ADAM = dict(lr=1e-3, adam_eps=1e-3)
 LOSS_KINDS = ("sampled", "candidate", "full_vocab")
+GRPO_N = 2  # completions per prompt group in the GRPO step (the 8 examples = 4 groups)
+GRPO_REWARDS = {  # rewards of the 8 completions; 'mixed' has one zero-variance group, 'zero_variance' only those
+    "mixed": [1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.5, 0.0],
+    "zero_variance": [1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.5, 0.5],
+}
 # Gradients complete without finalize-time reductions are compared; with DDP they are all finalized anyway.
 GRAD_KEYS = (
     "embedding.word_embeddings.weight",
@@ -85,16 +91,26 @@ def _examples(num_examples: int = NUM_EXAMPLES, seed: int = 7):
     return student, teacher, completions
 
 
-def _batch(examples, dp_rank: int = 0, dp_size: int = 1):
+def _batch(examples, dp_rank: int = 0, dp_size: int = 1, *, teacher_rows: bool = True):
     from avsd_megatron.hook.batch import build_avsd_batch
 
     student, teacher, completions = examples
     per_rank = len(student) // dp_size
     part = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
     return build_avsd_batch(
-        student[part], teacher[part], completions[part], view_names=VIEWS, micro_batch_size=MBS, pad_id=0,
-        vocab_size=V, max_seq_length=MAX_SEQ,
+        student[part], teacher[part] if teacher_rows else None, completions[part],
+        view_names=VIEWS if teacher_rows else (), micro_batch_size=MBS, pad_id=0, vocab_size=V,
+        max_seq_length=MAX_SEQ,
     )
+
+
+def _grpo_advantages(rewards: list[float], dp_rank: int, dp_size: int) -> list[float]:
+    """This DP rank's completions' group-normalised advantages (groups of GRPO_N consecutive completions)."""
+    from avsd_megatron.signals.grpo import group_advantages
+
+    adv = group_advantages(torch.tensor(rewards, dtype=torch.float64).view(-1, GRPO_N)).advantages.reshape(-1)
+    per_rank = adv.numel() // dp_size
+    return adv[dp_rank * per_rank : (dp_rank + 1) * per_rank].tolist()
 
 
 def _model_and_optimizer(tp: int, pp: int, full_state: dict | None, **adam):
@@ -252,6 +268,25 @@ def layout_rank(tp: int, pp: int, full_state: dict | None) -> dict:
         per_mb = step.update_student(batch, step.score_teachers(batch))
         totals = reduce_metrics(per_mb, dp_group=groups.dp) if groups.is_last_stage else {}
         result["kinds"][kind] = {
+            "loss": totals["avsd_loss"][0] / totals["avsd_loss"][1] if totals else None,
+            "grads": _full_state(model, grads=True) if dp_size == 1 else None,
+        }
+
+    # GRPO: the same student pass on a batch without teacher rows, per-token advantages, no scoring pass
+    from avsd_megatron.hook.loss import TeacherOutputs
+    from avsd_megatron.training.algorithms import token_advantages
+
+    grpo_batch = _batch(examples, dp_rank, dp_size, teacher_rows=False)
+    result["grpo"] = {}
+    for name, rewards in GRPO_REWARDS.items():
+        per_mb = token_advantages(grpo_batch, _grpo_advantages(rewards, dp_rank, dp_size))
+        outputs = [TeacherOutputs(token_advantages=a) if groups.is_last_stage else None for a in per_mb]
+        cfg = AVSDLossConfig(temperature=TAU, loss="policy_gradient", normalization="global_token_mean")
+        step = AVSDStep(model, optimizer, cfg, live, groups=groups)
+        step.zero_grads()
+        metrics = step.update_student(grpo_batch, outputs)
+        totals = reduce_metrics(metrics, dp_group=groups.dp) if groups.is_last_stage else {}
+        result["grpo"][name] = {
             "loss": totals["avsd_loss"][0] / totals["avsd_loss"][1] if totals else None,
             "grads": _full_state(model, grads=True) if dp_size == 1 else None,
         }
@@ -698,6 +733,51 @@ def test_step_loss_and_weights_match_tp1pp1(tp, pp, dp):
         assert result["trained_state"].keys() == ref["trained_state"].keys()
         for key, want in ref["trained_state"].items():
             torch.testing.assert_close(result["trained_state"][key], want, **WEIGHT_TOL, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.integration
+def test_grpo_loss_equals_float64_reference():
+    """policy_gradient with each completion's group-normalised advantage on its tokens = -sum A l_s / tokens, with
+    l_s of each sequence run alone in float64 and the advantages computed by hand."""
+    ref = _launch(1, 1, 1)[0]
+    _, _, completions = _examples()
+    rewards = GRPO_REWARDS["mixed"]
+    by_hand = []
+    for g in range(0, len(rewards), GRPO_N):
+        group = rewards[g : g + GRPO_N]
+        mean = sum(group) / GRPO_N
+        std = math.sqrt(sum((r - mean) ** 2 for r in group) / (GRPO_N - 1))
+        by_hand += [0.0 if std == 0 else (r - mean) / (std + 1e-4) for r in group]
+    ell_s = torch.cat(ref["direct"]["students"])
+    token_adv = torch.tensor([a for a, c in zip(by_hand, completions) for _ in c], dtype=torch.float64)
+    expected = float(-(token_adv * ell_s).sum() / ell_s.numel())
+    assert abs(ref["grpo"]["mixed"]["loss"] - expected) <= LOSS_ATOL, (ref["grpo"]["mixed"]["loss"], expected)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("tp,pp,dp", LAYOUTS, ids=LAYOUT_IDS)
+def test_grpo_step_matches_tp1pp1(tp, pp, dp):
+    """The GRPO loss (all layouts) and its gradients (DP1 layouts) equal TP1PP1's."""
+    ref = _launch(1, 1, 1)[0]["grpo"]["mixed"]
+    for result in _launch(tp, pp, dp):
+        got = result["grpo"]["mixed"]
+        if result["is_last_stage"]:
+            assert abs(got["loss"] - ref["loss"]) <= LOSS_ATOL, (got["loss"], ref["loss"])
+        if got["grads"] is not None:
+            for key in GRAD_KEYS:
+                torch.testing.assert_close(got["grads"][key], ref["grads"][key], **GRAD_TOL,
+                                           msg=lambda m: f"grpo {key}: {m}")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("tp,pp,dp", [(1, 1, 1), (2, 1, 1), (1, 2, 1)], ids=["tp1pp1dp1", "tp2pp1dp1", "tp1pp2dp1"])
+def test_grpo_zero_variance_groups_give_zero_gradient(tp, pp, dp):
+    for result in _launch(tp, pp, dp):
+        zero, mixed = result["grpo"]["zero_variance"], result["grpo"]["mixed"]
+        if result["is_last_stage"]:
+            assert zero["loss"] == 0.0
+        assert all(torch.count_nonzero(g) == 0 for g in zero["grads"].values()), "zero-variance groups must not train"
+        assert any(torch.count_nonzero(g) > 0 for g in mixed["grads"].values())
 
 
 @pytest.mark.integration

@@ -120,3 +120,52 @@ def test_math_task_rows_repeat_the_prompt_views_per_completion(tokenizer):
     assert rows.ids == [want, want] and rows.masks is None and rows.metrics == {}
     with pytest.raises(ValueError, match="3 completions do not divide over 2 prompts"):
         task.teacher_rows([example] * 2, [prompts] * 2, [_completion(tokenizer, "a")] * 3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GRPO rewards (the graders) and the reward-hacking guard
+
+
+def _math_example():
+    from avsd_megatron.data.examples import MathExample
+
+    return MathExample(problem="What is 6 * 7?", solution="6 * 7 = 42, so the answer is \\boxed{42}.",
+                       row=RowRef("test", 0))
+
+
+def _grpo_cfg(**grpo):
+    return from_dict({"data": {"sources": ["x.jsonl"], "task": "math"}, "algorithm": "grpo", "rollout": {"n": 2},
+                      "grpo": {"failure_reward": -0.5, **grpo}})
+
+
+def test_math_rewards_grade_with_math_verify_and_unparseable_answers_get_the_failure_reward(tokenizer):
+    pytest.importorskip("math_verify")
+    cfg = _grpo_cfg()
+    task = MathTask(tokenizer, cfg, PromptReport())
+    example = _math_example()
+    prompts = task.encode(example)
+    texts = [
+        "So the result is \\boxed{42}.",            # correct
+        "Thus \\boxed{\\frac{84}{2}}",               # correct, another form (math-verify)
+        "I get \\boxed{41}.",                        # wrong
+        "The answer is 42.",                         # right number, no boxed answer: unparseable (guard)
+        "42 42 42 \\boxed{42",                       # the last box never closes: unparseable (guard)
+        "Answer: 42 \\boxed{}",                      # an empty box is parsed and wrong, not correct
+    ]
+    graded = task.rewards([example] * 3, [prompts] * 3, [_completion(tokenizer, t) for t in texts], cfg.grpo)
+    assert [g.outcome for g in graded] == ["correct", "correct", "wrong", "unparseable", "unparseable", "wrong"]
+    assert [g.reward for g in graded] == [1.0, 1.0, 0.0, -0.5, -0.5, 0.0]
+    assert graded[0].extras == {"answer": "42", "gold": "42"}
+
+
+def test_code_rewards_run_the_public_tests_and_missing_programs_get_the_failure_reward(tokenizer):
+    cfg = from_dict({"data": {"sources": ["x.jsonl"], "task": "code"}, "avsd": {"views": CODE_VIEWS},
+                     "algorithm": "grpo", "rollout": {"n": 3}, "grpo": {"failure_reward": -1.0},
+                     "prompts": {"max_prompt_tokens": 2048}, "sandbox": {"wall_time_s": 5.0}})
+    task = CodeTask(tokenizer, cfg, PromptReport())
+    prompts = task.encode(EXAMPLE)
+    texts = [CORRECT, WRONG, "<final_code>\n```python\n```\n</final_code>"]  # an empty program: unparseable
+    graded = task.rewards([EXAMPLE], [prompts], [_completion(tokenizer, t) for t in texts], cfg.grpo)
+    assert [g.outcome for g in graded] == ["correct", "wrong", "unparseable"]
+    assert [g.reward for g in graded] == [1.0, 0.0, -1.0]
+    assert [g.extras["status"] for g in graded] == ["passed", "wrong_answer", "extraction_failure"]

@@ -17,7 +17,8 @@ and step count); once with the frozen teacher and the distributed optimizer, onc
 Megatron's plain optimizer. Resuming with another teacher kind is refused.
 
 The baselines (single, consensus, arithmetic, sigmoid gate, candidate loss), rollout.n=2 and rollout.sync_every=2
-each run through the unchanged trainer with finite losses. The code task (views reference, hint, feedback on the
+each run through the unchanged trainer with finite losses; so does algorithm=grpo (scripted completions, rewards from
+math-verify, no teacher pass). The code task (views reference, hint, feedback on the
 bundled tiny code set; bubblewrap) runs 2 steps with a scripted engine that answers every prompt with its reference
 program and a wrong one: each completion's feedback row must carry that completion's own sandbox outcome, the
 status counts must be logged, and the losses finite; then a step with the real HF engine. Unit tests cover the bad
@@ -139,6 +140,38 @@ def baselines_rank(cfg_datas: list[dict]) -> list[float]:
         trainer = Trainer(from_dict(data), progress=False)
         losses.append([trainer.train_step()["loss"] for _ in range(trainer.cfg.max_steps)][-1])
     return losses
+
+
+def grpo_train_rank(cfg_data: dict) -> dict:
+    """algorithm=grpo on the tiny math set with a scripted engine: per prompt completion 0 boxes the right answer,
+    completion 1 states it without a box (unparseable: the reward-hacking guard gives it the failure reward)."""
+    from avsd_megatron.data.tiny import TINY_TRAIN_PATH, read_jsonl
+    from avsd_megatron.rollout.engine import Completion
+    from avsd_megatron.rollout.hf_engine import HFEngine
+    from avsd_megatron.runtime import install
+    from avsd_megatron.training.trainer import Trainer
+
+    answers = {row["problem"]: row["answer"] for row in read_jsonl(TINY_TRAIN_PATH)}
+
+    class ScriptedMathEngine(HFEngine):
+        def generate(self, prompt_token_ids, params, seed):
+            out = []
+            for ids in prompt_token_ids:
+                prompt = self.tokenizer.decode(ids)
+                (answer,) = [a for problem, a in answers.items() if f"Problem: {problem}\n" in prompt]
+                for text in (f"So it is \\boxed{{{answer}}}.", f"So it is {answer}.")[: params.n]:
+                    token_ids = self.tokenizer.encode(text, add_special_tokens=False) + [self.eos_token_ids[0]]
+                    out.append(Completion(tuple(token_ids), text, "stop"))
+            return out
+
+    install()
+    cfg = from_dict(cfg_data)
+    hf = HFEngine.from_pretrained(cfg.model.hf_path)
+    trainer = Trainer(cfg, engine=ScriptedMathEngine(hf.model, hf.tokenizer), progress=False)
+    scored = []
+    trainer.score_teachers = lambda batch: scored.append(batch) or []  # must never run for GRPO
+    metrics = trainer.train()
+    return {"metrics": metrics, "scored": len(scored), "teacher_kind": trainer.teacher.kind}
 
 
 def code_train_rank(cfg_data: dict, real_cfg_data: dict | None) -> dict:
@@ -369,6 +402,31 @@ def test_trainer_runs_the_baselines_unchanged(cli_run, hf_dir, tmp_path):
     losses = run_on_ranks(baselines_rank, 1, datas, timeout=300)[0]
     assert all(math.isfinite(loss) for loss in losses), losses
     assert len(set(losses)) == len(losses), losses  # each target gives its own loss on the same samples
+
+
+@pytest.mark.integration
+def test_trainer_runs_grpo_with_rewards_from_the_grader(cli_run, hf_dir, tmp_path):
+    """algorithm=grpo, rollout.n=2, through the same trainer: rewards 1 (boxed right answer) and the failure reward
+    (the same answer unboxed), advantages +-1 / (sqrt(2) + 1e-4), no teacher pass, a finite policy-gradient loss."""
+    pytest.importorskip("math_verify")
+    data = _config(tmp_path / "grpo", hf_dir, algorithm="grpo", rollout__n=2, grpo__failure_reward=-1.0)
+    data["model"]["megatron_checkpoint"] = str(cli_run / "megatron_init")
+    got = run_on_ranks(grpo_train_rank, 1, data, timeout=300)[0]
+    assert got["scored"] == 0 and got["teacher_kind"] == "live"
+    records = _records(tmp_path / "grpo")
+    assert [r["step"] for r in records] == [1, 2]
+    std = math.sqrt(2.0)  # Bessel std of {1, -1}
+    for r in records:
+        assert r["reward/mean"] == 0.0 and r["reward/std"] == pytest.approx(std)
+        assert r["reward/correct_frac"] == 0.5 and r["reward/unparseable_frac"] == 0.5
+        assert r["grpo/zero_variance_frac"] == 0.0
+        assert r["grpo/advantage_abs_mean"] == pytest.approx(1.0 / (std + 1e-4))
+        for key in ("loss", "grad_norm", "pg_student_logprob_mean", "time/rewards", "time/advantages"):
+            assert math.isfinite(r[key]), key
+        assert r["grad_norm"] > 0 and "mv_avsd_mean" not in r and "time/score_teachers" not in r
+    generations = [json.loads(line) for line in (tmp_path / "grpo" / "generations" / "step_2.jsonl").read_text()
+                   .splitlines()]
+    assert {g["outcome"] for g in generations} == {"correct"} and all(g["reward"] == 1.0 for g in generations)
 
 
 @pytest.mark.integration
