@@ -23,7 +23,9 @@ from a purchase) with a numbered worked solution, one step per line, whose last 
 
 The numbers are small (summands up to 30, one-digit factors, answers up to 81) so that the 4-layer model learns the
 arithmetic within the main job's minutes of SFT; with operands up to 90 and two-digit factors it stayed near 5%.
-The numbered lines make `views.partial_solution` cut by step (its bullet/numbered-line strategy). Rows come from
+`wrong_intermediate_references(rows, share=)` is the variant where the views disagree (the main job's
+`--experiment views-disagree`): a share of the references print one wrong intermediate result, the final answer
+right. The numbered lines make `views.partial_solution` cut by step (its bullet/numbered-line strategy). Rows come from
 `random.Random(seed)` only, de-duplicated by problem text; the first `heldout` unique problems form the held-out
 split and the next `train` ones the train split, so the two never share a problem.
 
@@ -46,6 +48,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -70,6 +73,7 @@ __all__ = [
     "split_math_rows",
     "tiny_qwen3_config",
     "write_assets",
+    "wrong_intermediate_references",
 ]
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
@@ -311,6 +315,44 @@ def split_math_rows(
     """(train rows, held-out rows): the first `heldout` distinct problems are held out, the next `train` train."""
     rows = generate_math_rows(train + heldout, seed)
     return rows[heldout:], rows[:heldout]
+
+
+_EQUATION = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
+_WRONG_OFFSETS = (-3, -2, -1, 1, 2, 3)
+
+
+def wrong_intermediate_references(
+    rows: Iterable[dict[str, str]], *, share: float, seed: int = DATASET_SEED
+) -> tuple[list[dict[str, str]], int]:
+    """Rows whose reference solutions show a wrong intermediate result while the final answer stays right.
+
+    For a `share` of the rows (drawn with `random.Random(seed)`), one `a op b = c` step of the solution, chosen at
+    random, prints a wrong result c' = c + d (d in +-1..3, c' >= 0); nothing else changes: later steps still use
+    the true c, and the last line's `\\boxed{answer}` and the row's `answer` are right. The privileged views then
+    disagree: full_solution (and partial_solution when the step is in its first half) carry the wrong value,
+    answer_only does not. The student prompt (the problem) is untouched.
+
+    Returns:
+        (rows, number of rows changed), in input order.
+    Raises:
+        ValueError: share outside [0, 1].
+    """
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"share={share!r} must be in [0, 1]")
+    rng = random.Random(seed)
+    out, changed = [], 0
+    for row in rows:
+        steps = list(_EQUATION.finditer(row["solution"]))
+        if not steps or rng.random() >= share:
+            out.append(dict(row))
+            continue
+        step = rng.choice(steps)
+        true = int(step.group(4))
+        wrong = rng.choice([true + d for d in _WRONG_OFFSETS if true + d >= 0])
+        text = row["solution"]
+        out.append(dict(row, solution=text[: step.start(4)] + str(wrong) + text[step.end(4) :]))
+        changed += 1
+    return out, changed
 
 
 def _write_jsonl(path: Path, rows: Iterable[dict[str, str]]) -> None:

@@ -4,7 +4,9 @@
 |------------------|-----------------------------------------------------------------------------------------|
 | `config`         | `TrainConfig` and its sections; YAML load / dump with errors naming the field            |
 | `megatron_model` | `GPTModel` from an HF config, DDP, the optimizer                                         |
-| `tasks`          | what each data task adds to a step: math view prompts; code feedback run in the sandbox  |
+| `tasks`          | what each data task adds to a step: math view prompts; code feedback run in the sandbox; |
+|                  | the graders' rewards (GRPO)                                                             |
+| `algorithms`     | the per-algorithm targets step: AVSD's teacher pass, or GRPO's group advantages          |
 | `trainer`        | `Trainer`: rollout() -> score_teachers() -> update_student() -> sync_weights()           |
 | `checkpointing`  | atomic keep-last-K distributed checkpoints with exact resume                            |
 | `metrics_log`    | metrics.jsonl, TensorBoard, generations, progress bar, phase timers                     |
@@ -17,6 +19,7 @@ from avsd_megatron.training.config import (
     CheckpointConfig,
     CodeSandboxConfig,
     ConfigError,
+    GRPOConfig,
     LoggingConfig,
     ModelConfig,
     OptimConfig,
@@ -39,6 +42,7 @@ __all__ = [
     "CodeSandboxConfig",
     "CodeTask",
     "ConfigError",
+    "GRPOConfig",
     "LoggingConfig",
     "MathTask",
     "MetricsLog",

@@ -158,3 +158,32 @@ def test_make_tiny_hf_checkpoint_converts_to_megatron(checkpoint, tmp_path):
     metadata = read_conversion_metadata(out)
     assert metadata is not None
     assert (out / "hf_assets" / "tokenizer.json").is_file()
+
+
+def test_wrong_intermediate_references_change_one_step_and_keep_the_answer(shipped_rows):
+    import re
+
+    from avsd_megatron.data.tiny import wrong_intermediate_references
+    from avsd_megatron.data.views import final_answer
+
+    train, _ = shipped_rows
+    rows = train[:400]
+    changed_rows, changed = wrong_intermediate_references(rows, share=0.5, seed=3)
+    assert 150 <= changed <= 250  # about half
+    equation = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
+    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a // b}
+    differing = 0
+    for old, new in zip(rows, changed_rows, strict=True):
+        assert new["problem"] == old["problem"] and new["answer"] == old["answer"]
+        assert final_answer(new["solution"])[0] == old["answer"]  # the boxed final answer is still right
+        wrong = [m for m in equation.finditer(new["solution"])
+                 if ops[m.group(2)](int(m.group(1)), int(m.group(3))) != int(m.group(4))]
+        if new["solution"] != old["solution"]:
+            differing += 1
+            assert len(wrong) == 1 and 1 <= abs(int(wrong[0].group(4)) - int(
+                ops[wrong[0].group(2)](int(wrong[0].group(1)), int(wrong[0].group(3))))) <= 3
+        else:
+            assert not wrong
+    assert differing == changed
+    assert wrong_intermediate_references(rows, share=0.5, seed=3) == (changed_rows, changed)  # seeded
+    assert wrong_intermediate_references(rows, share=0.0)[1] == 0

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from avsd_megatron.pipelines import main_job
+from avsd_megatron.training.config import load_config
 
 pytest.importorskip("transformers")
 pytest.importorskip("megatron.core")
@@ -33,7 +34,13 @@ def test_main_job_miniature_writes_summary(tmp_path):
                     json.loads((out / f"eval_{name}.json").read_text())["samples"]] for name in ("warm", "avsd")}
     if rates["warm"] == rates["avsd"]:  # identical per-problem hits: the paired difference has no spread
         assert on_disk["heldout_delta_stderr"] == 0.0
-    for name in ("avsd", "single"):
+    assert 0.0 <= on_disk["heldout_accuracy_grpo_after"] <= 100.0  # the default job has the GRPO row
+    assert set(on_disk["runs"]) == {"avsd", "single", "grpo"}
+    assert on_disk["runs"]["avsd"]["delta_vs_avsd"] == 0.0 and on_disk["runs"]["avsd"]["delta_vs_avsd_stderr"] == 0.0
+    assert "reward/mean" in on_disk["run_stats"]["grpo"] and "mv_gate_mean" in on_disk["run_stats"]["avsd"]
+    grpo_cfg = load_config(out / "grpo" / "config.yaml")
+    assert grpo_cfg.algorithm == "grpo" and grpo_cfg.rollout.n == 4 and grpo_cfg.prompts_per_step == 1
+    for name in ("avsd", "single", "grpo"):
         metrics = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
         assert [m["step"] for m in metrics] == [1]
         assert (out / f"hf_{name}" / "config.json").is_file()
@@ -54,3 +61,38 @@ def test_paired_stderr_is_the_spread_of_per_problem_differences():
     want = 100 * (sum((d - mean) ** 2 for d in diffs) / 3 / 4) ** 0.5
     assert main_job._paired_stderr(before, after) == pytest.approx(want)
     assert main_job._paired_stderr(before, before) == 0.0
+
+
+def test_views_disagree_experiment_plumbing(tmp_path):
+    """--experiment views-disagree at miniature size (two of its runs): the training references are the variant,
+    the warm start is not, the stats and the plot are written. The numbers mean nothing at this size."""
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "exp"
+    summary = main_job.main(["--out", str(out), "--experiment", "views-disagree", "--runs", "avsd,consensus",
+                             "--sft-steps", "1", "--sft-batch", "2", "--steps", "1", "--prompts-per-step", "2",
+                             "--heldout", "2", "--k", "1", "--max-new-tokens", "4", "--probe", "0", "--plot"])
+    exp = summary["experiment"]
+    assert exp["name"] == "views-disagree" and exp["changed_references"] > 1000  # about half of 3000
+    cfg = load_config(out / "consensus" / "config.yaml")
+    assert cfg.data.sources == (str(out / "train_views_disagree.jsonl"),) and cfg.avsd.mode == "consensus"
+    assert set(summary["runs"]) == {"avsd", "consensus"} and (out / "run_stats.png").stat().st_size > 0
+    assert summary["heldout_accuracy_single_after"] is None and summary["heldout_accuracy_grpo_after"] is None
+
+
+def test_selected_runs():
+    args = main_job.parse_args([])
+    assert main_job._selected_runs(args) == ["avsd", "single", "grpo"]
+    args = main_job.parse_args(["--experiment", "views-disagree"])
+    assert main_job._selected_runs(args) == list(main_job.RUNS) and len(main_job.RUNS) == 7
+    with pytest.raises(ValueError, match="must include avsd"):
+        main_job._selected_runs(main_job.parse_args(["--runs", "single,grpo"]))
+    with pytest.raises(ValueError, match=r"unknown run\(s\) \['nope'\]"):
+        main_job._selected_runs(main_job.parse_args(["--runs", "avsd,nope"]))
+    with pytest.raises(ValueError, match="--grpo-n=1 must be >= 2"):
+        main_job._selected_runs(main_job.parse_args(["--grpo-n", "1"]))
+
+
+def test_verdict_two_standard_error_rule():
+    assert main_job._verdict(0.0, 0.0) == "no significant change"  # was 'got worse'
+    assert main_job._verdict(3.0, 1.0) == "improved" and main_job._verdict(-3.0, 1.0) == "got worse"
+    assert main_job._verdict(-1.0, 1.0) == "no significant change"

@@ -686,3 +686,20 @@ def test_generalized_jsd_nonnegative_and_endpoints_are_kls(inputs, beta):
     kl_st = torch.where(support, student.exp() * (student - target), 0.0).sum(-1)
     torch.testing.assert_close(generalized_jsd(student, target, support, beta=0.0), kl_ts, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(generalized_jsd(student, target, support, beta=1.0), kl_st, rtol=1e-12, atol=1e-12)
+
+
+def test_sampled_token_targets_arithmetic_keeps_tokens_with_some_minus_inf_views():
+    """Spec 2.2 step 9: a token is dropped only when ℓ_s or T is non-finite; log q_A is finite if one view is."""
+    ell_s, ell_m = _sampled_case(3, torch.float64)
+    ell_m[0, 1] = NEG_INF  # one view -inf: arithmetic keeps the token, the other modes drop it
+    ell_m[:, 2] = NEG_INF  # every view -inf: dropped everywhere
+    arith = sampled_token_targets(ell_s, ell_m, mode="arithmetic")
+    cons = sampled_token_targets(ell_s, ell_m, mode="consensus")
+    assert arith.valid[1] and not arith.valid[2] and int(arith.num_excluded) == 1
+    assert not cons.valid[1] and int(cons.num_excluded) == 2
+    expected = math.log((math.exp(float(ell_m[1, 1])) + math.exp(float(ell_m[2, 1]))) / 3)
+    assert float(arith.target[1]) == pytest.approx(expected, rel=1e-12)
+    assert float(arith.advantage[1]) == pytest.approx(expected - float(ell_s[1]), rel=1e-12)
+    assert not arith.views_finite[1] and float(arith.gate[1]) == 0.0  # statistics of -inf views are not defined
+    for name in FIELDS:
+        assert torch.isfinite(getattr(arith, name)).all(), name
