@@ -2,11 +2,13 @@
 
 | module              | what it holds                                                                             |
 |---------------------|-------------------------------------------------------------------------------------------|
-| `batch`             | `build_avsd_batch`: student and M teacher rows, contiguous positions, completion indices  |
+| `batch`             | `build_avsd_batch`: student and M teacher rows (none for GRPO), contiguous positions,     |
+|                     | completion indices, the pad-id loss mask                                                  |
 | `completion_output` | `GPTModel(output_processor=...)`: the output layer only at completion positions           |
 | `scoring`           | `score_teachers`: one forward-only schedule over all M·B teacher rows                     |
 | `teacher_kinds`     | frozen θ₀ / live / EMA teachers (weights swapped in place, restored bit for bit)          |
-| `loss`              | `AVSDLossConfig`, `AVSDForwardStep` (the loss for `get_forward_backward_func`)            |
+| `loss`              | `AVSDLossConfig`, `AVSDForwardStep` (the loss for `get_forward_backward_func`); also the  |
+|                     | GRPO policy-gradient loss (`loss='policy_gradient'`, advantages with the micro-batch)     |
 | `step`              | `AVSDStep`: score_teachers -> update_student -> optimizer step -> teacher update          |
 
 Nothing here changes Megatron-Core; process groups are passed in (`MegatronGroups`). Megatron is imported inside

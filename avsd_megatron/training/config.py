@@ -482,7 +482,8 @@ class TrainConfig:
     algorithm: Literal["avsd", "grpo"] = "avsd"
     """avsd: the method (or a baseline of the `avsd` section: single view, consensus, arithmetic); grpo: the RL
     baseline of the `grpo` section, on the same rollouts, model, parallelism and checkpoints (needs rollout.n >= 2;
-    the avsd section's views, gate and teacher are then unused)."""
+    the avsd section's mode, gate, teacher and loss are then unused; its views still decide which teacher prompts
+    the task encodes, and so which prompts prompts.overlong='skip' passes over, the same prompts as an AVSD run)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
