@@ -1,6 +1,7 @@
 """Tests for avsd_megatron.training.algorithms: the GRPO targets step (rewards -> advantages -> per-token advantages)
 and the policy-gradient kernel it feeds, in one process. The TP / PP / DP equality of a GRPO step with TP1 and the
-zero gradient of zero-variance groups inside Megatron's schedules are in tests/hook/test_avsd_step.py (integration).
+zero gradient of zero-variance groups inside Megatron's schedules are in tests/hook/test_avsd_step.py (integration);
+the DP reduction of the GRPO metrics runs on 2 gloo ranks here (integration).
 
 Run: .venv/bin/python -m pytest -q tests/training/test_algorithms.py      (seconds)
 """
@@ -54,6 +55,28 @@ def test_grpo_rows_advantages_and_metrics():
     assert m["grpo/zero_variance_frac"] == 0.5
     assert m["reward/correct_frac"] == pytest.approx(1 / 6) and m["reward/unparseable_frac"] == pytest.approx(1 / 6)
     assert [x["outcome"] for x in rows.extras] == outcomes
+
+
+def grpo_rows_dp_rank(outcomes_per_rank):
+    """GRPOTargets.rows on each of 2 DP ranks (the world group) with its own outcomes; returns the metrics."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    targets = GRPOTargets(_FakeTask(outcomes_per_rank[rank]), _cfg(), dp_group=dist.group.WORLD)
+    return targets.rows([None], [None], _completions([1, 1, 1])).metrics
+
+
+@pytest.mark.integration
+def test_grpo_metrics_are_summed_over_data_parallel_ranks():
+    from avsd_megatron.testing import run_on_ranks
+
+    outcomes = [["correct", "wrong", "wrong"], ["wrong", "wrong", "wrong"]]  # rank 1's group has zero variance
+    metrics = run_on_ranks(grpo_rows_dp_rank, 2, outcomes, timeout=120)
+    assert metrics[0] == metrics[1]
+    assert metrics[0]["grpo/zero_variance_frac"] == 0.5
+    assert metrics[0]["reward/mean"] == pytest.approx(1 / 6)
+    assert metrics[0]["reward/correct_frac"] == pytest.approx(1 / 6)
+    assert metrics[0]["reward/std"] == pytest.approx((3 ** -0.5 + 0.0) / 2)  # Bessel std of {1, 0, 0} and of {0, 0, 0}
 
 
 def test_token_advantages_follow_the_batch_token_order():
