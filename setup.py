@@ -3,7 +3,8 @@
 Extras:
   train   - Megatron-Core (the training backend) and what its CPU/GPU paths import.
   rollout - vLLM, GPU only; never needed for tests.
-  eval    - math-verify, for grading math answers.
+  eval    - math-verify, for grading math answers (and GRPO's math rewards).
+  plot    - matplotlib, for the main job's --plot.
   launch  - NeMo-Run (with the leptonai pin that lets 0.11.x import).
   test    - pytest, hypothesis, transformers (the HF oracle for model math), ...
 
@@ -29,6 +30,9 @@ EXTRAS = {
     ],
     "eval": [
         "math-verify>=0.8,<1",  # avsd_megatron.verify.grading: math answer equivalence
+    ],
+    "plot": [
+        "matplotlib>=3.8",  # python -m avsd_megatron main-job --plot (run_stats.png)
     ],
     "launch": [
         "nemo-run>=0.11.1,<0.12",
