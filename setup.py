@@ -5,6 +5,7 @@ Extras:
   rollout - vLLM, GPU only; never needed for tests.
   eval    - math-verify, for grading math answers.
   launch  - NeMo-Run (with the leptonai pin that lets 0.11.x import).
+  plot    - matplotlib, for `python -m avsd_megatron plot` and the main job's summary.png.
   test    - pytest, hypothesis, transformers (the HF oracle for model math), ...
 
 Transformer Engine and NVIDIA Apex are not PyPI dependencies: they come with the NGC PyTorch container
@@ -33,6 +34,9 @@ EXTRAS = {
     "launch": [
         "nemo-run>=0.11.1,<0.12",
         "leptonai<0.47",  # nemo-run 0.11.1 fails to import with leptonai>=0.47
+    ],
+    "plot": [
+        "matplotlib>=3.8",  # avsd_megatron.pipelines.plot: training curves, the main job's summary.png
     ],
     "test": [
         "pytest>=8",
