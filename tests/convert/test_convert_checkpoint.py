@@ -518,6 +518,23 @@ def test_shard_writer_plans_like_huggingface_hub(tmp_path):
         SafetensorsShardWriter(tmp_path / "x", [("a", 40), ("c", 20)], 100).add("c", state["c"])
 
 
+def test_conversion_progress_bars_count_every_byte(hf_dirs, tmp_path, capsys):
+    """Both directions show a tqdm bar over the bytes written that ends at exactly its total (rate and ETA shown)."""
+    mcore = convert_hf_to_megatron(hf_dirs[False], tmp_path / "m", dtype=torch.float32, progress=True)
+    convert_megatron_to_hf(mcore, tmp_path / "h", progress=True)
+    err = capsys.readouterr().err
+    model_bytes = sum(t.nbytes for t in _hf_state(hf_dirs[False]).values())  # fp32 in, fp32 out
+    for desc in ("hf->megatron", "megatron->hf"):
+        final = re.findall(rf"{re.escape(desc)}: 100%\|[^|]*\| (\S+)/(\S+) \[[0-9:]+<[0-9:]+, +[0-9.]+[kMG]?B/s\]", err)
+        assert final and final[-1][0] == final[-1][1], (desc, err[-2000:])
+    from tqdm import tqdm
+
+    written = re.search(r"megatron->hf: 100%\|[^|]*\| (\S+)/", err).group(1)
+    assert written == tqdm.format_sizeof(model_bytes, divisor=1024)
+    convert_megatron_to_hf(mcore, tmp_path / "quiet")  # the library default: no bar
+    assert "megatron->hf" not in capsys.readouterr().err
+
+
 def test_conversion_refuses_existing_output(hf_dirs, megatron_dirs, tmp_path):
     (tmp_path / "out").mkdir()
     with pytest.raises(FileExistsError, match="already exists"):
