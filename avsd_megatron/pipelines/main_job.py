@@ -178,7 +178,8 @@ def _train(cfg_paths: dict[str, Path], threads: int, steps: int, *, poll_s: floa
               dynamic_ncols=True) as bar:
         while any(proc.poll() is None for _, proc in procs.values()):
             time.sleep(poll_s)
-            bar.update(_steps_logged(metrics) - bar.n)
+            if (done := _steps_logged(metrics)) > bar.n:
+                bar.update(done - bar.n)
         bar.update(_steps_logged(metrics) - bar.n)
     failed = [f"run {name!r} exit {rc}: {' '.join(cmd)}"
               for name, (cmd, proc) in procs.items() if (rc := proc.wait()) != 0]
@@ -194,6 +195,13 @@ def _paired_stderr(before: dict[str, Any], after: dict[str, Any]) -> float:
              for result in (before, after)]
     diffs = [a - b for b, a in zip(*rates, strict=True)]
     return 100.0 * statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
+
+
+def _verdict(delta: float, stderr: float) -> str:
+    """The 2-s.e. reading of a paired difference; a difference within the band (zero included) is no change."""
+    if delta > 2 * stderr:
+        return "improved"
+    return "got worse" if delta < -2 * stderr else "no significant change"
 
 
 def _table(rows: list[tuple[str, dict[str, Any], int | str]], k: int) -> str:
@@ -316,8 +324,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     rows = [("warm start (SFT)", scores["warm"], 0)] + [(labels[n], scores[n], args.steps) for n in runs]
     print(_table(rows, k))
     delta, se = summary["heldout_delta"], summary["heldout_delta_stderr"]
-    verdict = "improved" if delta > 2 * se else "no significant change" if delta > -2 * se else "got worse"
-    print(f"AVSD - warm start: {delta:+.2f} ± {se:.2f} points ({verdict}; paired s.e. over problems, 2 s.e. rule)")
+    print(f"AVSD - warm start: {delta:+.2f} ± {se:.2f} points ({_verdict(delta, se)}; paired s.e. over problems, "
+          "2 s.e. rule)")
     if "single" in scores:
         print(f"single view - warm start: {summary['heldout_delta_single']:+.2f} ± "
               f"{summary['heldout_delta_single_stderr']:.2f} points")

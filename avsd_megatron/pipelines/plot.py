@@ -131,7 +131,7 @@ def draw_curves(runs: Mapping[str, list[dict[str, Any]]], axes: Sequence[Any]) -
                         label=f"{name}: {view}")
                 drawn = True
         if drawn:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="upper right")  # "best" searches the data: slow and warns on long runs
         else:
             _absent(ax, curve.metric or f"{STUDENT_LOGPROB} / {VIEW_LOGPROB_PREFIX}<view>")
 

@@ -81,3 +81,11 @@ def test_paired_stderr_is_the_spread_of_per_problem_differences():
     want = 100 * (sum((d - mean) ** 2 for d in diffs) / 3 / 4) ** 0.5
     assert main_job._paired_stderr(before, after) == pytest.approx(want)
     assert main_job._paired_stderr(before, before) == 0.0
+
+
+@pytest.mark.parametrize("delta, stderr, verdict", [(0.0, 0.0, "no significant change"), (3.0, 1.0, "improved"),
+                                                     (-3.0, 1.0, "got worse"), (2.0, 1.0, "no significant change"),
+                                                     (-2.0, 1.0, "no significant change"), (0.5, 0.0, "improved")])
+def test_verdict_reads_the_two_standard_error_band(delta, stderr, verdict):
+    """No change within ±2 s.e., zero included (a 0 ± 0 difference was reported as "got worse")."""
+    assert main_job._verdict(delta, stderr) == verdict
