@@ -28,7 +28,8 @@ venv: $(STAMP)
 $(PY):
 	@py="$(PYTHON312)"; [ -n "$$py" ] || py="$$(tools/find_python312.sh)" || exit 1; \
 	echo "creating $(VENV) with $$py"; \
-	$$py -m venv $(VENV) || { echo "error: '$$py -m venv' failed (Debian/Ubuntu: apt-get install -y python3.12-venv)" >&2; \
+	$$py -m venv $(VENV) || { \
+	echo "error: '$$py -m venv' failed (Debian/Ubuntu: apt-get install -y python3.12-venv)" >&2; \
 	rm -rf $(VENV); exit 1; }
 
 $(STAMP): $(PY) setup.py pyproject.toml

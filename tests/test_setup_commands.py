@@ -69,7 +69,8 @@ def test_finder_on_this_machine_gives_a_python312_command():
 def _make_dry_run(target: str, venv: Path, **variables: str) -> str:
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
-    args = ["make", "-n", "--no-print-directory", "-C", str(ROOT), target, f"VENV={venv}", *(f"{k}={v}" for k, v in variables.items())]
+    args = ["make", "-n", "--no-print-directory", "-C", str(ROOT), target, f"VENV={venv}",
+            *(f"{k}={v}" for k, v in variables.items())]
     result = subprocess.run(args, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout

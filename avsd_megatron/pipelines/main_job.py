@@ -160,8 +160,8 @@ def _steps_logged(metrics_files: Sequence[Path]) -> int:
 
 
 def _train(cfg_paths: dict[str, Path], threads: int, steps: int, *, poll_s: float = 2.0) -> None:
-    """One `avsd_megatron.training.train` process per run, all at once (each its own process group on a free port, `threads`
-    intra-op threads; the runs are independent, and two one-thread runs use both cores of a 2-core machine).
+    """One `avsd_megatron.training.train` process per run, all at once (each its own process group on a free port,
+    `threads` intra-op threads; the runs are independent, and two one-thread runs use both cores of a 2-core machine).
 
     The runs have no bars of their own (two processes would garble one terminal line); one tqdm bar here counts the
     steps both have logged (`steps` each; their metrics.jsonl, next to each config), with rate and ETA."""

@@ -124,7 +124,8 @@ def draw_curves(runs: Mapping[str, list[dict[str, Any]]], axes: Sequence[Any]) -
             if steps:
                 ax.plot(steps, values, color=colours[name], marker=".", label=f"{name}: student")
                 drawn = True
-            views = sorted({k[len(VIEW_LOGPROB_PREFIX):] for r in records for k in r if k.startswith(VIEW_LOGPROB_PREFIX)})
+            views = sorted({k.removeprefix(VIEW_LOGPROB_PREFIX) for r in records for k in r
+                            if k.startswith(VIEW_LOGPROB_PREFIX)})
             for i, view in enumerate(views):
                 steps, values = _series(records, VIEW_LOGPROB_PREFIX + view)
                 ax.plot(steps, values, color=colours[name], linestyle=_VIEW_STYLES[i % len(_VIEW_STYLES)],

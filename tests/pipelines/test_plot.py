@@ -109,7 +109,8 @@ def test_cli_default_out_and_errors(runs, tmp_path, capsys):
 
 def test_plot_summary_bars_are_avg_at_k_with_standard_errors(runs, tmp_path):
     summary = {"settings": {"k": 4, "heldout": 200}, "steps": 4, "seconds": {"total": 763.0},
-               "scores": {"warm": {"avg@4": 36.38, "avg@4_stderr": 2.82}, "avsd": {"avg@4": 42.25, "avg@4_stderr": 2.89}}}
+               "scores": {"warm": {"avg@4": 36.38, "avg@4_stderr": 2.82},
+                          "avsd": {"avg@4": 42.25, "avg@4_stderr": 2.89}}}
     fig = plot.plot_summary(summary, {"warm": "warm start", "avsd": "AVSD"}, {"avsd": runs["avsd"]},
                             tmp_path / "summary.png")
     assert (tmp_path / "summary.png").stat().st_size > 20_000

@@ -2,9 +2,10 @@
 
 Run: .venv/bin/python -m pytest -q tests/verify/test_sandbox.py
 
-Needs bubblewrap (`apt-get install -y bubblewrap`; .ci/run installs it). Every check runs a real tiny program;
-the few `kind="subprocess"` runs are the controls showing that the same program does reach what the sandbox
-blocks.
+The tests marked `bwrap` need bubblewrap (`apt-get install -y bubblewrap`; `make bwrap` and .ci/run install it):
+without it they skip, or error under CI=true / AVSD_REQUIRE_SANDBOX=1 (tests/conftest.py). Every check runs a real
+tiny program; the few `kind="subprocess"` runs are the controls showing that the same program does reach what the
+sandbox blocks.
 """
 
 import socket
