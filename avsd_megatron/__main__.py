@@ -3,6 +3,7 @@
     train       AVSD training from a YAML config (`training.train`; one process or under torchrun)
     evaluate    math Avg@k / code pass@k of an HF checkpoint (`pipelines.evaluate`)
     main-job    the CPU pipeline on the bundled tiny model: SFT -> AVSD -> held-out table (`pipelines.main_job`)
+    plot        training curves of run directories' metrics.jsonl, overlaid, as a PNG (`pipelines.plot`)
     tiny        bundled tiny assets: `tiny checkpoint DIR` writes a random-init tiny Qwen3 (`data.tiny`)
     tiny-code   rebuild the bundled tiny code set (`data.tiny_code`)
 
@@ -23,6 +24,7 @@ COMMANDS = {
     "train": ("avsd_megatron.training.train", "AVSD training from a YAML config (one process or under torchrun)"),
     "evaluate": ("avsd_megatron.pipelines.evaluate", "math Avg@k / code pass@k of an HF checkpoint"),
     "main-job": ("avsd_megatron.pipelines.main_job", "the CPU pipeline on the bundled tiny model"),
+    "plot": ("avsd_megatron.pipelines.plot", "training curves of runs' metrics.jsonl, overlaid, as a PNG"),
     "tiny": ("avsd_megatron.data.tiny", "bundled tiny assets; `tiny checkpoint DIR` writes the tiny Qwen3"),
     "tiny-code": ("avsd_megatron.data.tiny_code", "rebuild the bundled tiny code set"),
 }

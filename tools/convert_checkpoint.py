@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", choices=sorted(DTYPES), default=None, help="output dtype (default: config.json's dtype)"
     )
     to_hf.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size cap in GB (1e9 bytes)")
+    for command in (to_mcore, to_hf):
+        command.add_argument("--no-progress", action="store_true", help="no tqdm bar (bytes written, rate, ETA)")
     return parser
 
 
@@ -80,6 +82,7 @@ def _run(args: argparse.Namespace) -> Path:
             pipeline_model_parallel_size=args.pp,
             dtype=DTYPES[args.dtype],
             make_vocab_size_divisible_by=args.vocab_divisible_by,
+            progress=not args.no_progress,
         )
     return convert_megatron_to_hf(
         args.megatron,
@@ -87,6 +90,7 @@ def _run(args: argparse.Namespace) -> Path:
         hf_reference_dir=args.hf_reference,
         dtype=DTYPES[args.dtype] if args.dtype else None,
         max_shard_bytes=int(args.max_shard_gb * 1e9),
+        progress=not args.no_progress,
     )
 
 

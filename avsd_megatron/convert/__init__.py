@@ -4,7 +4,7 @@
 |------------------|-----------------------------------------------------------------------------------------------|
 | `qwen3_config`   | `qwen3_config_to_transformer_config`, `qwen3_gpt_model_kwargs`, `Qwen3Dims`, `padded_vocab_size` |
 | `mapping`        | the HF <-> Megatron name table (`LAYER_MAPPINGS`, `GLOBAL_MAPPINGS`) and its layout rules        |
-| `safetensors_io` | streaming safetensors reader, size-capped shard writer, tokenizer/generation-config copy       |
+| `safetensors_io` | per-tensor reader (`safe_open`), shard writer (hub's plan, `save_file`), tokenizer/config copy |
 | `dist_ckpt`      | streaming `torch_dist` writer, region reader, `load_megatron_checkpoint` (the trainer's load)  |
 | `convert`        | `convert_hf_to_megatron`, `convert_megatron_to_hf` (files, atomic output directories)          |
 | `export`         | `export_hf_weights(model, hf_config, tp_group=, pp_group=)` (in-memory, for rollout refits)    |

@@ -17,6 +17,7 @@ leaves no partial output.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -86,6 +87,28 @@ def _atomic_output_dir(out_dir: str | Path) -> Iterator[Path]:
         raise
 
 
+def _progress_bar(total_bytes: int, desc: str, enabled: bool) -> Any:
+    """A tqdm bar over the bytes converted (rate in B/s, ETA); a no-op when not `enabled`."""
+    from tqdm import tqdm
+
+    return tqdm(total=total_bytes, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled,
+                dynamic_ncols=True)
+
+
+def _counted(entry: ChunkEntry, bar: Any) -> ChunkEntry:
+    """`entry` whose tensor, when produced, advances `bar` by its bytes (objects pass unchanged)."""
+    if entry.global_shape is None:
+        return entry
+    nbytes = math.prod(entry.sizes) * entry.dtype.itemsize
+
+    def produce() -> Tensor:
+        tensor = entry.produce()
+        bar.update(nbytes)
+        return tensor
+
+    return dataclasses.replace(entry, produce=produce)
+
+
 def _check_hf_tensors(reader: SafetensorsReader, dims: Qwen3Dims) -> None:
     """Every expected HF tensor is present with the config's shape; nothing unexpected (tied lm_head is tolerated)."""
     expected = expected_hf_shapes(dims)
@@ -150,6 +173,7 @@ def convert_hf_to_megatron(
     pipeline_model_parallel_size: int = 1,
     dtype: torch.dtype = torch.bfloat16,
     make_vocab_size_divisible_by: int = DEFAULT_VOCAB_DIVISIBLE_BY,
+    progress: bool = False,
 ) -> Path:
     """Convert an HF Qwen3 checkpoint directory into a Megatron-Core dist checkpoint at `out_dir`.
 
@@ -160,6 +184,7 @@ def convert_hf_to_megatron(
             the model, and TP sets the vocab padding (`padded_vocab_size`). The checkpoint loads at any TP/PP.
         dtype: storage dtype of every tensor.
         make_vocab_size_divisible_by: Megatron-LM's padding multiple (per TP rank).
+        progress: show a tqdm bar over the bytes written (rate, ETA) on stderr.
     Returns:
         `out_dir`.
     Raises:
@@ -173,8 +198,10 @@ def convert_hf_to_megatron(
     reader = SafetensorsReader(hf_dir)
     _check_hf_tensors(reader, dims)
     padded_vocab = padded_vocab_size(dims.vocab_size, tensor_model_parallel_size, make_vocab_size_divisible_by)
-    with _atomic_output_dir(out_dir) as tmp:
-        write_torch_dist(tmp, _megatron_entries(reader, dims, padded_vocab, dtype))
+    entries = _megatron_entries(reader, dims, padded_vocab, dtype)
+    total = sum(math.prod(e.sizes) * e.dtype.itemsize for e in entries if e.global_shape is not None)
+    with _atomic_output_dir(out_dir) as tmp, _progress_bar(total, "hf->megatron", progress) as bar:
+        write_torch_dist(tmp, [_counted(entry, bar) for entry in entries])
         write_conversion_metadata(
             tmp, hf_config, dtype=dtype, padded_vocab_size=padded_vocab, source=str(Path(hf_dir).absolute())
         )
@@ -270,6 +297,7 @@ def convert_megatron_to_hf(
     hf_reference_dir: str | Path | None = None,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    progress: bool = False,
 ) -> Path:
     """Convert a Megatron dist checkpoint (converted, or saved by the trainer at any TP/PP) into an HF directory.
 
@@ -280,6 +308,7 @@ def convert_megatron_to_hf(
             `hf_conversion.json`.
         dtype: output dtype; default: config.json's `dtype` / `torch_dtype`, else as stored.
         max_shard_bytes: safetensors shard size cap.
+        progress: show a tqdm bar over the bytes written (rate, ETA) on stderr.
     Returns:
         `out_dir`.
     Raises:
@@ -299,8 +328,10 @@ def convert_megatron_to_hf(
     planned = [(name, element * math.prod(shapes[name])) for name in hf_tensor_order(dims)]
     with _atomic_output_dir(out_dir) as tmp:
         writer = SafetensorsShardWriter(tmp, planned, max_shard_bytes)
-        for name, tensor in iter_hf_weights_from_checkpoint(reader, dims, out_dtype):
-            writer.add(name, tensor)
+        with _progress_bar(writer.total_size, "megatron->hf", progress) as bar:
+            for name, tensor in iter_hf_weights_from_checkpoint(reader, dims, out_dtype):
+                writer.add(name, tensor)
+                bar.update(tensor.nbytes)
         writer.finish()
         config = dict(hf_config)
         dtype_field = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"  # < / >= tf 5

@@ -16,10 +16,11 @@ model(s) <- checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,25 @@ CONVERSION_METADATA = "hf_conversion.json"
 """Our file next to it: the HF config.json (to rebuild the model) and how the checkpoint was produced."""
 CONVERSION_FORMAT = "avsd-megatron/qwen3-dist-ckpt"
 COMMON_STATE_KEY = "common_state"
+
+
+KNOWN_LOAD_NOTICES: tuple[tuple[type[Warning], str], ...] = (
+    # torch/distributed/checkpoint/utils.py:468: megatron-core's torch_dist strategy calls dcp.load(state_dict,
+    # reader) positionally, once per load and process
+    (UserWarning, r"The argument order of load has been changed\. "),
+    # torch/distributed/_shard/_utils.py:7 (api.py:833): megatron-core's loader still builds ShardedTensors
+    (FutureWarning, r"Please use DTensor instead and we are deprecating ShardedTensor\."),
+)
+"""Library notices that every `dist_checkpointing.load` raises and that tell a user nothing (exact messages)."""
+
+
+@contextlib.contextmanager
+def quiet_load_notices() -> Iterator[None]:
+    """Silence `KNOWN_LOAD_NOTICES` (only those) around a `dist_checkpointing.load` call."""
+    with warnings.catch_warnings():
+        for category, message in KNOWN_LOAD_NOTICES:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        yield
 
 
 def sharded_object_key(key: str, global_offset: Sequence[int], global_shape: Sequence[int]) -> str:
@@ -330,7 +350,8 @@ def load_megatron_checkpoint(model: torch.nn.Module | Sequence[torch.nn.Module],
                 continue
             keep[name] = value
         request[f"model{i}"] = keep
-    loaded = dist_checkpointing.load(request, str(ckpt_dir))
+    with quiet_load_notices():
+        loaded = dist_checkpointing.load(request, str(ckpt_dir))
     for i, chunk in enumerate(chunks):
         result = unwrap_model(chunk).load_state_dict(loaded[f"model{i}"], strict=False)
         missing = [k for k in result.missing_keys if k not in skipped.get(f"model{i}", set())]

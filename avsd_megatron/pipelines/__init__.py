@@ -5,6 +5,7 @@
 | `evaluate`   | math Avg@k / Pass@k and code pass@k of an HF checkpoint (`python -m avsd_megatron evaluate`) |
 | `warm_start` | supervised warm start of the tiny model on worked solutions, and the view probe            |
 | `main_job`   | init -> SFT -> convert -> AVSD + single-view runs -> HF -> held-out table (`... main-job`)  |
+| `plot`       | training curves of runs' metrics.jsonl and the main job's summary.png (`... plot`; matplotlib) |
 | `recipes`    | NeMo-Run recipes (`examples/avsd_*.py`, `nemorun avsd ...`); needs the `launch` extra, so it is |
 |              | not imported here: `from avsd_megatron.pipelines.recipes import qwen3_8b`                  |
 """

@@ -27,6 +27,12 @@ Phases (wall time of each goes to summary.json):
    bundled held-out split (disjoint from train), k samples each at the rollout temperature, same seeds
    -> `<out>/eval_<name>.json` (every sample), `<out>/summary.json` and `<out>/run_stats.json` (each run's per-step
    gate / advantage / reward statistics, `STAT_KEYS`; `--plot` draws them into `<out>/run_stats.png`).
+8. `<out>/summary.png` (`plot.plot_summary`): held-out Avg@k with standard-error bars per model, then each run's
+   training curves (loss, mean gate, advantage, Jensen gap, sampled-token log-prob of the views vs the student).
+
+Each phase prints its start and its duration with the job's elapsed time; the warm start, the probe, the
+conversions and the evaluations show tqdm bars, and training one bar over all runs' steps (read from their
+metrics.jsonl while they run).
 
 The experiment where views disagree (`--experiment views-disagree`; issue 18 item 3). Design, fixed before any
 result was seen:
@@ -222,21 +228,44 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train(cfg_paths: dict[str, Path], threads: int, parallel: int = 2) -> None:
+def _steps_logged(metrics_files: Sequence[Path]) -> int:
+    """Records written so far to these metrics.jsonl files (one per step with logging.log_every = 1)."""
+    total = 0
+    for path in metrics_files:
+        if path.is_file():
+            with open(path, "rb") as f:
+                total += sum(1 for line in f if line.strip())
+    return total
+
+
+def _train(cfg_paths: dict[str, Path], threads: int, steps: int, parallel: int = 2, *, poll_s: float = 2.0) -> None:
     """One `python -m avsd_megatron train` process per run, `parallel` at a time (each its own process group on a free
     port, `threads` intra-op threads; the runs are independent, and two one-thread runs use both cores of a 2-core
-    machine)."""
+    machine).
+
+    The runs have no bars of their own (two processes would garble one terminal line); one tqdm bar here counts the
+    steps all runs have logged (`steps` each; their metrics.jsonl, next to each config), with rate and ETA."""
+    from tqdm import tqdm
+
     failed = []
     items = list(cfg_paths.items())
-    for lo in range(0, len(items), max(1, parallel)):
-        procs = {}
-        for name, cfg_path in items[lo : lo + max(1, parallel)]:
-            env = os.environ | {"OMP_NUM_THREADS": str(threads), "MASTER_ADDR": "127.0.0.1",
-                                "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1"}
-            cmd = [sys.executable, "-m", "avsd_megatron", "train", "--config", str(cfg_path), "--no-progress"]
-            procs[name] = (cmd, subprocess.Popen(cmd, env=env))
-        failed += [f"run {name!r} exit {rc}: {' '.join(cmd)}"
-                   for name, (cmd, proc) in procs.items() if (rc := proc.wait()) != 0]
+    metrics = [path.parent / "metrics.jsonl" for path in cfg_paths.values()]
+    with tqdm(total=steps * len(items), desc="train (" + " + ".join(cfg_paths) + ")", unit="step",
+              dynamic_ncols=True) as bar:
+        for lo in range(0, len(items), max(1, parallel)):
+            procs = {}
+            for name, cfg_path in items[lo : lo + max(1, parallel)]:
+                env = os.environ | {"OMP_NUM_THREADS": str(threads), "MASTER_ADDR": "127.0.0.1",
+                                    "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1"}
+                cmd = [sys.executable, "-m", "avsd_megatron", "train", "--config", str(cfg_path), "--no-progress"]
+                procs[name] = (cmd, subprocess.Popen(cmd, env=env))
+            while any(proc.poll() is None for _, proc in procs.values()):
+                time.sleep(poll_s)
+                if (done := _steps_logged(metrics)) > bar.n:
+                    bar.update(done - bar.n)
+            failed += [f"run {name!r} exit {rc}: {' '.join(cmd)}"
+                       for name, (cmd, proc) in procs.items() if (rc := proc.wait()) != 0]
+        bar.update(_steps_logged(metrics) - bar.n)
     if failed:
         raise RuntimeError("training failed: " + "; ".join(failed))
 
@@ -318,25 +347,36 @@ def _table(rows: list[tuple[str, dict[str, Any], int | str]], k: int) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from avsd_megatron.convert import convert_hf_to_megatron, convert_megatron_to_hf
+    from avsd_megatron.pipelines.plot import plot_summary
     from avsd_megatron.training.checkpointing import find_latest
 
     args = parse_args(argv)
     names = _selected_runs(args)
-    if args.plot:
-        import matplotlib  # noqa: F401  (--plot needs it: fail before hours of work, not after)
+    try:  # summary.png (and --plot) need it: fail before the work, not after
+        import matplotlib  # noqa: F401
+    except ImportError as err:
+        raise ImportError('the main job draws summary.png with matplotlib: pip install -e ".[plot]"') from err
     if not 0.0 <= args.wrong_step_share <= 1.0:
         raise ValueError(f"--wrong-step-share={args.wrong_step_share} must be in [0, 1]")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     if (out / "summary.json").exists():
         raise FileExistsError(f"{out}/summary.json exists: pick a new --out")
+    try:  # summary.png is the job's last step: fail before the expensive part
+        import matplotlib  # noqa: F401
+    except ImportError as err:
+        raise ImportError('main-job writes summary.png and needs matplotlib: pip install -e ".[plot]"') from err
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
 
+    def begin(name: str) -> float:
+        print(f"[main_job] {name} ... (job at {time.perf_counter() - t0:.0f} s)", flush=True)
+        return time.perf_counter()
+
     def phase(name: str, start: float) -> None:
         seconds[name] = round(time.perf_counter() - start, 1)
-        print(f"[main_job] {name}: {seconds[name]:.1f} s", flush=True)
+        print(f"[main_job] {name}: {seconds[name]:.1f} s (job at {time.perf_counter() - t0:.0f} s)", flush=True)
 
     train_path, changed_references = TINY_TRAIN_PATH, 0
     if args.experiment == "views-disagree":  # the training references only; the warm start stays on clean ones
@@ -348,12 +388,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"[main_job] views-disagree: {changed_references} of {len(rows)} training references show one wrong "
               "intermediate result", flush=True)
 
-    start = time.perf_counter()
+    start = begin("init")
     hf_init, hf_warm, megatron_warm = out / "hf_init", out / "hf_warm", out / "megatron_warm"
     make_tiny_hf_checkpoint(hf_init, seed=args.seed)
     phase("init", start)
 
-    start = time.perf_counter()
+    start = begin("sft")
     sft_cfg = SFTConfig(steps=args.sft_steps, batch_size=args.sft_batch, lr=args.sft_lr,
                         teacher_share=args.sft_teacher_share, error_share=args.sft_error_share, seed=args.seed)
     torch.set_num_threads(args.sft_threads)
@@ -363,30 +403,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     probe: dict[str, float] = {}
     if args.probe:
-        start = time.perf_counter()
+        start = begin("probe")
         probe = view_probe(hf_warm, read_jsonl(TINY_HELDOUT_PATH)[: args.probe], MATH_VIEWS)
         print("[main_job] greedy accuracy (%) of the warm start by prompt: " + json.dumps(probe), flush=True)
         phase("probe", start)
 
-    start = time.perf_counter()
-    convert_hf_to_megatron(hf_warm, megatron_warm, dtype=torch.float32)
+    start = begin("convert")
+    convert_hf_to_megatron(hf_warm, megatron_warm, dtype=torch.float32, progress=True)
     phase("convert", start)
 
-    start = time.perf_counter()
+    start = begin("train")
     configs = {}
     for name in names:
         run_dir = out / name
         configs[name] = run_config(args, run_dir, hf_warm, megatron_warm, RUNS[name], train_path)
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(configs[name], run_dir / "config.yaml")
-    _train({name: out / name / "config.yaml" for name in names}, args.threads, args.parallel_runs)
+    _train({name: out / name / "config.yaml" for name in names}, args.threads, args.steps, args.parallel_runs)
     phase("train", start)
     for name, cfg in configs.items():
-        start = time.perf_counter()
+        start = begin(f"export_{name}")
         ckpt = find_latest(cfg.checkpoint_dir)
         if ckpt is None:
             raise RuntimeError(f"run {name!r} left no checkpoint under {cfg.checkpoint_dir}")
-        convert_megatron_to_hf(ckpt, out / f"hf_{name}", dtype=torch.float32)
+        convert_megatron_to_hf(ckpt, out / f"hf_{name}", dtype=torch.float32, progress=True)
         phase(f"export_{name}", start)
 
     eval_cfg = EvalConfig(k=args.k, temperature=args.temperature, top_p=0.95, top_k=-1,
@@ -394,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     scores: dict[str, dict[str, Any]] = {}
     results: dict[str, dict[str, Any]] = {}
     for name in ["warm", *names]:
-        start = time.perf_counter()
+        start = begin(f"eval_{name}")
         results[name] = evaluate_hf_dir(out / f"hf_{name}", TINY_HELDOUT_PATH, eval_cfg, limit=args.heldout)
         (out / f"eval_{name}.json").write_text(json.dumps(results[name], indent=1) + "\n", encoding="utf-8")
         scores[name] = results[name]["summary"]
@@ -452,6 +492,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     summary["seconds"]["total"] = round(time.perf_counter() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     (out / "run_stats.json").write_text(json.dumps(stats) + "\n", encoding="utf-8")
+    bar_labels = {"warm": "warm start (SFT)", **{name: RUNS[name].label for name in names}}
+    plot_summary(summary, bar_labels, {name: out / name for name in names}, out / "summary.png")
     rows = [("warm start (SFT)", scores["warm"], 0)] + [(RUNS[n].label, scores[n], args.steps) for n in names]
     print(_table(rows, k))
     delta, se = summary["heldout_delta"], summary["heldout_delta_stderr"]
@@ -462,7 +504,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"{name} - warm start: {r['delta_vs_warm']:+.2f} ± {r['delta_vs_warm_stderr']:.2f}; "
               f"{name} - AVSD: {r['delta_vs_avsd']:+.2f} ± {r['delta_vs_avsd_stderr']:.2f} points")
     print(f"wall time {summary['seconds']['total']:.0f} s; per phase: {json.dumps(seconds)}")
-    print(f"summary: {out / 'summary.json'}")
+    print(f"summary: {out / 'summary.json'}, {out / 'summary.png'}")
     return summary
 
 

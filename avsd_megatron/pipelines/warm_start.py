@@ -164,12 +164,16 @@ def _lr_at(step: int, cfg: SFTConfig) -> float:
 
 
 def warm_start(hf_in: str | Path, hf_out: str | Path, rows: Sequence[dict[str, str]], cfg: SFTConfig,
-               *, log_every: int = 50, log=print) -> dict[str, Any]:
+               *, log_every: int = 50, log=print, progress: bool = True) -> dict[str, Any]:
     """SFT the HF checkpoint `hf_in` on `rows` (module docstring) and save it (with its tokenizer) to `hf_out`.
+
+    With `progress`, a tqdm bar over the steps (rate, ETA) carries the mean loss of the last `log_every` steps;
+    without it, that loss goes to `log` every `log_every` steps.
 
     Returns:
         {"steps", "final_loss" (mean of the last min(20, steps) steps), "seconds"}.
     """
+    from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not rows:
@@ -183,7 +187,8 @@ def warm_start(hf_in: str | Path, hf_out: str | Path, rows: Sequence[dict[str, s
     losses: list[float] = []
     start = time.perf_counter()
     pad = tokenizer.pad_token_id
-    for step in range(cfg.steps):
+    bar = tqdm(range(cfg.steps), desc="sft", unit="step", disable=not progress, dynamic_ncols=True)
+    for step in bar:
         batch = []
         for _ in range(cfg.batch_size):
             if not order:
@@ -198,7 +203,12 @@ def warm_start(hf_in: str | Path, hf_out: str | Path, rows: Sequence[dict[str, s
         optimizer.step()
         losses.append(loss)
         if log_every and (step + 1) % log_every == 0:
-            log(f"sft step {step + 1}/{cfg.steps} loss {sum(losses[-log_every:]) / len(losses[-log_every:]):.4f}")
+            recent = sum(losses[-log_every:]) / len(losses[-log_every:])
+            if progress:
+                bar.set_postfix(loss=f"{recent:.4f}", refresh=False)
+            else:
+                log(f"sft step {step + 1}/{cfg.steps} loss {recent:.4f}")
+    bar.close()
     model.eval()
     model.save_pretrained(str(hf_out), safe_serialization=True)
     tokenizer.save_pretrained(str(hf_out))
@@ -250,13 +260,14 @@ def _copy_generation_config(hf_in: str | Path, hf_out: str | Path) -> None:
 
 @torch.no_grad()
 def view_probe(hf_dir: str | Path, rows: Sequence[dict[str, str]], views: Sequence[str] = MATH_VIEWS,
-               *, max_new_tokens: int = 96, batch_size: int = 50) -> dict[str, float]:
+               *, max_new_tokens: int = 96, batch_size: int = 50, progress: bool = True) -> dict[str, float]:
     """Does the model read a privileged view? Greedy accuracy (%) on `rows` ({problem, solution, answer}) with the
     evaluation prompt (key "student") and with each view's teacher prompt (teacher thinking on, as in training).
 
     A frozen-teacher AVSD run only carries information about the answer when the view prompts score far above the
-    student prompt; the main job records this before training.
+    student prompt; the main job records this before training. `progress`: a tqdm bar over the prompt kinds.
     """
+    from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from avsd_megatron.verify.grading import grade_math_completion
@@ -273,7 +284,8 @@ def view_probe(hf_dir: str | Path, rows: Sequence[dict[str, str]], views: Sequen
             for r in rows
         ]
     accuracy = {}
-    for kind, texts in prompts.items():
+    for kind, texts in tqdm(prompts.items(), desc="probe", unit="prompt kind", disable=not progress,
+                            dynamic_ncols=True):
         completions = greedy_completions(model, tokenizer, texts, max_new_tokens=max_new_tokens, batch_size=batch_size)
         correct = sum(grade_math_completion(text, row["answer"]).correct for text, row in zip(completions, rows))
         accuracy[kind] = 100.0 * correct / max(1, len(rows))

@@ -209,11 +209,14 @@ class CheckpointManager:
         """
         from megatron.core import dist_checkpointing
 
+        from avsd_megatron.convert.dist_ckpt import quiet_load_notices
+
         path = Path(path)
         state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
         model_sd = _unwrap(model).sharded_state_dict()
         optimizer_sd = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=SHARDING_METADATA)
-        loaded = dist_checkpointing.load({"model": model_sd, "optimizer": optimizer_sd}, str(path))
+        with quiet_load_notices():  # torch's per-load notices about megatron-core's calls (dist_ckpt.py)
+            loaded = dist_checkpointing.load({"model": model_sd, "optimizer": optimizer_sd}, str(path))
         _unwrap(model).load_state_dict(loaded["model"])
         with torch.no_grad():  # fp32 main params may be views of the model's params; Megatron copies in place
             optimizer.load_state_dict(loaded["optimizer"])

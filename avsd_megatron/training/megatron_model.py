@@ -13,6 +13,7 @@ CPU runs need (no fused kernels, CPU init, plain p2p; see `runtime.megatron_cpu`
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +103,11 @@ def build_optimizer(model: Any, cfg: TrainConfig) -> Any:
         bf16=cfg.model.dtype == "bfloat16", fp16=cfg.model.dtype == "float16",
         params_dtype=DTYPES[cfg.model.dtype], use_distributed_optimizer=o.distributed_optimizer,
     )
-    return get_megatron_optimizer(opt_config, [model], use_gloo_process_groups=False)
+    with warnings.catch_warnings():
+        # megatron/core/optimizer/__init__.py:1019 imports megatron.core.models.mimo to check for a MimoModel, and
+        # mimo/config/base_configs.py:37 warns at class definition, i.e. on that import; we build no Mimo model
+        warnings.filterwarnings("ignore", message=r"MimoModelConfig is experimental", category=UserWarning)
+        return get_megatron_optimizer(opt_config, [model], use_gloo_process_groups=False)
 
 
 def initial_checkpoint(cfg: TrainConfig) -> Path:

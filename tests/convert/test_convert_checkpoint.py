@@ -20,6 +20,7 @@ import ast
 import importlib.util
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -427,14 +428,111 @@ def test_megatron_lm_save_dir_resolves_to_latest_iteration(hf_dirs, megatron_dir
         convert_megatron_to_hf(tmp_path, tmp_path / "hf2")
 
 
-def test_failed_conversion_leaves_no_output(hf_dirs, tmp_path):
-    """Headers intact, data cut short: the failure happens mid-write, after some chunks reached the disk."""
+def test_failed_conversion_leaves_no_output(hf_dirs, tmp_path, monkeypatch):
+    """A read fails mid-write (headers valid), after some chunks reached the disk: the partial output is removed."""
+    from avsd_megatron.convert.safetensors_io import SafetensorsReader
+
     hf = _copy_hf(hf_dirs[True], tmp_path / "hf")
-    path = hf / "model.safetensors"
+    real_read, reads = SafetensorsReader.read, []
+
+    def failing_read(self, name):
+        reads.append(name)
+        if len(reads) == 5:
+            raise OSError(f"simulated read failure at {name!r}")
+        return real_read(self, name)
+
+    monkeypatch.setattr(SafetensorsReader, "read", failing_read)
+    with pytest.raises(OSError, match="simulated read failure"):
+        convert_hf_to_megatron(hf, tmp_path / "out")
+    assert len(reads) == 5 and _no_output(tmp_path / "out")
+
+
+def _corrupt_length_prefix(path: Path) -> None:
+    """An 8-byte header length far beyond the file (what made the hand-written reader raise OverflowError)."""
+    data = bytearray(path.read_bytes())
+    data[:8] = (2**63 - 1).to_bytes(8, "little")
+    path.write_bytes(data)
+
+
+def _corrupt_header_json(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[8:10] = b"[["
+    path.write_bytes(data)
+
+
+def _truncate_data(path: Path) -> None:
     os.truncate(path, path.stat().st_size - 100)
-    with pytest.raises(ValueError, match="model.safetensors: truncated data for tensor"):
+
+
+@pytest.mark.parametrize(
+    "corrupt, reason",
+    [
+        (_corrupt_length_prefix, "header too large"),
+        (_corrupt_header_json, "invalid JSON in header"),
+        (_truncate_data, "incomplete metadata, file not fully covered"),
+        (lambda path: path.write_bytes(b"\x01\x02"), "header too small"),
+    ],
+    ids=["length-prefix", "json", "truncated-data", "tiny-file"],
+)
+def test_corrupt_safetensors_file_is_named_before_any_output(hf_dirs, tmp_path, corrupt, reason):
+    """Every shard is validated up front by safetensors.safe_open; the error names the file and the library's reason."""
+    from avsd_megatron.convert.safetensors_io import SafetensorsReader
+
+    hf = _copy_hf(hf_dirs[False], tmp_path / "hf")  # sharded: the error must name the bad shard, not the directory
+    shard = sorted(hf.glob("model-*.safetensors"))[1]
+    corrupt(shard)
+    match = rf"{re.escape(str(shard))}: not a readable safetensors file \(.*{reason}"
+    with pytest.raises(ValueError, match=match):
+        SafetensorsReader(hf)
+    with pytest.raises(ValueError, match=match):
         convert_hf_to_megatron(hf, tmp_path / "out")
     assert _no_output(tmp_path / "out")
+
+
+def test_cli_reports_a_corrupt_shard_without_traceback(hf_dirs, tmp_path, capsys):
+    hf = _copy_hf(hf_dirs[True], tmp_path / "hf")
+    _corrupt_length_prefix(hf / "model.safetensors")
+    with pytest.raises(SystemExit) as exit_info:
+        _cli_main()(["hf-to-megatron", "--hf", str(hf), "--out", str(tmp_path / "m")])
+    assert exit_info.value.code == 2
+    assert f"{hf / 'model.safetensors'}: not a readable safetensors file" in capsys.readouterr().err
+
+
+def test_shard_writer_plans_like_huggingface_hub(tmp_path):
+    """The writer's files are hub's plan (transformers' save_pretrained layout), an oversize tensor on its own."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    from avsd_megatron.convert.safetensors_io import SafetensorsShardWriter
+
+    state = {"a": torch.ones(10), "big": torch.arange(100.0), "c": torch.full((5,), 2.0), "d": torch.zeros(20)}
+    writer = SafetensorsShardWriter(tmp_path, [(k, v.nbytes) for k, v in state.items()], max_shard_bytes=100)
+    for name, tensor in state.items():
+        writer.add(name, tensor)
+    writer.finish()
+    expected = split_torch_state_dict_into_shards(state, max_shard_size=100)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == expected.tensor_to_filename and index["metadata"] == {"total_size": 540}
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == sorted(expected.filename_to_tensors)
+    _assert_same_state(_hf_state(tmp_path), state)
+    with pytest.raises(RuntimeError, match="out of plan order"):
+        SafetensorsShardWriter(tmp_path / "x", [("a", 40), ("c", 20)], 100).add("c", state["c"])
+
+
+def test_conversion_progress_bars_count_every_byte(hf_dirs, tmp_path, capsys):
+    """Both directions show a tqdm bar over the bytes written that ends at exactly its total (rate and ETA shown)."""
+    mcore = convert_hf_to_megatron(hf_dirs[False], tmp_path / "m", dtype=torch.float32, progress=True)
+    convert_megatron_to_hf(mcore, tmp_path / "h", progress=True)
+    err = capsys.readouterr().err
+    model_bytes = sum(t.nbytes for t in _hf_state(hf_dirs[False]).values())  # fp32 in, fp32 out
+    for desc in ("hf->megatron", "megatron->hf"):
+        final = re.findall(rf"{re.escape(desc)}: 100%\|[^|]*\| (\S+)/(\S+) \[[0-9:]+<[0-9:]+, +[0-9.]+[kMG]?B/s\]", err)
+        assert final and final[-1][0] == final[-1][1], (desc, err[-2000:])
+    from tqdm import tqdm
+
+    written = re.search(r"megatron->hf: 100%\|[^|]*\| (\S+)/", err).group(1)
+    assert written == tqdm.format_sizeof(model_bytes, divisor=1024)
+    convert_megatron_to_hf(mcore, tmp_path / "quiet")  # the library default: no bar
+    assert "megatron->hf" not in capsys.readouterr().err
 
 
 def test_conversion_refuses_existing_output(hf_dirs, megatron_dirs, tmp_path):

@@ -45,6 +45,7 @@ def test_tiny_code_splits_are_disjoint_and_load_as_code_rows(shipped):
             assert len({t.input for t in tests}) == len(tests)  # distinct inputs
 
 
+@pytest.mark.bwrap
 def test_tiny_code_references_pass_every_test_in_the_sandbox(shipped):
     sandbox = Sandbox(SandboxConfig(wall_time_s=5.0))
 

@@ -275,6 +275,7 @@ def fenced(code: str) -> str:
         ("<final_code>\n</final_code>", "extraction_failure", ["no Python program"]),
     ],
 )
+@pytest.mark.bwrap
 def test_feedback_payload_status_from_real_program(sandbox, completion, status, must_contain):
     example = code_example()
     feedback = feedback_payload(completion, example.public_tests, sandbox)
@@ -285,6 +286,7 @@ def test_feedback_payload_status_from_real_program(sandbox, completion, status, 
     assert code_view_payload("feedback", example, feedback=feedback) == feedback.payload
 
 
+@pytest.mark.bwrap
 def test_feedback_output_comparison_normalises_line_ends(sandbox):
     tests = (TestCase("", "a\nb\n"),)
     ok = feedback_payload(fenced("print('a  \\r\\nb\\n\\n\\n', end='')"), tests, sandbox)
@@ -295,6 +297,7 @@ def test_feedback_output_comparison_normalises_line_ends(sandbox):
     assert gap.status == "wrong_answer"
 
 
+@pytest.mark.bwrap
 def test_feedback_fields_are_truncated_to_1200_chars(sandbox):
     big = "9" * 3000
     tests = (TestCase(big + "\n", "0\n"),)

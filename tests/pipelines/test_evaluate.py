@@ -114,6 +114,7 @@ def test_load_math_eval_rows_int_answer_and_limit(tmp_path):
 # Code
 
 
+@pytest.mark.bwrap
 def test_evaluate_cli_code_tiny_checkpoint_counts_every_sample(tmp_path):
     from avsd_megatron.data.tiny_code import TINY_CODE_HELDOUT_PATH
     from avsd_megatron.verify.extract import extract_code
@@ -143,6 +144,7 @@ def _fenced(code: str) -> str:
     return f"<final_code>\n```python\n{code}```\n</final_code>"
 
 
+@pytest.mark.bwrap
 def test_evaluate_code_known_pass_at_k_from_reference_and_wrong_programs():
     from avsd_megatron.data.tiny_code import TINY_CODE_HELDOUT_PATH
     from avsd_megatron.verify.sandbox import Sandbox, SandboxConfig

@@ -4,6 +4,7 @@ Run: python -m pytest -q tests/pipelines/test_main_job.py
 """
 
 import json
+import re
 
 import pytest
 
@@ -14,7 +15,12 @@ pytest.importorskip("transformers")
 pytest.importorskip("megatron.core")
 
 
-def test_main_job_miniature_writes_summary(tmp_path):
+KNOWN_NOTICES = ("MimoModelConfig is experimental", "we are deprecating ShardedTensor",
+                 "The argument order of load has been changed")
+"""Library notices the job's processes (this one and both trainers) silence at the calls that raise them."""
+
+
+def test_main_job_miniature_writes_summary(tmp_path, capfd):
     out = tmp_path / "run"
     summary = main_job.main(["--out", str(out), "--sft-steps", "2", "--sft-batch", "4", "--steps", "1",
                              "--prompts-per-step", "2", "--heldout", "4", "--k", "1", "--max-new-tokens", "8",
@@ -46,8 +52,29 @@ def test_main_job_miniature_writes_summary(tmp_path):
         assert (out / f"hf_{name}" / "config.json").is_file()
         assert len(json.loads((out / f"eval_{name}.json").read_text())["samples"]) == 4
     assert on_disk["train_config_avsd"]["avsd"]["views"] == ["full_solution", "partial_solution", "answer_only"]
+    output = capfd.readouterr()
+    for notice in KNOWN_NOTICES:
+        assert notice not in output.err and notice not in output.out, notice
+    for phase in ("init", "sft", "probe", "convert", "train", "export_avsd", "eval_single"):  # start and duration
+        assert re.search(rf"\[main_job\] {phase} \.\.\. \(job at \d+ s\)\n", output.out), phase
+        assert re.search(rf"\[main_job\] {phase}: [0-9.]+ s \(job at \d+ s\)\n", output.out), phase
+    assert re.search(r"train \(avsd \+ single\): 100%\|[^|]*\| 2/2 ", output.err)  # both runs' steps
+    for bar in ("sft: 100%", "probe: 100%", "hf->megatron: 100%", "megatron->hf: 100%", "eval: 100%"):
+        assert bar in output.err, bar
+    _check_summary_png(out / "summary.png", on_disk)
     with pytest.raises(FileExistsError, match="summary.json exists"):
         main_job.main(["--out", str(out)])
+
+
+def _check_summary_png(path, summary):
+    """summary.png is a real PNG with the Avg@k panel first, then the training curves (checked in test_plot.py)."""
+    from avsd_megatron.pipelines.plot import CURVES, plot_summary
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 20_000
+    labels = {"warm": "warm start (SFT)", "avsd": "AVSD (3 views)", "single": "single view"}
+    fig = plot_summary(summary, labels, {n: path.parent / n for n in ("avsd", "single")}, path.parent / "again.png")
+    titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
+    assert titles == ["held-out Avg@1 ± s.e. (4 problems)", *(c.title for c in CURVES)]
 
 
 def test_paired_stderr_is_the_spread_of_per_problem_differences():
@@ -99,7 +126,9 @@ def test_selected_runs():
         main_job._selected_runs(main_job.parse_args(["--grpo-n", "1"]))
 
 
-def test_verdict_two_standard_error_rule():
-    assert main_job._verdict(0.0, 0.0) == "no significant change"  # was 'got worse'
-    assert main_job._verdict(3.0, 1.0) == "improved" and main_job._verdict(-3.0, 1.0) == "got worse"
-    assert main_job._verdict(-1.0, 1.0) == "no significant change"
+@pytest.mark.parametrize("delta, stderr, verdict", [(0.0, 0.0, "no significant change"), (3.0, 1.0, "improved"),
+                                                     (-3.0, 1.0, "got worse"), (2.0, 1.0, "no significant change"),
+                                                     (-2.0, 1.0, "no significant change"), (0.5, 0.0, "improved")])
+def test_verdict_reads_the_two_standard_error_band(delta, stderr, verdict):
+    """No change within ±2 s.e., zero included (a 0 ± 0 difference was reported as "got worse")."""
+    assert main_job._verdict(delta, stderr) == verdict

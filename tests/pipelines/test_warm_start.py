@@ -19,6 +19,7 @@ from avsd_megatron.pipelines.warm_start import (
     greedy_completions,
     sft_example_ids,
     view_probe,
+    warm_start,
 )
 
 pytest.importorskip("transformers")
@@ -148,3 +149,17 @@ def test_view_probe_scores_every_prompt_kind(rows, tmp_path):
     ckpt = tiny.make_tiny_hf_checkpoint(tmp_path / "init", seed=0)
     probe = view_probe(ckpt, rows[:3], ("answer_only",), max_new_tokens=4)
     assert set(probe) == {"student", "answer_only"} and all(0.0 <= v <= 100.0 for v in probe.values())
+
+
+def test_warm_start_progress_bar_or_log_lines(rows, tmp_path, capsys):
+    """With progress: a tqdm bar over the steps with rate, ETA and the recent loss, no log lines; without: log lines."""
+    ckpt = tiny.make_tiny_hf_checkpoint(tmp_path / "init", seed=0)
+    cfg = SFTConfig(steps=2, batch_size=2, lr=1e-3, seed=0)
+    logged: list[str] = []
+    warm_start(ckpt, tmp_path / "bar", rows[:4], cfg, log_every=1, log=logged.append, progress=True)
+    err = capsys.readouterr().err
+    assert re.search(r"sft: 100%\|[^|]*\| 2/2 \[[0-9:]+<[0-9:]+, +[0-9.]+(s/step|step/s), loss=[0-9.]+\]", err), err
+    assert logged == []
+    warm_start(ckpt, tmp_path / "log", rows[:4], cfg, log_every=1, log=logged.append, progress=False)
+    assert "sft:" not in capsys.readouterr().err
+    assert [line.split(" loss ")[0] for line in logged] == ["sft step 1/2", "sft step 2/2"]

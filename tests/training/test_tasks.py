@@ -45,6 +45,7 @@ def _completion(tokenizer, text: str) -> Completion:
     return Completion(tuple(tokenizer.encode(text, add_special_tokens=False)), text, "stop")
 
 
+@pytest.mark.bwrap
 def test_code_task_feedback_prompts_passed_and_wrong_answer(tokenizer):
     """A correct and a wrong program for the same prompt: each completion's feedback row carries its own outcome;
     the reference and hint rows are the prompt's, shared."""
@@ -71,6 +72,7 @@ def test_code_task_feedback_prompts_passed_and_wrong_answer(tokenizer):
     assert rows.metrics["rollout/pass_rate"] == 0.5 and rows.metrics["feedback/prompts_skipped"] == 0
 
 
+@pytest.mark.bwrap
 def test_code_task_overlong_feedback_masks_its_completion(tokenizer):
     """overlong='skip' cannot drop a sampled completion: its row is truncated and its tokens leave the loss."""
     long_input = " ".join(["7"] * 300) + "\n"
@@ -91,6 +93,7 @@ def test_code_task_overlong_feedback_masks_its_completion(tokenizer):
     assert report.skipped == 1 and report.overlong["feedback"] == 1
 
 
+@pytest.mark.bwrap
 def test_code_task_non_executing_rank_uses_the_shared_feedback(tokenizer):
     """Ranks other than the model-parallel group's first build no sandbox and take the broadcast feedback."""
     sandbox = Sandbox(SandboxConfig(wall_time_s=5.0))
@@ -101,6 +104,7 @@ def test_code_task_non_executing_rank_uses_the_shared_feedback(tokenizer):
     assert rows.extras[0]["feedback_status"] == "passed"  # the shared outcome, not this rank's own
 
 
+@pytest.mark.bwrap
 def test_run_feedback_workers_give_the_same_results(tokenizer):
     sandbox = Sandbox(SandboxConfig(wall_time_s=5.0))
     completions = [_completion(tokenizer, t) for t in (CORRECT, WRONG, "", "```python\nprint(\n```")]

@@ -476,6 +476,7 @@ def test_trainer_resume_reproduces_next_steps_and_interrupted_save_keeps_latest(
 
 
 @pytest.mark.integration
+@pytest.mark.bwrap
 def test_trainer_code_task_feedback_rows_are_each_completions_own(hf_dir, tmp_path):
     """data.task=code, views reference / hint / feedback, TP1, rollout.n=2: per prompt its reference program (passes)
     and a wrong one; 2 steps with the scripted engine, then 1 with the real HF engine."""
@@ -520,6 +521,7 @@ def test_trainer_code_task_feedback_rows_are_each_completions_own(hf_dir, tmp_pa
 
 @pytest.mark.integration
 @pytest.mark.parametrize("tp", [2, 1], ids=["tp2", "dp2"])
+@pytest.mark.bwrap
 def test_trainer_code_task_on_two_ranks_agrees_and_sums_feedback(hf_dir, tmp_path, tp):
     """data.task=code on 2 ranks: at TP2 only the first rank of the group runs the programs and both shards must build
     the same rows (same loss); at DP2 each rank runs its own prompts and the status counts are summed over DP."""

@@ -153,6 +153,7 @@ def test_code_scores_rejects_bad_input():
         code_scores([["passed", "passed"]], ks=(3,))
 
 
+@pytest.mark.bwrap
 def test_grade_code_completion_runs_hidden_tests():
     sandbox = Sandbox(SandboxConfig(wall_time_s=1.0))
     tests = (TestCase("2 3\n", "5\n"), TestCase("10 -4\n", "6\n"))

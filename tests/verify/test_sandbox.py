@@ -2,9 +2,10 @@
 
 Run: .venv/bin/python -m pytest -q tests/verify/test_sandbox.py
 
-Needs bubblewrap (`apt-get install -y bubblewrap`; .ci/run installs it). Every check runs a real tiny program;
-the few `kind="subprocess"` runs are the controls showing that the same program does reach what the sandbox
-blocks.
+The tests marked `bwrap` need bubblewrap (`apt-get install -y bubblewrap`; `make bwrap` and .ci/run install it):
+without it they skip, or error under CI=true / AVSD_REQUIRE_SANDBOX=1 (tests/conftest.py). Every check runs a real
+tiny program; the few `kind="subprocess"` runs are the controls showing that the same program does reach what the
+sandbox blocks.
 """
 
 import socket
@@ -59,6 +60,7 @@ for host, port in [("127.0.0.1", int(input())), ("1.1.1.1", 53)]:
 """
 
 
+@pytest.mark.bwrap
 def test_sandbox_denies_network(sandbox, unsafe, listening_port):
     inside = sandbox.run(CONNECT, f"{listening_port}\n")
     assert inside.returncode == 0, inside.stderr
@@ -69,6 +71,7 @@ def test_sandbox_denies_network(sandbox, unsafe, listening_port):
     assert control.stdout.splitlines()[0] == "127.0.0.1 connected"
 
 
+@pytest.mark.bwrap
 def test_sandbox_filesystem_read_only_outside_workdir(sandbox, tmp_path):
     host_file = tmp_path / "host_secret.txt"  # under the host's /tmp, which the sandbox replaces
     # The interpreter's prefix (a venv, maybe under /tmp in a CI clone) is bound read-only whatever its location;
@@ -99,12 +102,14 @@ def test_sandbox_filesystem_read_only_outside_workdir(sandbox, tmp_path):
     assert not (tmp_path / "written_inside.txt").exists()
 
 
+@pytest.mark.bwrap
 def test_sandbox_does_not_leak_environment(sandbox, monkeypatch):
     monkeypatch.setenv("AVSD_TEST_SECRET", "hunter2")
     result = sandbox.run("import os\nprint(os.environ.get('AVSD_TEST_SECRET'), os.environ['HOME'])", "")
     assert result.stdout == "None /tmp/work\n"
 
 
+@pytest.mark.bwrap
 def test_sandbox_wall_time_limit_kills_busy_and_sleeping_programs():
     box = Sandbox(SandboxConfig(wall_time_s=0.5))
     for program in ["while True:\n    pass", "import time\ntime.sleep(60)"]:
@@ -114,6 +119,7 @@ def test_sandbox_wall_time_limit_kills_busy_and_sleeping_programs():
     assert run_tests("import time\ntime.sleep(60)", tests, box).status == "timeout"
 
 
+@pytest.mark.bwrap
 def test_sandbox_memory_limit(sandbox):
     small = sandbox.run("x = bytearray(32 * 2**20)\nprint(len(x))", "")
     assert small.returncode == 0 and small.stdout == f"{32 * 2**20}\n"
@@ -122,6 +128,7 @@ def test_sandbox_memory_limit(sandbox):
     assert error_type(big.stderr, big.returncode) == "MemoryError"
 
 
+@pytest.mark.bwrap
 def test_sandbox_cpu_time_limit():
     box = Sandbox(SandboxConfig(wall_time_s=30.0, cpu_time_s=1))
     result = box.run("while True:\n    pass", "")
@@ -131,6 +138,7 @@ def test_sandbox_cpu_time_limit():
     assert (verdict.status, verdict.error_type) == ("runtime_error", "killed by SIGXCPU")
 
 
+@pytest.mark.bwrap
 def test_sandbox_output_truncated_and_flood_stopped():
     box = Sandbox(SandboxConfig(max_output_bytes=2**20))
     result = box.run("print('y' * 10_000)\nimport sys\nprint('e' * 9000, file=sys.stderr)", "")
@@ -142,6 +150,7 @@ def test_sandbox_output_truncated_and_flood_stopped():
     assert "File too large" in flood.stderr
 
 
+@pytest.mark.bwrap
 def test_sandbox_passes_large_stdin(sandbox):
     data = "7 " * 500_000
     result = sandbox.run("import sys\nprint(len(sys.stdin.read().split()))", data)
@@ -175,6 +184,7 @@ def test_sandbox_config_rejects_bad_values(overrides, message):
 # Judge
 
 
+@pytest.mark.bwrap
 def test_run_tests_stops_at_first_failure(sandbox):
     tests = (TestCase("1\n", "1\n"), TestCase("2\n", "3\n"), TestCase("3\n", "9\n"))
     result = run_tests("print(input())", tests, sandbox)
@@ -183,12 +193,14 @@ def test_run_tests_stops_at_first_failure(sandbox):
     assert run_tests("print(input())", tests[:1], sandbox).passed
 
 
+@pytest.mark.bwrap
 def test_run_tests_syntax_error_is_not_executed(sandbox):
     result = run_tests("import os\nos.system('touch /tmp/x'\n", (TestCase("", ""),), sandbox)
     assert (result.status, result.error_type, result.tests_run) == ("syntax_error", "SyntaxError", 0)
     assert "SyntaxError" in result.traceback
 
 
+@pytest.mark.bwrap
 def test_run_tests_long_output_compared_in_full_unless_reference_mode(sandbox):
     expected = "x" * 5000 + "\n"
     tests = (TestCase("", expected),)
