@@ -58,7 +58,7 @@ def test_main_job_miniature_writes_summary(tmp_path, capfd):
     for phase in ("init", "sft", "probe", "convert", "train", "export_avsd", "eval_single"):  # start and duration
         assert re.search(rf"\[main_job\] {phase} \.\.\. \(job at \d+ s\)\n", output.out), phase
         assert re.search(rf"\[main_job\] {phase}: [0-9.]+ s \(job at \d+ s\)\n", output.out), phase
-    assert re.search(r"train \(avsd \+ single\): 100%\|[^|]*\| 2/2 ", output.err)  # both runs' steps
+    assert re.search(r"train \(avsd \+ single \+ grpo\): 100%\|[^|]*\| 3/3 ", output.err)  # every run's steps
     for bar in ("sft: 100%", "probe: 100%", "hf->megatron: 100%", "megatron->hf: 100%", "eval: 100%"):
         assert bar in output.err, bar
     _check_summary_png(out / "summary.png", on_disk)
