@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from avsd_megatron.training.config import ConfigError, TrainConfig, from_dict, load_config, to_dict
@@ -99,9 +100,27 @@ def _init_distributed() -> None:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
+def finished_checkpoint(cfg: TrainConfig) -> Path | None:
+    """With checkpoint.resume='auto': the newest checkpoint if it is already at max_steps (nothing left to train),
+    else None. A chained Slurm training job after the run finished then exits at once instead of building the
+    model, the optimizer and vLLM only to stop."""
+    from avsd_megatron.training.checkpointing import find_latest
+
+    if cfg.checkpoint.resume != "auto":
+        return None
+    latest = find_latest(cfg.checkpoint_dir)
+    if latest is None or int(latest.name.rpartition("_")[2]) < cfg.max_steps:
+        return None
+    return latest
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     cfg = apply_overrides(load_config(args.config), args.overrides)
+    done = finished_checkpoint(cfg)
+    if done is not None:
+        print(f"train: {done} is at max_steps={cfg.max_steps}: nothing to train (checkpoint.resume=auto)")
+        return
     import torch
     import torch.distributed as dist
 

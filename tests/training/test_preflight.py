@@ -207,3 +207,25 @@ def test_in_job_conversion_waits_in_a_gloo_group_with_the_long_timeout(monkeypat
         assert calls == expected
     assert megatron_model.CONVERT_TIMEOUT >= timedelta(hours=1) and math.isfinite(
         megatron_model.CONVERT_TIMEOUT.total_seconds())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A chained training job after the run finished exits before building anything
+
+
+def test_train_cli_exits_at_once_when_the_newest_checkpoint_is_at_max_steps(tmp_path, monkeypatch, capsys):
+    from avsd_megatron.training import train
+
+    root = tmp_path / "checkpoints"
+    for step in (2, 3):
+        (root / f"step_{step:08d}").mkdir(parents=True)
+        (root / f"step_{step:08d}" / "trainer_state.json").write_text("{}")
+    (root / "latest").write_text("step_00000003")
+    overrides = [f"output_dir={tmp_path}", "checkpoint.resume=auto"]
+    monkeypatch.setattr(train, "_init_distributed", lambda: pytest.fail("started training"))
+    train.main(["--config", str(TINY_YAML), "--set", *overrides, "max_steps=3"])
+    assert "is at max_steps=3: nothing to train" in capsys.readouterr().out
+    cfg = train.apply_overrides(load_config(TINY_YAML), [*overrides, "max_steps=4"])
+    assert train.finished_checkpoint(cfg) is None  # one step left: it trains
+    cfg = train.apply_overrides(load_config(TINY_YAML), [*overrides, "max_steps=3", "checkpoint.resume=null"])
+    assert train.finished_checkpoint(cfg) is None
