@@ -338,3 +338,60 @@ def test_dockerfile_pins_agree_with_setup_py():
 def test_dockerignore_keeps_local_state_out():
     ignored = set((ROOT / ".dockerignore").read_text().split())
     assert {".git", ".venv", "outputs"} <= ignored
+
+
+# vLLM 0.33.0's requirements on what this project pins to match: Requires-Dist of
+# vllm-0.33.0-cp38-abi3-manylinux_2_28_x86_64.whl, vllm-0.33.0.dist-info/METADATA (pip download --no-deps vllm==0.33.0)
+VLLM_0_33_0_REQUIRES = {"torch": "==2.14.0", "transformers": "<5.21.0,>=5.16.1"}
+
+
+def _setup_runtime_requirements() -> list[str]:
+    """setup.py's install_requires + extras train, eval, launch (what the GPU image must install), from its AST."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    constants = {node.targets[0].id: node.value.value for node in tree.body
+                 if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)}
+
+    def strings(node: ast.AST) -> list[str]:
+        return [constants[e.id] if isinstance(e, ast.Name) else e.value for e in node.elts]
+
+    extras = next(node.value for node in tree.body if isinstance(node, ast.Assign) and node.targets[0].id == "EXTRAS")
+    found = [r for key, value in zip(extras.keys, extras.values) if key.value in ("train", "eval", "launch")
+             for r in strings(value)]
+    setup_call = next(node for node in ast.walk(tree) if isinstance(node, ast.Call) and getattr(node.func, "id", "") ==
+                      "setup")
+    install = next(k.value for k in setup_call.keywords if k.arg == "install_requires")
+    return sorted(set(found + strings(install)))
+
+
+def test_torch_and_transformers_pins_agree_with_vllms_wheel_setup_py_dockerfile_and_ci():
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    raw = {Requirement(r).name: r for r in _setup_runtime_requirements()}
+    pins = {name: Requirement(r) for name, r in raw.items()}
+    for name, spec in VLLM_0_33_0_REQUIRES.items():
+        assert pins[name].specifier == SpecifierSet(spec), (name, str(pins[name].specifier), spec)
+    if importlib.util.find_spec("vllm") is not None:  # the GPU image: the installed wheel says the same
+        from importlib.metadata import requires
+
+        installed = {Requirement(r).name: str(Requirement(r).specifier) for r in requires("vllm") if "extra" not in r}
+        assert {n: SpecifierSet(installed[n]) for n in VLLM_0_33_0_REQUIRES} == {
+            n: SpecifierSet(s) for n, s in VLLM_0_33_0_REQUIRES.items()}
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    assert f'"{raw["transformers"]}"' in dockerfile  # the install pin
+    assert f"in S('{raw['transformers'].removeprefix('transformers')}')" in dockerfile  # the final check
+    (torch_version,) = [s.version for s in pins["torch"].specifier]
+    assert f"v.startswith('{torch_version}')" in dockerfile  # the image's torch is that release (NVIDIA's build)
+    ci = (ROOT / ".ci" / "run").read_text()
+    install = ci.index('pip install --quiet -e ".[train,test,launch]"')
+    assert ci.index("pip check", install) > install  # CI proves the resolved versions satisfy these pins
+
+
+def test_dockerfile_installs_every_runtime_dependency_itself():
+    """The package goes in with --no-deps: each of its runtime requirements except torch (the image's) must be
+    installed by the Dockerfile with setup.py's pin."""
+    pinned = {req for op, args in _dockerfile_instructions() if op == "RUN"
+              for req in re.findall(r'"([\w.-]+[<>=!~][^"]*)"', args)}
+    runtime = [r for r in _setup_runtime_requirements() if not r.startswith("torch")]
+    missing = [r for r in runtime if r not in pinned]
+    assert not missing, f"setup.py runtime requirements the Dockerfile does not install: {missing}"
