@@ -16,11 +16,11 @@ yields, and copies θ back. Copies are exact, so θ after the pass is bit-identi
 EMA would not move. It starts at θ₀ (the reference initialises lazily at the first optimizer step [inferred]).
 
 `storage="cpu"` keeps θ₀ / ē and the swap buffer in host memory (pinned when CUDA is available): two host<->device
-copies of the rank's parameters per scoring pass. Each is one flat buffer per dtype with a view per parameter (one
-pinned block, so the pinned allocator's power-of-two rounding is paid once, not per parameter). Host memory per
-rank for the frozen teacher: 2 x (parameters of the rank's shard) x (bytes per element), e.g. Qwen3-8B bf16 at TP2:
-2 x 4.1e9 x 2 B ≈ 15 GiB, ≈ 122 GiB per 8-GPU node; Slurm jobs therefore ask for the node's memory (`mem=0`). `storage="device"` keeps them next to the parameters: faster,
-at the cost of that memory on the accelerator.
+copies of the rank's parameters per scoring pass. Each is one flat buffer per dtype with a view per parameter,
+page-locked in place (no rounding; `_SwappingTeacher`). Host memory per rank for the frozen teacher:
+2 x (parameters of the rank's shard) x (bytes per element), e.g. Qwen3-8B bf16 at TP2: 2 x 4.1e9 x 2 B ≈ 15 GiB,
+≈ 122 GiB per 8-GPU node; Slurm jobs therefore ask for the node's memory (`mem=0`). `storage="device"` keeps them
+next to the parameters: faster, at the cost of that memory on the accelerator.
 
 Choose once at construction (`build_teacher(TeacherConfig(kind=...), params)`); the step only calls
 `scoring_weights()` and `after_optimizer_step()`.

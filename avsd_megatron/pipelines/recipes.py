@@ -82,8 +82,7 @@ except ImportError as exc:  # the launch extra is optional for everything else i
 from avsd_megatron.data.examples import LOCAL_FORMATS
 from avsd_megatron.pipelines.evaluate import parse_args as parse_eval_args
 from avsd_megatron.training.checkpointing import step_dir_name
-from avsd_megatron.training.config import ConfigError, ParallelConfig, TrainConfig, load_config
-from avsd_megatron.training.train import apply_overrides
+from avsd_megatron.training.config import ConfigError, ParallelConfig, TrainConfig, apply_overrides, load_config
 
 __all__ = ["PRESETS", "RECIPES", "STEPS", "Layout", "Recipe", "build_tasks", "launch", "qwen3_4b", "qwen3_8b",
            "tiny_cpu"]

@@ -32,7 +32,8 @@ Seeds: prompt i of a call draws from `request_seed(seed, first_index + i)`; an e
 only on the weights, the prompt, the params, `seed` and first_index + i (never on the other prompts of the batch,
 nor on global RNG state, which `generate` leaves untouched). The trainer passes the prompt's position in the global
 batch as the index (`first_index` = dp_rank x prompts per rank), so no two prompts of a step share a seed whatever
-the data-parallel layout, and the TP ranks of one engine, which share the DP rank, use the same seeds. With n > 1 the n completions of a prompt are consecutive in the output.
+the data-parallel layout, and the TP ranks of one engine, which share the DP rank, use the same seeds. With n > 1
+the n completions of a prompt are consecutive in the output.
 
 Weights: `update_weights` takes (HF name, tensor) pairs, the layout `convert.export_hf_weights` yields, and is
 strict: an unknown name, a repeated name, a wrong shape, or the `lm_head.weight` alias of a tied model raises

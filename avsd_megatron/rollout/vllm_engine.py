@@ -11,7 +11,7 @@ All ranks of an engine must call every method together with identical arguments 
 | `wake_up(tags)`        | `torch.cuda.empty_cache()`; `llm.wake_up(tags=[...])` for the tags still asleep          |
 | `update_weights(it)`   | `llm.collective_rpc("reload_weights", kwargs={"weights_iterator": checked(it),          |
 |                        | "is_checkpoint_format": True})`, missing names checked, `llm.reset_prefix_cache()`      |
-| `generate(ids, p, s, f)` | `llm.generate([{"prompt_token_ids": ids_i}], [SamplingParams(seed=request_seed(s, f + i))])` |
+| `generate(ids,p,s,f)` | `llm.generate([{"prompt_token_ids": ids_i}], [SamplingParams(seed=request_seed(s, f+i))])` |
 | `sleep()`              | `llm.sleep(level=2)`; `torch.cuda.empty_cache()` (level 2: the weights must be reloaded)  |
 | `sleep(keep_weights=True)` | `llm.sleep(level=1)`: weights offloaded to host memory, restored by `wake_up`       |
 

@@ -32,7 +32,7 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -57,6 +57,7 @@ __all__ = [
     "OptimConfig",
     "ParallelConfig",
     "TrainConfig",
+    "apply_overrides",
     "dump_config",
     "from_dict",
     "load_config",
@@ -590,3 +591,25 @@ def _convert(tp: Any, value: Any, where: str, source: str) -> Any:
             raise ConfigError(f"{source}: {where} must be a string, got {_kind(value)}")
         return value
     raise TypeError(f"config field {where} has an unsupported type {tp!r}")  # a bug in this module
+
+
+def apply_overrides(cfg: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
+    """`cfg` with each 'a.b.c=value' set (value parsed as YAML), re-validated. Raises ConfigError on a bad item.
+    (The train CLI's --set; the recipes resolve their overrides with it too.)"""
+    import yaml
+
+    data: dict[str, Any] = to_dict(cfg)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. optim.lr=1e-5")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a config section")
+            node = node[part]
+        if leaf not in node:
+            raise ConfigError(f"--set {item!r}: unknown key {key!r}")
+        node[leaf] = yaml.safe_load(raw)
+    return from_dict(data, source="--set")

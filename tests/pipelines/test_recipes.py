@@ -141,7 +141,8 @@ def test_recipes_slurm_dryrun_renders_sbatch(tmp_path):
         for line in ("export CUDA_DEVICE_MAX_CONNECTIONS=1", "export NCCL_IB_DISABLE=0", "export NCCL_IB_HCA=mlx5",
                      "export HF_HUB_OFFLINE=1", "export GLOO_SOCKET_IFNAME=ib0", "export NCCL_SOCKET_IFNAME=ib0",
                      f"export HF_HOME={cache}/huggingface", f"export VLLM_CACHE_ROOT={cache}/vllm",
-                     f"export TRITON_CACHE_DIR={cache}/triton", f"export TORCHINDUCTOR_CACHE_DIR={cache}/torchinductor"):
+                     f"export TRITON_CACHE_DIR={cache}/triton",
+                     f"export TORCHINDUCTOR_CACHE_DIR={cache}/torchinductor"):
             assert line in script, line
     # training: 2 nodes x 8 GPUs, whole nodes with all their memory, torchrun 8 per node (NeMo-Run puts one Slurm
     # task per node under torchrun); every chained job is the same resuming command
