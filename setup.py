@@ -14,14 +14,17 @@ Transformer Engine and NVIDIA Apex are not PyPI dependencies: they come with the
 
 from setuptools import find_packages, setup
 
-TORCH = "torch>=2.6,<2.16"
+# vLLM 0.33.0's wheel METADATA requires torch==2.14.0 and transformers>=5.16.1,<5.21.0: CI and the GPU image run
+# exactly these (docker/Dockerfile, .ci/run; tests/pipelines/test_recipes.py keeps the three in agreement).
+TORCH = "torch==2.14.0"
+TRANSFORMERS = "transformers>=5.16.1,<5.21.0"
 
 EXTRAS = {
     "train": [
         "megatron-core>=0.19.0,<0.20",
         "psutil>=5.9",  # megatron's dist_checkpointing imports it
         "datasets>=5,<6",  # avsd_megatron.data.examples: jsonl/parquet/hub rows (mixed-type columns load as Json)
-        "transformers>=5.20,<6",  # tokenizers / chat templates, the HF rollout engine (tested with 5.23-5.24)
+        TRANSFORMERS,  # tokenizers / chat templates, the HF rollout engine
         "safetensors>=0.4",  # the HF side of tools/convert_checkpoint.py (safe_open, save_file)
         "huggingface_hub>=0.23",  # split_torch_state_dict_into_shards: the HF shard plan of megatron-to-hf
         "tensorboard>=2.16",  # logging.tensorboard=true
@@ -42,7 +45,7 @@ EXTRAS = {
     "test": [
         "pytest>=8",
         "hypothesis>=6.100",
-        "transformers>=5.20,<6",
+        TRANSFORMERS,
         "safetensors>=0.4",
         "huggingface_hub>=0.23",
         "datasets>=5,<6",

@@ -16,8 +16,11 @@ yields, and copies θ back. Copies are exact, so θ after the pass is bit-identi
 EMA would not move. It starts at θ₀ (the reference initialises lazily at the first optimizer step [inferred]).
 
 `storage="cpu"` keeps θ₀ / ē and the swap buffer in host memory (pinned when CUDA is available): two host<->device
-copies of the rank's parameters per scoring pass. `storage="device"` keeps them next to the parameters: faster,
-at the cost of that memory on the accelerator.
+copies of the rank's parameters per scoring pass. Each is one flat buffer per dtype with a view per parameter,
+page-locked in place (no rounding; `_SwappingTeacher`). Host memory per rank for the frozen teacher:
+2 x (parameters of the rank's shard) x (bytes per element), e.g. Qwen3-8B bf16 at TP2: 2 x 4.1e9 x 2 B ≈ 15 GiB,
+≈ 122 GiB per 8-GPU node; Slurm jobs therefore ask for the node's memory (`mem=0`). `storage="device"` keeps them
+next to the parameters: faster, at the cost of that memory on the accelerator.
 
 Choose once at construction (`build_teacher(TeacherConfig(kind=...), params)`); the step only calls
 `scoring_weights()` and `after_optimizer_step()`.
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -98,7 +102,15 @@ class LiveTeacher:
 
 
 class _SwappingTeacher:
-    """Holds a teacher copy of every parameter and swaps it in for the scoring pass."""
+    """Holds a teacher copy of every parameter and swaps it in for the scoring pass.
+
+    The teacher values and the swap buffer are each one flat tensor per dtype (views per parameter), not one
+    allocation per parameter. With storage='cpu' and CUDA, each flat buffer is ordinary host memory page-locked
+    in place with cudaHostRegister (`torch.cuda._pin_memory_utils.pin_memory`, as torch's own checkpoint stager
+    does), not `Tensor.pin_memory()`: torch's pinned caching allocator rounds every block up to a power of two
+    (ATen/core/CachingHostAllocator.h: `c10::llvm::PowerOf2Ceil(size)` below `pinned_max_round_threshold`, which
+    defaults to SIZE_MAX), ≈ 1.37x over Qwen3-8B's per-parameter blocks and up to 2x for one big block.
+    """
 
     kind = ""
 
@@ -106,10 +118,18 @@ class _SwappingTeacher:
         self._params = list(params)
         if not self._params:
             raise ValueError("the model has no parameters to build a teacher from")
-        self._teacher = [_stored_copy(p, storage, dtype) for p in self._params]  # θ₀ or ē
-        self._swap = [torch.empty_like(p, device=t.device) for p, t in zip(self._params, self._teacher)]
+        with torch.no_grad():
+            self._teacher, teacher_flats = _flat_views(self._params, storage, dtype)  # θ₀ or ē
+            for stored, param in zip(self._teacher, self._params):
+                stored.copy_(param.detach())  # exact: same dtype, or an upcast for the EMA
+            self._swap, swap_flats = _flat_views(self._params, storage, None)
+        self.flat_buffers = teacher_flats + swap_flats
+        """The flat allocations behind the teacher and swap views (one per dtype each)."""
         if storage == "cpu" and torch.cuda.is_available():
-            self._swap = [t.pin_memory() for t in self._swap]
+            for flat in self.flat_buffers:
+                _pin_host(flat)
+            # unregistered when the teacher goes, before the memory is freed (the finalizer holds the buffers)
+            weakref.finalize(self, _unpin_host, self.flat_buffers).atexit = False
 
     @property
     def teacher_tensors(self) -> list[torch.Tensor]:
@@ -182,10 +202,36 @@ def build_teacher(config: TeacherConfig, params: Iterable[torch.nn.Parameter], m
     return LiveTeacher(params)
 
 
-def _stored_copy(param: torch.Tensor, storage: str, dtype: torch.dtype | None) -> torch.Tensor:
-    """An exact copy of `param` (optionally upcast) in host memory (pinned with CUDA) or on the param's device."""
-    device = torch.device("cpu") if storage == "cpu" else param.device
-    copy = param.detach().to(device=device, dtype=dtype or param.dtype, copy=True)
-    if device.type == "cpu" and torch.cuda.is_available():
-        copy = copy.pin_memory()
-    return copy
+def _flat_views(params: list[torch.nn.Parameter], storage: str,
+                dtype: torch.dtype | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(one uninitialised tensor per parameter, shaped like it, in `dtype` (None: the parameter's), the flat buffers
+    they are views of: one per dtype), in host memory or on the parameters' device."""
+    devices = {p.device for p in params}
+    if storage == "device" and len(devices) > 1:
+        raise ValueError(f"teacher.storage='device' needs the rank's parameters on one device, found {devices}")
+    device = torch.device("cpu") if storage == "cpu" else next(iter(devices))
+    dtypes = [dtype or p.dtype for p in params]
+    totals: dict[torch.dtype, int] = {}
+    for d, p in zip(dtypes, params):
+        totals[d] = totals.get(d, 0) + p.numel()
+    flats = {d: torch.empty(n, dtype=d, device=device) for d, n in totals.items()}
+    offsets = dict.fromkeys(totals, 0)
+    views = []
+    for d, p in zip(dtypes, params):
+        views.append(flats[d][offsets[d] : offsets[d] + p.numel()].view(p.shape))
+        offsets[d] += p.numel()
+    return views, list(flats.values())
+
+
+def _pin_host(flat: torch.Tensor) -> None:
+    """Page-lock `flat`'s host memory in place (cudaHostRegister; no power-of-two rounding)."""
+    from torch.cuda import _pin_memory_utils
+
+    _pin_memory_utils.pin_memory(flat.data_ptr(), flat.numel() * flat.element_size())
+
+
+def _unpin_host(flats: list[torch.Tensor]) -> None:
+    from torch.cuda import _pin_memory_utils
+
+    for flat in flats:
+        _pin_memory_utils.unpin_memory(flat.data_ptr())

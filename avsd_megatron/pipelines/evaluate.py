@@ -25,8 +25,11 @@ field. The bundled `avsd_megatron/data/assets/tiny_math/*.jsonl` rows have this 
 Output (`--out FILE.json`): {"summary": {...}, "config": {...}, "samples": [{"index", "problem", "answer",
 "completions": [{"text", "extracted", "correct", "finish_reason", "num_tokens"}]}]}; the summary is also printed.
 
-Engines, for both tasks: `hf` (transformers generate, CPU or one GPU; `rollout.hf_engine.HFEngine`) or `vllm` (GPU only; one
-rank of `rollout.vllm_engine.VLLMEngine`, which this module feeds the checkpoint's safetensors; not yet run on a GPU).
+Engines, for both tasks: `hf` (transformers generate, CPU or one GPU; `rollout.hf_engine.HFEngine`) or `vllm` (GPU
+only; not yet run on a GPU): one plain `rollout.vllm_engine.StandaloneVLLMEngine` per visible GPU (`--gpus N` for
+fewer), each in its own process with CUDA_VISIBLE_DEVICES set to its GPU, loading the HF checkpoint itself; problem
+i goes to engine i mod G and samples with seed request_seed(seed, i), so the merged result is that of one engine.
+No torchrun, no process group, no RANK / LOCAL_RANK: run it as one plain process on a GPU node.
 
 Benchmarks (spec 5.2) on a machine with Hub access, with `datasets`:
 
@@ -84,6 +87,7 @@ from avsd_megatron.verify.sandbox import STATUSES, Sandbox, SandboxConfig, TestC
 
 __all__ = [
     "EvalConfig",
+    "VLLMEvalOptions",
     "evaluate_code",
     "evaluate_hf_dir",
     "evaluate_math",
@@ -179,15 +183,22 @@ def evaluate_math(
         {"summary": {avg@k, pass@k, format_rate, problems, k, avg@k_stderr, mean_completion_tokens, length_rate,
         eval_seconds}, "config": asdict(cfg), "samples": [...]} (module docstring).
     """
+    start = time.perf_counter()
+    samples, grades = sample_math(engine, tokenizer, rows, cfg, range(len(rows)), progress=progress)
+    return math_result(samples, grades, cfg, time.perf_counter() - start)
+
+
+def sample_math(engine: Any, tokenizer: Any, rows: Sequence[dict[str, str]], cfg: EvalConfig,
+                indices: Sequence[int], *, progress: bool = False) -> tuple[list[dict[str, Any]], list[list[Any]]]:
+    """(samples, grades) of `rows`, whose positions in the whole set are `indices` (they pick the seeds)."""
     from tqdm import tqdm
 
     params = cfg.sampling()
-    start = time.perf_counter()
     samples, grades = [], []
-    for index, row in enumerate(tqdm(rows, desc="eval", disable=not progress, dynamic_ncols=True)):
+    for index, row in zip(indices, tqdm(rows, desc="eval", disable=not progress, dynamic_ncols=True), strict=True):
         text = render_chat(tokenizer, math_eval_message(row["problem"]), thinking=cfg.thinking)
         ids = tokenizer.encode(text, add_special_tokens=False)
-        # one prompt per call: its seed depends on the problem index only, not on batching
+        # one prompt per call: its seed depends on the problem index only, not on batching or sharding
         completions = engine.generate([ids], params, seed=request_seed(cfg.seed, index))
         row_grades = [grade_math_completion(c.text, row["answer"]) for c in completions]
         grades.append(row_grades)
@@ -199,12 +210,18 @@ def evaluate_math(
                 for c, g in zip(completions, row_grades)
             ],
         })
+    return samples, grades
+
+
+def math_result(samples: list[dict[str, Any]], grades: list[list[Any]], cfg: EvalConfig,
+                seconds: float) -> dict[str, Any]:
+    """The result dict of `evaluate_math` from all problems' samples and grades (in problem order)."""
     scores = math_scores(grades)
     summary = scores.as_dict() | {
         "k": cfg.k,
         f"avg@{cfg.k}_stderr": _stderr([[g.correct for g in row] for row in grades]),
         **_length_stats(samples),
-        "eval_seconds": time.perf_counter() - start,
+        "eval_seconds": seconds,
     }
     return {"summary": summary, "config": asdict(cfg), "samples": samples}
 
@@ -283,15 +300,25 @@ def evaluate_code(
         mean_completion_tokens, length_rate, eval_seconds}, "config": asdict(cfg), "samples": [...]} (module
         docstring).
     """
+    start = time.perf_counter()
+    samples, statuses = sample_code(engine, tokenizer, examples, cfg, sandbox, range(len(examples)), tests=tests,
+                                    workers=workers, progress=progress)
+    return code_result(samples, statuses, cfg, tests, pass_at, time.perf_counter() - start)
+
+
+def sample_code(engine: Any, tokenizer: Any, examples: Sequence[CodeExample], cfg: EvalConfig, sandbox: Sandbox,
+                indices: Sequence[int], *, tests: str = "all", workers: int = 1,
+                progress: bool = False) -> tuple[list[dict[str, Any]], list[list[str]]]:
+    """(samples, statuses) of `examples`, whose positions in the whole set are `indices` (they pick the seeds)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
 
     params = cfg.sampling()
-    start = time.perf_counter()
     samples, statuses = [], []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for index, example in enumerate(tqdm(examples, desc="eval", disable=not progress, dynamic_ncols=True)):
+        rows = tqdm(examples, desc="eval", disable=not progress, dynamic_ncols=True)
+        for index, example in zip(indices, rows, strict=True):
             ids = tokenizer.encode(code_eval_prompt(tokenizer, example, cfg), add_special_tokens=False)
             completions = engine.generate([ids], params, seed=request_seed(cfg.seed, index))
             row_tests = code_eval_tests(example, tests)
@@ -305,6 +332,12 @@ def evaluate_code(
                     for c, r in zip(completions, results)
                 ],
             })
+    return samples, statuses
+
+
+def code_result(samples: list[dict[str, Any]], statuses: list[list[str]], cfg: EvalConfig, tests: str,
+                pass_at: Sequence[int], seconds: float) -> dict[str, Any]:
+    """The result dict of `evaluate_code` from all problems' samples and statuses (in problem order)."""
     scores = code_scores(statuses, ks=(1, *pass_at))
     counts = {status: sum(row.count(status) for row in statuses) for status in STATUSES}
     summary = {
@@ -317,33 +350,46 @@ def evaluate_code(
         "problems": float(scores.problems),
         "k": cfg.k,
         **_length_stats(samples),
-        "eval_seconds": time.perf_counter() - start,
+        "eval_seconds": seconds,
     }
     return {"summary": summary, "config": asdict(cfg) | {"tests": tests}, "samples": samples}
+
+
+@dataclass(frozen=True)
+class VLLMEvalOptions:
+    """How `--engine vllm` runs: one plain vLLM engine per GPU, each loading the HF checkpoint itself and sampling
+    its share of the problems (problem i goes to engine i mod G)."""
+
+    gpus: int | None = None
+    """Engines (one GPU each); None = every visible GPU (CUDA_VISIBLE_DEVICES, else all of the node's)."""
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = 256
+    """Concurrent sequences per engine (the k samples of a problem run together)."""
+    engine_factory: Any = None
+    """Module-level callable `factory(**vllm_llm_kwargs) -> engine` run in each GPU's process; None =
+    `rollout.vllm_engine.StandaloneVLLMEngine` (tests pass a fake here)."""
 
 
 def evaluate_hf_dir(hf_dir: str | Path, data: str | Path, cfg: EvalConfig, *, limit: int | None = None,
                     engine: str = "hf", progress: bool = True, task: str = "math", tests: str = "all",
                     sandbox: SandboxConfig | None = None, pass_at: Sequence[int] = (),
-                    workers: int = 1) -> dict[str, Any]:
+                    workers: int = 1, vllm: VLLMEvalOptions | None = None) -> dict[str, Any]:
     """Load the checkpoint and the data, then `evaluate_math` (task='math') or `evaluate_code` (task='code', in a
     `Sandbox(sandbox)`, default `SandboxConfig()` = bubblewrap); the result also records the paths.
 
+    engine='vllm': one `StandaloneVLLMEngine` per GPU in its own process (`VLLMEvalOptions`), the problems sharded
+    round-robin; the merged result equals a one-engine run's, since problem i always samples with seed
+    request_seed(cfg.seed, i). No torchrun or process group is needed.
+
     Raises:
-        ValueError: unknown task / engine, bad data (see the loaders).
+        ValueError: unknown task / engine, bad data (see the loaders), no GPU for engine='vllm'.
         SandboxUnavailableError: task='code' and bubblewrap is missing or unusable (sandbox.kind='bwrap').
     """
     if task == "math":
         rows: Sequence[Any] = load_math_eval_rows(data, limit)
-
-        def render(tok: Any, row: dict[str, str]) -> str:
-            return render_chat(tok, math_eval_message(row["problem"]), thinking=cfg.thinking)
     elif task == "code":
         rows = load_code_eval_rows(data, limit, tests)
         box = Sandbox(sandbox if sandbox is not None else SandboxConfig())  # before any model is loaded
-
-        def render(tok: Any, row: CodeExample) -> str:
-            return code_eval_prompt(tok, row, cfg)
     else:
         raise ValueError(f"task={task!r} is not one of {TASKS}")
     if engine == "hf":
@@ -351,18 +397,112 @@ def evaluate_hf_dir(hf_dir: str | Path, data: str | Path, cfg: EvalConfig, *, li
 
         eng = HFEngine.from_pretrained(hf_dir)
         tokenizer = eng.tokenizer
+        if task == "math":
+            result = evaluate_math(eng, tokenizer, rows, cfg, progress=progress)
+        else:
+            result = evaluate_code(eng, tokenizer, rows, cfg, box, tests=tests, pass_at=pass_at, workers=workers,
+                                   progress=progress)
     elif engine == "vllm":
-        eng, tokenizer = _vllm_engine(hf_dir, cfg, max_prompt_tokens=_longest_prompt(hf_dir, rows, render))
+        result = _evaluate_sharded(hf_dir, rows, cfg, vllm or VLLMEvalOptions(), task=task, tests=tests,
+                                   sandbox=box.cfg if task == "code" else None, pass_at=pass_at, workers=workers)
     else:
         raise ValueError(f"engine={engine!r} is not one of ('hf', 'vllm')")
-    if task == "math":
-        result = evaluate_math(eng, tokenizer, rows, cfg, progress=progress)
-    else:
-        result = evaluate_code(eng, tokenizer, rows, cfg, box, tests=tests, pass_at=pass_at, workers=workers,
-                               progress=progress)
+    if task == "code":
         result["config"] |= {"sandbox": asdict(box.cfg)}
     result["config"] |= {"task": task, "hf": str(hf_dir), "data": str(data), "limit": limit, "engine": engine}
     return result
+
+
+def visible_gpus(count: int | None) -> list[str]:
+    """The device ids (as CUDA_VISIBLE_DEVICES entries) of the first `count` visible GPUs (None = all of them).
+
+    Raises:
+        ValueError: no GPU is visible, or fewer than `count`.
+    """
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        devices = [d.strip() for d in listed.split(",") if d.strip()]
+    else:
+        import torch
+
+        devices = [str(i) for i in range(torch.cuda.device_count())]
+    if not devices:
+        raise ValueError("--engine vllm needs a GPU and none is visible; use --engine hf on CPU")
+    if count is not None and not (1 <= count <= len(devices)):
+        raise ValueError(f"--gpus {count}: must be in [1, {len(devices)}] (the visible GPUs: {devices})")
+    return devices[: count or len(devices)]
+
+
+@dataclass(frozen=True)
+class _Shard:
+    """One GPU's share of an evaluation: what its process needs."""
+
+    device: str
+    indices: tuple[int, ...]
+    rows: tuple[Any, ...]
+    hf_dir: str
+    cfg: EvalConfig
+    engine_kwargs: dict[str, Any]
+    engine_factory: Any
+    task: str
+    tests: str
+    sandbox: SandboxConfig | None
+    workers: int
+
+
+def _evaluate_sharded(hf_dir: str | Path, rows: Sequence[Any], cfg: EvalConfig, options: VLLMEvalOptions, *,
+                      task: str, tests: str, sandbox: SandboxConfig | None, pass_at: Sequence[int],
+                      workers: int) -> dict[str, Any]:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from avsd_megatron.rollout.vllm_engine import StandaloneVLLMEngine, standalone_engine_kwargs
+
+    start = time.perf_counter()
+    devices = visible_gpus(options.gpus)[: len(rows)]
+    render = ((lambda tok, row: render_chat(tok, math_eval_message(row["problem"]), thinking=cfg.thinking))
+              if task == "math" else (lambda tok, row: code_eval_prompt(tok, row, cfg)))
+    engine_kwargs = standalone_engine_kwargs(
+        hf_dir, max_model_len=_longest_prompt(hf_dir, rows, render) + cfg.max_new_tokens, seed=cfg.seed,
+        gpu_memory_utilization=options.gpu_memory_utilization, max_num_seqs=options.max_num_seqs,
+    )
+    factory = options.engine_factory or StandaloneVLLMEngine
+    shards = [_Shard(device, tuple(range(g, len(rows), len(devices))), tuple(rows[g :: len(devices)]), str(hf_dir),
+                     cfg, engine_kwargs, factory, task, tests, sandbox, workers)
+              for g, device in enumerate(devices)]
+    # one process per GPU, started fresh (spawn): CUDA_VISIBLE_DEVICES must be set before CUDA initialises there,
+    # and a process that forked after CUDA started cannot use it. Each builds its own engine (vLLM's TP-1
+    # UniProcExecutor: no torch.distributed, no RANK / LOCAL_RANK).
+    context = multiprocessing.get_context("spawn")
+    pools = [ProcessPoolExecutor(max_workers=1, mp_context=context) for _ in shards]
+    try:
+        futures = [pool.submit(_run_shard, shard) for pool, shard in zip(pools, shards)]
+        parts = [future.result() for future in futures]
+    finally:
+        for pool in pools:
+            pool.shutdown(wait=True, cancel_futures=True)
+    order = sorted(((i, s, g) for part in parts for i, s, g in zip(*part, strict=True)), key=lambda t: t[0])
+    samples, grades = [sample for _, sample, _ in order], [grade for _, _, grade in order]
+    seconds = time.perf_counter() - start
+    result = (math_result(samples, grades, cfg, seconds) if task == "math"
+              else code_result(samples, grades, cfg, tests, pass_at, seconds))
+    result["config"] |= {"gpus": len(devices)}
+    return result
+
+
+def _run_shard(shard: _Shard) -> tuple[list[int], list[dict[str, Any]], list[list[Any]]]:
+    """In the GPU's own process: (indices, samples, grades or statuses) of the shard's problems."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = shard.device  # before anything initialises CUDA in this process
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(shard.hf_dir)
+    engine = shard.engine_factory(**shard.engine_kwargs)
+    if shard.task == "math":
+        samples, grades = sample_math(engine, tokenizer, shard.rows, shard.cfg, shard.indices)
+    else:
+        samples, grades = sample_code(engine, tokenizer, shard.rows, shard.cfg, Sandbox(shard.sandbox),
+                                      shard.indices, tests=shard.tests, workers=shard.workers)
+    return list(shard.indices), samples, grades
 
 
 def _longest_prompt(hf_dir: str | Path, rows: Sequence[Any], render: Any) -> int:
@@ -370,36 +510,6 @@ def _longest_prompt(hf_dir: str | Path, rows: Sequence[Any], render: Any) -> int
 
     tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
     return max(len(tokenizer.encode(render(tokenizer, r), add_special_tokens=False)) for r in rows)
-
-
-def _vllm_engine(hf_dir: str | Path, cfg: EvalConfig, *, max_prompt_tokens: int) -> tuple[Any, Any]:
-    """A one-rank VLLMEngine holding the checkpoint's weights (GPU only; initialises a one-rank process group)."""
-    import torch.distributed as dist
-    from safetensors.torch import load_file
-    from transformers import AutoTokenizer
-
-    from avsd_megatron.rollout.config import RolloutConfig, VLLMConfig
-    from avsd_megatron.rollout.vllm_engine import VLLMEngine
-
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29513")
-        dist.init_process_group("nccl", init_method="env://", rank=0, world_size=1)
-    rollout = RolloutConfig(
-        engine="vllm", temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-        max_new_tokens=cfg.max_new_tokens,
-        vllm=VLLMConfig(gpu_memory_utilization=0.85, max_model_len=max_prompt_tokens + cfg.max_new_tokens,
-                        max_num_seqs=256),
-    )
-    engine = VLLMEngine(hf_dir, rollout, tensor_parallel_size=1, rank=0, world_size=1,
-                        max_prompt_tokens=max_prompt_tokens, dtype="bfloat16")
-    engine.wake_up(("weights",))
-    files = sorted(Path(hf_dir).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{hf_dir}: no *.safetensors files")
-    engine.update_weights((name, t) for f in files for name, t in load_file(str(f)).items())
-    engine.wake_up(("kv_cache",))
-    return engine, AutoTokenizer.from_pretrained(str(hf_dir))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -421,7 +531,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="jsonl; math: string fields problem, answer; code: code rows (problem, "
                         "reference_solution, public_tests, optional hidden_tests, ...; avsd_megatron/data/examples.py)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N problems only")
-    parser.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="hf: transformers; vllm: GPU only")
+    parser.add_argument("--engine", choices=("hf", "vllm"), default="hf",
+                        help="hf: transformers; vllm: one plain vLLM engine per GPU, problems sharded (GPU only)")
+    parser.add_argument("--gpus", type=int, default=None,
+                        help="vllm: engines to run, one per GPU (default: every visible GPU)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vllm: per engine")
+    parser.add_argument("--max-num-seqs", type=int, default=256, help="vllm: concurrent sequences per engine")
     # -- sampling -------------------------------------------------------------------------------------------------
     parser.add_argument("--k", type=int, default=8, help="samples per problem")
     parser.add_argument("--max-new-tokens", type=int, default=4096, help="completion length cap")
@@ -456,9 +571,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.task == "code":
         sandbox = SandboxConfig(kind="subprocess" if args.unsafe_subprocess_sandbox else "bwrap",
                                 wall_time_s=args.test_timeout, memory_mb=args.memory_mb)
+    vllm = VLLMEvalOptions(gpus=args.gpus, gpu_memory_utilization=args.gpu_memory_utilization,
+                           max_num_seqs=args.max_num_seqs)
     result = evaluate_hf_dir(args.hf, args.data, cfg, limit=args.limit, engine=args.engine,
                              progress=not args.no_progress, task=args.task, tests=args.tests, sandbox=sandbox,
-                             pass_at=args.pass_at, workers=args.workers)
+                             pass_at=args.pass_at, workers=args.workers, vllm=vllm)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

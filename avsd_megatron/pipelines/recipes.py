@@ -3,7 +3,8 @@
     python examples/avsd_tiny_cpu.py --yes                                   # 2 CPU processes (gloo), this machine
     python examples/avsd_qwen3_8b.py executor=slurm nodes=2 account=ACCT partition=batch \\
         container_image=/images/avsd-megatron.sqsh hf_path=/lustre/models/Qwen3-8B workdir=/lustre/avsd/q8b \\
-        'container_mounts=["/lustre:/lustre"]' --dryrun --yes           # print the sbatch scripts, submit nothing
+        'container_mounts=["/lustre:/lustre"]' socket_ifname=ib0 'data=["/lustre/data/math.jsonl"]' \\
+        eval_data=/lustre/aime24.jsonl --dryrun --yes                   # print the sbatch scripts, submit nothing
     nemorun avsd qwen3_4b executor=slurm ...                                 # the same through the nemo-run CLI
 
 Every recipe is a list of steps, each a NeMo-Run task run after the previous one (`sequential=True`: local tasks
@@ -14,8 +15,10 @@ wait for each other, Slurm jobs get `afterok` dependencies). `steps=[...]` picks
 | `tiny_init`   | `python -m avsd_megatron tiny checkpoint <hf_path>`        | hf_path exists (tiny recipe only)    |
 | `convert_in`  | `tools/convert_checkpoint.py hf-to-megatron --tp T --pp P` | `<workdir>/megatron_init` exists, or |
 |               |                                                            | `megatron_checkpoint=` is given      |
-| `train`       | `torchrun ... -m avsd_megatron train --config C --set ...` | never (resumes per the config)       |
-| `convert_out` | `tools/convert_checkpoint.py megatron-to-hf` (newest step) | `<workdir>/hf/<step>` exists         |
+| `train`       | `torchrun ... -m avsd_megatron train --config C --set ...` | never (resumes per the config); on   |
+|               | (Slurm: `train`, `train_2`, ... chained jobs, see below)   | Slurm a job after the last step exits |
+| `convert_out` | `tools/convert_checkpoint.py megatron-to-hf` (newest step; | `<workdir>/hf/<step>` exists         |
+|               | fails if it is not max_steps: training did not finish)     |                                      |
 | `evaluate`    | `python -m avsd_megatron evaluate --hf <workdir>/hf/latest` | no evaluate module or no eval_data=  |
 |               | `--data <eval_data> --out <workdir>/eval.json`             | (dropped with a printed message)     |
 
@@ -40,13 +43,32 @@ from the memory arithmetic (bf16 weights + frozen teacher copy, distributed Adam
 
 Executors: `local` (one machine: `run.LocalExecutor`, torchrun with `nproc_per_node` processes, default the
 preset's GPUs per node) and `slurm` (`run.SlurmExecutor`: account, partition, the preset's nodes, 8 GPUs per node,
-a Pyxis container image built from docker/Dockerfile, container mounts, NCCL/InfiniBand environment, time limit;
-submitted through a `LocalTunnel` on a login node, or an `SSHTunnel` when `ssh_host=` is given).
+a Pyxis container image built from docker/Dockerfile, container mounts, NCCL/InfiniBand environment; submitted
+through a `LocalTunnel` on a login node, or an `SSHTunnel` when `ssh_host=` is given). Every job exports
+CUDA_DEVICE_MAX_CONNECTIONS=1 (`COMMON_ENV`).
+
+Slurm specifics:
+- data: compute nodes run with HF_HUB_OFFLINE=1, so training rows come from `data=[FILE.jsonl|FILE.parquet, ...]` on
+  shared storage (a config naming a Hub dataset is refused); HF_HOME and the vLLM / Triton / TorchInductor caches go
+  under `cache_dir=` (default `<workdir>/cache`, `CACHE_ENV`), so every node and job shares them;
+- memory: GPU jobs take whole nodes (`exclusive`) with all their memory (`mem=0`): the frozen teacher's pinned host
+  copy is ≈ 15 GiB per rank at 8B TP2, ≈ 122 GiB per node;
+- time: `time=` is the longest limit a job may ask for (the partition's MaxTime); the training work is estimated from
+  `Recipe.work` (max_steps x seconds per step + saves x seconds per save, x 1.25) and split over as many chained jobs
+  `train`, `train_2`, ... as it takes, each resuming from the last checkpoint (`checkpoint.resume: auto`) and
+  started `afterany` the previous one (Slurm's `--requeue` does not requeue a TIMEOUT, and `afterok` would leave the
+  rest pending forever); `convert_out` runs after the last one and fails unless training reached max_steps; the
+  evaluation's limit is problems x k x max_new_tokens over the node's GPUs (`eval_problems=` when eval_data is not
+  readable from the submitting machine);
+- network: with nodes > 1, `socket_ifname=IFACE` sets GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME (Megatron and
+  vLLM open gloo groups across nodes); job names are `<account>-avsd-<recipe>.<step>`.
 """
 
 import dataclasses
 import importlib.util
+import math
 import shlex
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
@@ -57,7 +79,10 @@ except ImportError as exc:  # the launch extra is optional for everything else i
         "avsd_megatron.pipelines.recipes needs NeMo-Run: pip install -e '.[launch]' (nemo-run 0.11.x with leptonai<0.47)"
     ) from exc
 
-from avsd_megatron.training.config import ConfigError, ParallelConfig, load_config
+from avsd_megatron.data.examples import LOCAL_FORMATS
+from avsd_megatron.pipelines.evaluate import parse_args as parse_eval_args
+from avsd_megatron.training.checkpointing import step_dir_name
+from avsd_megatron.training.config import ConfigError, ParallelConfig, TrainConfig, apply_overrides, load_config
 
 __all__ = ["PRESETS", "RECIPES", "STEPS", "Layout", "Recipe", "build_tasks", "launch", "qwen3_4b", "qwen3_8b",
            "tiny_cpu"]
@@ -65,17 +90,59 @@ __all__ = ["PRESETS", "RECIPES", "STEPS", "Layout", "Recipe", "build_tasks", "la
 STEPS = ("tiny_init", "convert_in", "train", "convert_out", "evaluate")
 EVAL_MODULE = "avsd_megatron.pipelines.evaluate"
 
-# Slurm jobs: what every multi-node NCCL job here needs. Cluster-specific NCCL settings (NCCL_IB_HCA,
-# NCCL_SOCKET_IFNAME) are arguments; anything else goes through env={...}.
-SLURM_ENV = {
+# What every job needs, local or Slurm.
+COMMON_ENV = {
     "CUDA_DEVICE_MAX_CONNECTIONS": "1",  # Megatron TP/SP: keeps communication kernels ordered before compute
+    "TOKENIZERS_PARALLELISM": "false",
+}
+# Slurm jobs: what every multi-node NCCL job here needs. Cluster-specific settings (NCCL_IB_HCA, the socket
+# interface) are arguments; anything else goes through env={...}.
+SLURM_ENV = {
+    **COMMON_ENV,
     "NCCL_IB_DISABLE": "0",  # inter-node traffic over InfiniBand
     "NCCL_NVLS_ENABLE": "0",  # NVLink SHARP buffers cost GPU memory that vLLM and the teacher need
     "TORCH_NCCL_AVOID_RECORD_STREAMS": "1",  # frees collective buffers earlier
     "NCCL_DEBUG": "WARN",
-    "HF_HUB_OFFLINE": "1",  # compute nodes: hf_path is a local directory
-    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",  # compute nodes: hf_path and data= are paths on the shared filesystem
+    "HF_DATASETS_OFFLINE": "1",
 }
+CACHE_ENV = {  # name -> folder under the run's cache dir (shared storage: every node and every job sees one cache)
+    "HF_HOME": "huggingface",
+    "VLLM_CACHE_ROOT": "vllm",  # torch.compile artefacts and CUDA graphs' inputs of the vLLM engines
+    "TRITON_CACHE_DIR": "triton",
+    "TORCHINDUCTOR_CACHE_DIR": "torchinductor",
+}
+
+
+@dataclass(frozen=True)
+class WorkEstimate:
+    """Wall time of a recipe's GPU work on its presets, for the Slurm time limits (not yet measured on GPUs: the
+    train step from the issue's 30-40 s estimate at 8B, the rest from bandwidth arithmetic; a margin is added)."""
+
+    seconds_per_step: float
+    """One optimizer step: rollout + scoring + update + weight sync."""
+    seconds_per_checkpoint: float
+    """One save (≈ 115 GB at 8B: bf16 weights + fp32 master + Adam moments under the distributed optimizer)."""
+    startup_seconds: float = 900.0
+    """Per job: container start, model build, checkpoint load, vLLM start and first weight sync."""
+    eval_tokens_per_second_per_gpu: float = 1000.0
+    """Generated tokens per second of one vLLM engine (one GPU) at long completions."""
+    margin: float = 1.25
+    """Every estimate is multiplied by this."""
+
+
+def _hms(seconds: float) -> str:
+    minutes = max(1, math.ceil(seconds / 60))
+    return f"{minutes // 60:02d}:{minutes % 60:02d}:00"
+
+
+def _seconds(hms: str) -> int:
+    """'HH:MM:SS' or 'D-HH:MM:SS' -> seconds (Slurm's --time forms used here)."""
+    days, _, rest = hms.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if len(parts) != 3:
+        raise ConfigError(f"time={hms!r}: expected HH:MM:SS or D-HH:MM:SS")
+    return int(days or 0) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
 
 
 @dataclass(frozen=True)
@@ -121,13 +188,16 @@ class Recipe:
     """Default `evaluate --data` jsonl (problem, answer); empty = the user passes eval_data= or evaluate is skipped."""
     eval_args: tuple[str, ...] = ()
     """Default extra `python -m avsd_megatron evaluate` arguments (the user's eval_args= come after them)."""
+    work: WorkEstimate = WorkEstimate(seconds_per_step=40.0, seconds_per_checkpoint=300.0)
+    """Wall-time estimates that size the Slurm jobs' time limits and the number of chained training jobs."""
 
 
 def _layouts(*layouts: Layout) -> dict[int, Layout]:
     return {layout.nodes: layout for layout in layouts}
 
 
-# Evaluation of the Qwen3 recipes (spec 5.2 sampling: T 0.7, top-p 0.95; 16 samples, thinking on, vLLM on one GPU).
+# Evaluation of the Qwen3 recipes (spec 5.2 sampling: T 0.7, top-p 0.95; 16 samples, thinking on; one vLLM engine per
+# GPU of the evaluation node, the problems sharded over them).
 QWEN3_EVAL_ARGS = ("--engine", "vllm", "--k", "16", "--thinking", "on", "--max-new-tokens", "32768")
 
 RECIPES = {
@@ -141,7 +211,7 @@ RECIPES = {
         "qwen3_4b", "examples/configs/qwen3_8b.yaml", "models/Qwen3-4B", "bf16",
         _layouts(Layout(1, tp=1, pp=1, micro_batch_size=4), Layout(2, tp=1, pp=1, micro_batch_size=2),
                  Layout(4, tp=1, pp=1, micro_batch_size=1)),
-        eval_args=QWEN3_EVAL_ARGS,
+        eval_args=QWEN3_EVAL_ARGS, work=WorkEstimate(seconds_per_step=25.0, seconds_per_checkpoint=150.0),
     ),
     "tiny_cpu": Recipe(
         "tiny_cpu", "examples/configs/tiny_cpu.yaml", "{workdir}/hf_init", "fp32",
@@ -149,6 +219,8 @@ RECIPES = {
         steps=("tiny_init", "convert_in", "train", "convert_out", "evaluate"),
         eval_data="avsd_megatron/data/assets/tiny_math/heldout.jsonl",
         eval_args=("--limit", "4", "--k", "1", "--max-new-tokens", "16"),
+        work=WorkEstimate(seconds_per_step=10.0, seconds_per_checkpoint=5.0, startup_seconds=60.0,
+                          eval_tokens_per_second_per_gpu=50.0),
     ),
 }
 PRESETS = {name: recipe.layouts for name, recipe in RECIPES.items()}
@@ -164,8 +236,17 @@ class Plan:
     hf_path: str
     megatron_checkpoint: str
     train_overrides: tuple[str, ...]
+    """The trainer's --set items after the recipe's own (layout, data=): the user's, which win."""
     eval_data: str
     eval_args: tuple[str, ...]
+    cfg: TrainConfig
+    """The training config as the train step will resolve it (layout, data= and the user's overrides applied)."""
+    data: tuple[str, ...] = ()
+    """data= sources (jsonl / parquet files on shared storage); empty = the config's data.sources."""
+    cache_dir: str = ""
+    """HF_HOME, vLLM, Triton and TorchInductor caches go under it (CACHE_ENV); default <workdir>/cache."""
+    eval_problems: int = 0
+    """Problems the evaluation runs (its time limit); 0 = count eval_data's lines."""
 
     @property
     def train_dir(self) -> str:
@@ -186,7 +267,7 @@ class Plan:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Steps: each returns the NeMo-Run task; `kind` picks the executor ("util": one process, "train": torchrun,
-# "eval": one process on one GPU node).
+# "eval": one process on a whole GPU node, one vLLM engine per GPU).
 
 
 def _tiny_init(plan: Plan) -> run.Script:
@@ -210,17 +291,28 @@ def _train(plan: Plan) -> run.Script:
     overrides = [f"output_dir={plan.train_dir}", f"model.hf_path={plan.hf_path}", *plan.layout.train_overrides()]
     if plan.megatron_checkpoint:
         overrides.append(f"model.megatron_checkpoint={plan.megatron_checkpoint}")
+    overrides += _data_overrides(plan.data)
     overrides += plan.train_overrides  # the user's win: later --set items override earlier ones
     return run.Script(path="avsd_megatron", m=True, entrypoint="python",
                       args=["train", "--config", plan.recipe.config, "--no-progress", "--set", *overrides])
 
 
+def _data_overrides(data: tuple[str, ...]) -> list[str]:
+    import json
+
+    return [f"data.sources={json.dumps(list(data))}"] if data else []
+
+
 def _convert_out(plan: Plan) -> run.Script:
     ckpt, hf, out = shlex.quote(plan.checkpoint_root), shlex.quote(plan.hf_path), shlex.quote(plan.hf_out)
+    final = step_dir_name(plan.cfg.max_steps)
     return run.Script(inline=(
         "set -e\n"
         f"step=$(cat {ckpt}/latest) || "
         f'{{ echo "convert_out: no {ckpt}/latest: training saved nothing" >&2; exit 1; }}\n'
+        # it runs after the last training job whatever that job's end (afterany): refuse an unfinished run
+        f'if [ "$step" != {final} ]; then echo "convert_out: training stopped at $step, not {final} '
+        f'(max_steps={plan.cfg.max_steps}); run the same command again to resume it" >&2; exit 1; fi\n'
         f'if [ -f {out}/"$step"/config.json ]; then echo "convert_out: {out}/$step exists, kept"; '
         f'else python tools/convert_checkpoint.py megatron-to-hf --megatron {ckpt}/"$step" --out {out}/"$step" '
         f"--hf-reference {hf}; fi\n"
@@ -256,13 +348,19 @@ class SlurmSettings:
     container_image: str
     container_mounts: tuple[str, ...] = ()
     time: str = "04:00:00"
-    """Time limit of the training job (HH:MM:SS); the convert/evaluate jobs get `util_time`."""
+    """The longest time limit a job may ask for (the partition's MaxTime, HH:MM:SS or D-HH:MM:SS). Each job's
+    limit is sized from the work (`Recipe.work`) up to this; training longer than one job is split over chained
+    jobs that resume from the last checkpoint."""
     util_time: str = "01:00:00"
+    """Time limit of the convert jobs."""
     job_dir: str = ""
     """Where NeMo-Run writes sbatch scripts and logs (shared filesystem); default <workdir>/nemo_run."""
     ssh_host: str = ""
     """Submit from this machine through an SSHTunnel; empty = run sbatch here (LocalTunnel, e.g. a login node)."""
     ssh_user: str = ""
+    socket_ifname: str = ""
+    """The nodes' network interface for bootstrap and gloo traffic (GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME),
+    e.g. ib0 or eth0 (`ip -br addr` on a compute node); needed with nodes > 1 unless env= sets both."""
     env: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
@@ -272,31 +370,110 @@ class SlurmSettings:
                     f"executor=slurm needs {name}=... (container_image: an image built from docker/Dockerfile, e.g. "
                     "an enroot .sqsh file or a registry tag Pyxis can pull)"
                 )
+        for name in ("time", "util_time"):
+            _seconds(getattr(self, name))
 
 
-def _slurm_executors(settings: SlurmSettings, layout: Layout) -> dict[str, Any]:
+@dataclass(frozen=True)
+class SlurmPlan:
+    """The sized Slurm jobs of a plan: time limits and how many chained training jobs."""
+
+    train_jobs: int
+    train_time: str
+    eval_time: str
+    train_seconds: float
+    """Estimated training work (steps + checkpoints, margin included), not counting per-job start-up."""
+    eval_seconds: float
+
+
+def size_slurm_jobs(plan: Plan, settings: SlurmSettings, *, evaluate: bool = True) -> SlurmPlan:
+    """Time limits from the work: max_steps x seconds_per_step + saves x seconds_per_checkpoint (x margin), split
+    over as many jobs of at most `settings.time` as it takes, each paying the start-up again; the evaluation from
+    problems x k x max_new_tokens over the node's GPUs (a long-completion upper bound)."""
+    work, cfg = plan.recipe.work, plan.cfg
+    saves = cfg.max_steps // cfg.checkpoint.save_every if cfg.checkpoint.save_every else 0
+    train = work.margin * (cfg.max_steps * work.seconds_per_step + (saves + 1) * work.seconds_per_checkpoint)
+    cap = _seconds(settings.time)
+    usable = cap - work.startup_seconds
+    if usable < max(work.seconds_per_step, work.seconds_per_checkpoint) * 2:
+        raise ConfigError(f"time={settings.time}: shorter than a job's start-up ({work.startup_seconds:.0f} s) plus "
+                          "two steps; ask for a longer limit")
+    jobs = max(1, math.ceil(train / usable))
+    train_limit = min(cap, work.startup_seconds + train / jobs)
+    evaluation = _eval_seconds(plan, work) if evaluate else 0.0
+    return SlurmPlan(jobs, _hms(train_limit), _hms(min(cap, work.startup_seconds + evaluation)), train, evaluation)
+
+
+def _eval_seconds(plan: Plan, work: WorkEstimate) -> float:
+    args = parse_eval_args(["--hf", "-", "--data", "-", *plan.recipe.eval_args, *plan.eval_args])
+    problems = plan.eval_problems or _count_rows(plan.eval_data)
+    if args.limit is not None:
+        problems = min(problems, args.limit)
+    gpus = args.gpus or plan.layout.gpus_per_node
+    tokens = problems * args.k * args.max_new_tokens
+    return work.margin * tokens / (work.eval_tokens_per_second_per_gpu * min(gpus, max(problems, 1)))
+
+
+def _count_rows(path: str) -> int:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return sum(1 for line in f if line.strip())
+    except OSError as err:
+        raise ConfigError(f"eval_data={path!r} is not readable here ({err.strerror}), so the evaluation's time "
+                          "limit cannot be sized from it; pass eval_problems=N") from None
+
+
+def _slurm_executors(settings: SlurmSettings, plan: Plan, sized: SlurmPlan) -> dict[str, Any]:
+    layout = plan.layout
     job_dir = settings.job_dir
     tunnel = (run.SSHTunnel(host=settings.ssh_host, user=settings.ssh_user, job_dir=job_dir) if settings.ssh_host
               else run.LocalTunnel(job_dir=job_dir))
-    env = {**SLURM_ENV, **dict(settings.env)}
+    env = {**SLURM_ENV, **_cache_env(plan)}
+    if settings.socket_ifname:
+        env |= {"GLOO_SOCKET_IFNAME": settings.socket_ifname, "NCCL_SOCKET_IFNAME": settings.socket_ifname}
+    env |= dict(settings.env)
+    if layout.nodes > 1 and "GLOO_SOCKET_IFNAME" not in env:
+        raise ConfigError(
+            f"nodes={layout.nodes}: Megatron and vLLM open gloo groups across nodes, which need the interface the "
+            "nodes reach each other on: pass socket_ifname=IFACE (e.g. ib0; `ip -br addr` on a compute node), which "
+            "sets GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME"
+        )
     common = dict(account=settings.account, partition=settings.partition, container_image=settings.container_image,
-                  container_mounts=list(settings.container_mounts), env_vars=env, tunnel=tunnel)
+                  container_mounts=list(settings.container_mounts), env_vars=env, tunnel=tunnel,
+                  job_name_prefix=f"{settings.account}-avsd-{plan.recipe.name}.")  # NeMo's default repeats account
+    # GPU jobs take whole nodes and all of their memory (mem=0): the frozen teacher's host copy is ≈ 15 GiB per
+    # rank at 8B TP2 (hook/teacher_kinds.py), vLLM's level-1 sleep keeps another copy, and a cluster's default
+    # memory per job would OOM-kill them.
+    gpu_node = dict(gpus_per_node=layout.gpus_per_node, exclusive=True, mem="0")
+
+    def train(index: int) -> Any:
+        # the 2nd, 3rd, ... training job starts whatever the previous one's end (a TIMEOUT is not "ok") and resumes
+        return run.SlurmExecutor(**common, **gpu_node, nodes=layout.nodes, ntasks_per_node=layout.gpus_per_node,
+                                 time=sized.train_time, launcher="torchrun",
+                                 dependency_type="afterany" if index else "afterok")
+
     return {
-        "train": run.SlurmExecutor(**common, nodes=layout.nodes, ntasks_per_node=layout.gpus_per_node,
-                                   gpus_per_node=layout.gpus_per_node, exclusive=True, time=settings.time,
-                                   launcher="torchrun"),
-        "util": run.SlurmExecutor(**common, nodes=1, ntasks_per_node=1, time=settings.util_time),
-        "eval": run.SlurmExecutor(**common, nodes=1, ntasks_per_node=1, gpus_per_node=layout.gpus_per_node,
-                                  time=settings.util_time),
+        "train": train,
+        "util": lambda: run.SlurmExecutor(**common, nodes=1, ntasks_per_node=1, time=settings.util_time),
+        # after the last training job, however it ended: it refuses an unfinished run itself
+        "convert_out": lambda: run.SlurmExecutor(**common, nodes=1, ntasks_per_node=1, time=settings.util_time,
+                                                 dependency_type="afterany"),
+        "eval": lambda: run.SlurmExecutor(**common, **gpu_node, nodes=1, ntasks_per_node=1, time=sized.eval_time),
     }
 
 
+def _cache_env(plan: Plan) -> dict[str, str]:
+    return {name: f"{plan.cache_dir}/{folder}" for name, folder in CACHE_ENV.items()}
+
+
 def _local_executors(nproc_per_node: int, env: dict[str, str]) -> dict[str, Any]:
-    one = run.LocalExecutor(env_vars=dict(env))
+    env = {**COMMON_ENV, **env}
     return {
-        "train": run.LocalExecutor(ntasks_per_node=nproc_per_node, launcher="torchrun", env_vars=dict(env)),
-        "util": one,
-        "eval": one,
+        "train": lambda index: run.LocalExecutor(ntasks_per_node=nproc_per_node, launcher="torchrun",
+                                                 env_vars=dict(env)),
+        "util": lambda: run.LocalExecutor(env_vars=dict(env)),
+        "convert_out": lambda: run.LocalExecutor(env_vars=dict(env)),
+        "eval": lambda: run.LocalExecutor(env_vars=dict(env)),
     }
 
 
@@ -316,17 +493,26 @@ def make_plan(
     eval_data: str = "",
     eval_args: tuple[str, ...] = (),
     gpus_per_node: Optional[int] = None,
+    data: tuple[str, ...] = (),
+    cache_dir: str = "",
+    eval_problems: int = 0,
 ) -> tuple[Plan, tuple[str, ...]]:
     """Resolve a recipe's arguments into a `Plan` and its ordered step names. Raises ConfigError naming the
-    argument: unknown step, no preset for `nodes`, a layout the config's batch does not divide."""
+    argument: unknown step, no preset for `nodes`, a layout the config's batch does not divide, a bad override, a
+    data= file of another format."""
     if nodes not in recipe.layouts:
         raise ConfigError(f"nodes={nodes}: recipe {recipe.name!r} has presets for nodes in {sorted(recipe.layouts)}")
     layout = recipe.layouts[nodes]
     if gpus_per_node is not None:
         layout = dataclasses.replace(layout, gpus_per_node=gpus_per_node)
-    cfg = load_config(recipe.config)
-    cfg = dataclasses.replace(cfg, micro_batch_size=layout.micro_batch_size,
-                              parallel=ParallelConfig(tp=layout.tp, pp=layout.pp))
+    bad = [d for d in data if Path(d).suffix.lower() not in LOCAL_FORMATS]
+    if bad:
+        raise ConfigError(f"data={list(data)}: {bad} are not {'/'.join(LOCAL_FORMATS)} files")
+    workdir = (workdir or f"outputs/avsd/{recipe.name}").rstrip("/")
+    cfg = apply_overrides(load_config(recipe.config),
+                          [f"output_dir={workdir}/train", *layout.train_overrides(), *_data_overrides(tuple(data)),
+                           *train_overrides])
+    cfg = dataclasses.replace(cfg, parallel=ParallelConfig(tp=layout.tp, pp=layout.pp))
     cfg.num_microbatches(layout.world_size)  # the preset must divide the config's batch
 
     chosen = tuple(steps) or recipe.steps
@@ -335,12 +521,12 @@ def make_plan(
         raise ConfigError(f"steps={list(chosen)}: unknown {unknown}; choose from {STEPS}")
     if megatron_checkpoint and "convert_in" in chosen:
         chosen = tuple(s for s in chosen if s != "convert_in")  # given start weights: nothing to convert
-    workdir = (workdir or f"outputs/avsd/{recipe.name}").rstrip("/")
     if not megatron_checkpoint and "convert_in" in chosen:
         megatron_checkpoint = f"{workdir}/megatron_init"
     hf_path = hf_path or recipe.hf_path.format(workdir=workdir)
     plan = Plan(recipe, layout, workdir, hf_path, megatron_checkpoint, tuple(train_overrides),
-                eval_data or recipe.eval_data, tuple(eval_args))
+                eval_data or recipe.eval_data, tuple(eval_args), cfg, tuple(data), cache_dir or f"{workdir}/cache",
+                eval_problems)
     return plan, tuple(s for s in STEPS if s in chosen)  # always in pipeline order
 
 
@@ -354,7 +540,8 @@ def build_tasks(
     env: Optional[dict[str, str]] = None,
     **plan_kwargs: Any,
 ) -> list[tuple[str, run.Script, Any]]:
-    """(step name, task, executor) per step, in pipeline order: what `launch` adds to one `run.Experiment`."""
+    """(step name, task, executor) per job, in pipeline order: what `launch` adds to one `run.Experiment`. On Slurm
+    the training step may be several chained jobs (`train`, `train_2`, ...; `size_slurm_jobs`)."""
     plan, steps = make_plan(recipe, nodes=nodes, gpus_per_node=nproc_per_node, **plan_kwargs)
     skip = None
     if "evaluate" in steps and importlib.util.find_spec(EVAL_MODULE) is None:
@@ -364,12 +551,19 @@ def build_tasks(
     if skip:
         print(f"evaluate: skipped: {skip}; pass steps=[...] without evaluate to silence this")
         steps = tuple(s for s in steps if s != "evaluate")
+    train_jobs = 1
     if executor == "slurm":
         if slurm is None:
             raise ConfigError("executor=slurm needs account=, partition= and container_image=")
+        if "train" in steps:
+            _refuse_hub_sources(plan)
         if not slurm.job_dir:
             slurm = dataclasses.replace(slurm, job_dir=f"{plan.workdir}/nemo_run")
-        executors = _slurm_executors(slurm, plan.layout)
+        sized = size_slurm_jobs(plan, slurm, evaluate="evaluate" in steps)
+        train_jobs = sized.train_jobs
+        print(f"slurm: training ≈ {sized.train_seconds / 3600:.1f} h of work in {sized.train_jobs} chained job(s) of "
+              f"{sized.train_time}; evaluation limit {sized.eval_time} (estimates: Recipe.work)")
+        executors = _slurm_executors(slurm, plan, sized)
     elif executor == "local":
         executors = _local_executors(plan.layout.gpus_per_node, env or {})
     else:
@@ -377,8 +571,22 @@ def build_tasks(
     tasks = []
     for step in steps:
         build, kind = STEP_BUILDERS[step]
-        tasks.append((step, build(plan), executors[kind]))
+        if step == "train":
+            for index in range(train_jobs):
+                tasks.append(("train" if index == 0 else f"train_{index + 1}", build(plan), executors["train"](index)))
+        else:
+            tasks.append((step, build(plan), executors["convert_out" if step == "convert_out" else kind]()))
     return tasks
+
+
+def _refuse_hub_sources(plan: Plan) -> None:
+    hub = [s for s in plan.cfg.data.sources if not Path(s).suffix.lower() in LOCAL_FORMATS]
+    if hub:
+        raise ConfigError(
+            f"executor=slurm: data.sources {hub} name Hub datasets, but the compute nodes run with HF_HUB_OFFLINE=1 "
+            "and reach no Hub; export them to jsonl/parquet on the shared filesystem (README: first cluster run) "
+            "and pass data=[/shared/path.jsonl]"
+        )
 
 
 def launch(ctx: Any, recipe_name: str, **kwargs: Any) -> None:
@@ -389,12 +597,13 @@ def launch(ctx: Any, recipe_name: str, **kwargs: Any) -> None:
             account=kwargs.pop("account"), partition=kwargs.pop("partition"),
             container_image=kwargs.pop("container_image"), container_mounts=tuple(kwargs.pop("container_mounts")),
             time=kwargs.pop("time"), ssh_host=kwargs.pop("ssh_host"), ssh_user=kwargs.pop("ssh_user"),
-            env=tuple(kwargs.pop("env").items()),
+            socket_ifname=kwargs.pop("socket_ifname"), env=tuple(kwargs.pop("env").items()),
         )
     else:
-        for name in ("account", "partition", "container_image", "container_mounts", "time", "ssh_host", "ssh_user"):
+        for name in ("account", "partition", "container_image", "container_mounts", "time", "ssh_host", "ssh_user",
+                     "socket_ifname"):
             kwargs.pop(name)
-    for name in ("steps", "train_overrides", "eval_args"):
+    for name in ("steps", "train_overrides", "eval_args", "data"):
         kwargs[name] = tuple(kwargs[name] or ())
     try:
         tasks = build_tasks(recipe, **kwargs)
@@ -446,6 +655,10 @@ def _entrypoint(recipe_name: str):
         time: str = "04:00:00",
         ssh_host: str = "",
         ssh_user: str = "",
+        socket_ifname: str = "",
+        data: Optional[list[str]] = None,
+        cache_dir: str = "",
+        eval_problems: int = 0,
         env: Optional[dict[str, str]] = None,
     ) -> None:
         launch(ctx, recipe_name, executor=executor, nodes=nodes, nproc_per_node=nproc_per_node, workdir=workdir,
@@ -453,14 +666,17 @@ def _entrypoint(recipe_name: str):
                train_overrides=train_overrides, eval_data=eval_data, eval_args=eval_args, account=account,
                partition=partition,
                container_image=container_image, container_mounts=container_mounts or [], time=time,
-               ssh_host=ssh_host, ssh_user=ssh_user, env=env or {})
+               ssh_host=ssh_host, ssh_user=ssh_user, socket_ifname=socket_ifname, data=data, cache_dir=cache_dir,
+               eval_problems=eval_problems, env=env or {})
 
     recipe = RECIPES[recipe_name]
     entry.__name__ = entry.__qualname__ = recipe_name
     entry.__doc__ = (
         f"AVSD recipe {recipe_name}: steps {' -> '.join(recipe.steps)} ({recipe.config}).\n\n"
-        "executor=local|slurm; nodes= picks the parallelism preset; train_overrides=[...] are the trainer's --set "
-        "items; see avsd_megatron/pipelines/recipes.py."
+        "executor=local|slurm; nodes= picks the parallelism preset; data=[FILE.jsonl,...] the training rows (on Slurm: "
+        "files on shared storage); train_overrides=[...] are the trainer's --set items; time= the longest job limit "
+        "(the work is split over chained jobs); socket_ifname= the nodes' interface; see "
+        "avsd_megatron/pipelines/recipes.py."
     )
     return run.cli.entrypoint(entry, namespace="avsd", type="experiment")
 

@@ -12,12 +12,14 @@ Life cycle per optimizer step (vllm-rollouts.md §1), identical for both:
     engine.wake_up(("weights",))              # level-2 sleep left the weight memory garbage
     engine.update_weights(export_hf_weights(model, hf_config, tp_group=..., pp_group=...))
     engine.wake_up(("kv_cache",))
-    completions = engine.generate(prompt_ids, params, seed=request_seed(cfg.rollout.seed, step))
+    completions = engine.generate(prompt_ids, params, seed=request_seed(cfg.rollout.seed, step),
+                                  first_index=dp_rank * prompts_per_rank)
     engine.sleep()
 
 The engines enforce that order as a small state machine: `update_weights` needs the "weights" tag awake,
 `generate` needs both tags awake *and* a complete `update_weights` since the last `sleep()` (vLLM's level-2 sleep
 discards the weights; `HFEngine` keeps them but refuses in the same way, so a CPU run exercises the same sequence).
+`sleep(keep_weights=True)` (vLLM's level 1) keeps them valid across the sleep: waking all tags is enough.
 Violations raise `RuntimeError`.
 
 Sampling semantics (both engines, vLLM's): logits / T, then top-k, then top-p on the renormalised distribution
@@ -26,9 +28,12 @@ Sampling semantics (both engines, vLLM's): logits / T, then top-k, then top-p on
 `Completion.token_ids` (the `<|im_end|>` EOS is trained, spec 3.5), finish_reason "stop"; otherwise after
 max_new_tokens, finish_reason "length". `Completion.text` is decoded without special tokens.
 
-Seeds: prompt i of a call draws from `request_seed(seed, i)`; an engine's output for a prompt depends only on the
-weights, the prompt, the params, `seed` and i (never on the other prompts of the batch, nor on global RNG state,
-which `generate` leaves untouched). With n > 1 the n completions of a prompt are consecutive in the output.
+Seeds: prompt i of a call draws from `request_seed(seed, first_index + i)`; an engine's output for a prompt depends
+only on the weights, the prompt, the params, `seed` and first_index + i (never on the other prompts of the batch,
+nor on global RNG state, which `generate` leaves untouched). The trainer passes the prompt's position in the global
+batch as the index (`first_index` = dp_rank x prompts per rank), so no two prompts of a step share a seed whatever
+the data-parallel layout, and the TP ranks of one engine, which share the DP rank, use the same seeds. With n > 1
+the n completions of a prompt are consecutive in the output.
 
 Weights: `update_weights` takes (HF name, tensor) pairs, the layout `convert.export_hf_weights` yields, and is
 strict: an unknown name, a repeated name, a wrong shape, or the `lm_head.weight` alias of a tied model raises
@@ -128,17 +133,19 @@ class RolloutEngine(Protocol):
     """What the trainer needs from a rollout engine (module docstring for the call order)."""
 
     def generate(
-        self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams, seed: int
+        self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams, seed: int, first_index: int = 0
     ) -> list[Completion]:
-        """len(prompt_token_ids) * params.n completions, prompt-major (prompt i's n completions at i*n ...)."""
+        """len(prompt_token_ids) * params.n completions, prompt-major (prompt i's n completions at i*n ...); prompt i
+        samples with request_seed(seed, first_index + i)."""
         ...
 
     def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
         """Load a full set of HF-named tensors (streamed; strict names and shapes)."""
         ...
 
-    def sleep(self) -> None:
-        """Free the engine's memory (weights and KV cache); the weights must be reloaded after waking."""
+    def sleep(self, keep_weights: bool = False) -> None:
+        """Free the engine's GPU memory (weights and KV cache). keep_weights=False: the weights must be reloaded
+        after waking (vLLM level 2); True: waking restores them (vLLM level 1, a host copy)."""
         ...
 
     def wake_up(self, tags: Sequence[str] | None = None) -> None:
@@ -157,9 +164,9 @@ class EngineState:
         self.awake: set[str] = set(TAGS) if awake else set()
         self.weights_valid = weights_valid
 
-    def sleep(self) -> None:
+    def sleep(self, keep_weights: bool = False) -> None:
         self.awake.clear()
-        self.weights_valid = False
+        self.weights_valid = self.weights_valid and keep_weights
 
     def to_wake(self, tags: Sequence[str] | None) -> list[str]:
         """The tags of `tags` that are asleep (validated), in TAGS order; marks them awake."""

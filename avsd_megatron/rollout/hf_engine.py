@@ -88,9 +88,9 @@ class HFEngine:
 
     # -- RolloutEngine ---------------------------------------------------------------------------------------------
 
-    def sleep(self) -> None:
-        """Marks the weights invalid (vLLM level-2 semantics); memory stays allocated."""
-        self.state.sleep()
+    def sleep(self, keep_weights: bool = False) -> None:
+        """Marks the weights invalid (vLLM level-2 semantics) unless keep_weights (level 1); memory stays allocated."""
+        self.state.sleep(keep_weights=keep_weights)
 
     def wake_up(self, tags: Sequence[str] | None = None) -> None:
         self.state.to_wake(tags)
@@ -106,7 +106,7 @@ class HFEngine:
 
     @torch.no_grad()
     def generate(
-        self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams, seed: int
+        self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams, seed: int, first_index: int = 0
     ) -> list[Completion]:
         self.state.check_can_generate()
         prompts = as_id_list(prompt_token_ids, self.vocab_size)
@@ -117,7 +117,7 @@ class HFEngine:
         for index, ids in enumerate(prompts):
             input_ids = torch.tensor([ids], dtype=torch.long, device=device)  # [1, P]
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(request_seed(seed, index))
+                torch.manual_seed(request_seed(seed, first_index + index))
                 out = self.model.generate(
                     input_ids, attention_mask=torch.ones_like(input_ids), generation_config=generation_config
                 )  # [n, P + new]

@@ -11,13 +11,22 @@ All ranks of an engine must call every method together with identical arguments 
 | `wake_up(tags)`        | `torch.cuda.empty_cache()`; `llm.wake_up(tags=[...])` for the tags still asleep          |
 | `update_weights(it)`   | `llm.collective_rpc("reload_weights", kwargs={"weights_iterator": checked(it),          |
 |                        | "is_checkpoint_format": True})`, missing names checked, `llm.reset_prefix_cache()`      |
-| `generate(ids, p, s)`  | `llm.generate([{"prompt_token_ids": ids_i}], [SamplingParams(seed=request_seed(s, i))])` |
+| `generate(ids,p,s,f)` | `llm.generate([{"prompt_token_ids": ids_i}], [SamplingParams(seed=request_seed(s, f+i))])` |
 | `sleep()`              | `llm.sleep(level=2)`; `torch.cuda.empty_cache()` (level 2: the weights must be reloaded)  |
+| `sleep(keep_weights=True)` | `llm.sleep(level=1)`: weights offloaded to host memory, restored by `wake_up`       |
 
 `update_weights` streams: the iterator goes to vLLM's layer-wise reload unmaterialised (feed it
 `convert.export_hf_weights(model, hf_config, tp_group=..., pp_group=..., dtype=torch.bfloat16)`); each pair is name-
 and shape-checked on the way (`rollout.WeightNameCheck`), and the names never sent are reported after the reload,
 since vLLM only warns about them and they would stay garbage after a level-2 sleep.
+
+`sleep(keep_weights=True)` is for a step after which no sync follows (`rollout.sync_every` > 1): the GPU memory goes
+back to training and the weights come back on `wake_up` without a sync (vLLM's level 1 keeps a host copy of this
+rank's engine weights: bf16 Qwen3-8B at TP2 ≈ 8 GB of host memory per rank).
+
+`StandaloneVLLMEngine` is the evaluation's engine: a plain one-GPU `vllm.LLM` that loads an HF checkpoint itself
+(no torch.distributed, no RANK / LOCAL_RANK, which only the external_launcher executor reads:
+vllm/v1/executor/uniproc_executor.py:195), one per GPU, each generating its own share of the problems.
 
 Construction side effects are contained: vLLM reseeds Python's, NumPy's and torch's RNGs and sets the float32
 matmul precision; the engine restores all of them after building the LLM.
@@ -44,11 +53,13 @@ from avsd_megatron.rollout.engine import (
     request_seed,
 )
 
-__all__ = ["SUPPORTED_VLLM", "VLLMEngine", "import_vllm", "vllm_engine_kwargs"]
+__all__ = ["SUPPORTED_VLLM", "StandaloneVLLMEngine", "VLLMEngine", "import_vllm", "standalone_engine_kwargs",
+           "vllm_engine_kwargs"]
 
 SUPPORTED_VLLM = "0.33"
 """The vLLM minor version this adapter is written against (the RL-facing API changes between minors)."""
-SLEEP_LEVEL = 2  # the weights are overwritten by every sync, so level 1's CPU copy would be wasted
+SLEEP_LEVEL = 2  # the weights are overwritten by the next sync, so level 1's CPU copy would be wasted
+KEEP_WEIGHTS_SLEEP_LEVEL = 1  # no sync before the next rollout: offload the weights to host memory, keep them
 _INSTALL_HINT = (
     f"VLLMEngine needs vLLM {SUPPORTED_VLLM}.x and a CUDA GPU (pip install 'vllm=={SUPPORTED_VLLM}.*'); "
     "on CPU use rollout.engine='hf' (avsd_megatron.rollout.engine.HFEngine)"
@@ -130,6 +141,38 @@ def vllm_engine_kwargs(
     if cfg.vllm.max_num_batched_tokens is not None:
         kwargs["max_num_batched_tokens"] = cfg.vllm.max_num_batched_tokens
     return kwargs
+
+
+def standalone_engine_kwargs(
+    model_dir: str | Path,
+    *,
+    max_model_len: int,
+    seed: int,
+    gpu_memory_utilization: float = 0.9,
+    max_num_seqs: int = 256,
+    dtype: str = "bfloat16",
+) -> dict[str, Any]:
+    """Keyword arguments of a plain one-GPU `vllm.LLM` that loads `model_dir`'s HF weights itself (evaluation).
+
+    No distributed_executor_backend: at TP 1 vLLM runs its own UniProcExecutor, which picks its own init method
+    and device (vllm/v1/executor/uniproc_executor.py:77-88) and needs no torchrun environment.
+    """
+    if not (0.0 < gpu_memory_utilization < 1.0):
+        raise ValueError(f"gpu_memory_utilization={gpu_memory_utilization!r} must be in (0, 1)")
+    if max_model_len < 2 or max_num_seqs < 1:
+        raise ValueError(f"max_model_len={max_model_len} must be >= 2 and max_num_seqs={max_num_seqs} >= 1")
+    return dict(
+        model=str(model_dir),
+        tokenizer=str(model_dir),
+        dtype=dtype,
+        tensor_parallel_size=1,
+        pipeline_parallel_size=1,
+        gpu_memory_utilization=gpu_memory_utilization,
+        max_model_len=max_model_len,
+        max_num_seqs=max_num_seqs,
+        enable_prefix_caching=True,  # the k samples of a problem share its prompt
+        seed=seed,
+    )
 
 
 def _global_state() -> dict[str, Any]:
@@ -216,9 +259,9 @@ class VLLMEngine:
 
     # -- RolloutEngine ---------------------------------------------------------------------------------------------
 
-    def sleep(self) -> None:
-        self.llm.sleep(level=SLEEP_LEVEL)
-        self.state.sleep()
+    def sleep(self, keep_weights: bool = False) -> None:
+        self.llm.sleep(level=KEEP_WEIGHTS_SLEEP_LEVEL if keep_weights else SLEEP_LEVEL)
+        self.state.sleep(keep_weights=keep_weights)
         torch.cuda.empty_cache()
 
     def wake_up(self, tags: Sequence[str] | None = None) -> None:
@@ -238,38 +281,64 @@ class VLLMEngine:
         self.state.weights_valid = True
 
     def generate(
-        self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams, seed: int
+        self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams, seed: int, first_index: int = 0
     ) -> list[Completion]:
         self.state.check_can_generate()
-        prompts = as_id_list(prompt_token_ids, None)
-        sampling = [self._sampling_params(params, request_seed(seed, i)) for i in range(len(prompts))]
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompts], sampling, use_tqdm=False)
-        if len(outputs) != len(prompts):
-            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
-        completions = []
-        for index, output in enumerate(outputs):
-            if len(output.outputs) != params.n:
-                raise RuntimeError(
-                    f"vLLM returned {len(output.outputs)} completions for prompt {index}, n={params.n}"
-                )
-            for sample in output.outputs:
-                if sample.finish_reason not in FINISH_REASONS:
-                    raise RuntimeError(
-                        f"vLLM finished prompt {index} with reason {sample.finish_reason!r} (aborted?); "
-                        f"expected one of {FINISH_REASONS}"
-                    )
-                completions.append(Completion(tuple(sample.token_ids), sample.text, sample.finish_reason))
-        return completions
+        return _generate(self.llm, self._vllm_sampling_params, prompt_token_ids, params, seed, first_index)
 
-    def _sampling_params(self, params: SamplingParams, seed: int) -> Any:
-        return self._vllm_sampling_params(
-            n=params.n,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            top_k=params.top_k if params.top_k > 0 else -1,  # vLLM: 0 or -1 = off
-            min_p=0.0,
-            max_tokens=params.max_new_tokens,
-            seed=seed,
-            stop_token_ids=list(params.stop_token_ids),
-            skip_special_tokens=True,
-        )
+
+class StandaloneVLLMEngine:
+    """A plain one-GPU vLLM engine over an HF checkpoint, for evaluation: `generate` only (module docstring).
+
+    Args:
+        **kwargs: `vllm.LLM` keyword arguments, normally `standalone_engine_kwargs(...)`.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        vllm = import_vllm()
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"{_INSTALL_HINT}: no CUDA device is visible")
+        self._vllm_sampling_params = vllm.SamplingParams
+        self.llm = vllm.LLM(**kwargs)
+
+    def generate(
+        self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams, seed: int, first_index: int = 0
+    ) -> list[Completion]:
+        return _generate(self.llm, self._vllm_sampling_params, prompt_token_ids, params, seed, first_index)
+
+
+def _generate(llm: Any, sampling_params_cls: Any, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams,
+              seed: int, first_index: int) -> list[Completion]:
+    """`RolloutEngine.generate` on a `vllm.LLM`: prompt i with its own seeded SamplingParams, outputs checked."""
+    prompts = as_id_list(prompt_token_ids, None)
+    sampling = [_sampling_params(sampling_params_cls, params, request_seed(seed, first_index + i))
+                for i in range(len(prompts))]
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], sampling, use_tqdm=False)
+    if len(outputs) != len(prompts):
+        raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
+    completions = []
+    for index, output in enumerate(outputs):
+        if len(output.outputs) != params.n:
+            raise RuntimeError(f"vLLM returned {len(output.outputs)} completions for prompt {index}, n={params.n}")
+        for sample in output.outputs:
+            if sample.finish_reason not in FINISH_REASONS:
+                raise RuntimeError(
+                    f"vLLM finished prompt {index} with reason {sample.finish_reason!r} (aborted?); "
+                    f"expected one of {FINISH_REASONS}"
+                )
+            completions.append(Completion(tuple(sample.token_ids), sample.text, sample.finish_reason))
+    return completions
+
+
+def _sampling_params(sampling_params_cls: Any, params: SamplingParams, seed: int) -> Any:
+    return sampling_params_cls(
+        n=params.n,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k if params.top_k > 0 else -1,  # vLLM: 0 or -1 = off
+        min_p=0.0,
+        max_tokens=params.max_new_tokens,
+        seed=seed,
+        stop_token_ids=list(params.stop_token_ids),
+        skip_special_tokens=True,
+    )

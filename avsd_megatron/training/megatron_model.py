@@ -14,6 +14,7 @@ CPU runs need (no fused kernels, CPU init, plain p2p; see `runtime.megatron_cpu`
 from __future__ import annotations
 
 import warnings
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ __all__ = ["DTYPES", "build_gpt_model", "build_optimizer", "initial_checkpoint",
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 INIT_DIR = "megatron_init"
+CONVERT_TIMEOUT = timedelta(hours=2)
+"""How long the other ranks wait for rank 0's in-job HF -> Megatron conversion (`initial_checkpoint`)."""
 # TransformerConfig switches for CPU runs (see testing.megatron_cpu for the runtime patches); the tests' tiny models
 # use the same dict.
 CPU_OVERRIDES = dict(
@@ -111,13 +114,24 @@ def build_optimizer(model: Any, cfg: TrainConfig) -> Any:
 
 
 def initial_checkpoint(cfg: TrainConfig) -> Path:
-    """model.megatron_checkpoint, or <output_dir>/megatron_init converted from model.hf_path by rank 0 (once)."""
+    """model.megatron_checkpoint, or <output_dir>/megatron_init converted from model.hf_path by rank 0 (once).
+
+    While rank 0 converts, the other ranks wait in a barrier of a gloo group made for it with CONVERT_TIMEOUT: the
+    default group's NCCL barrier would hit its collective timeout (10 min by default) during an 8B conversion. The
+    recipes convert in a separate job (`convert_in`) and pass model.megatron_checkpoint, so this is for small runs.
+    """
     if cfg.model.megatron_checkpoint:
         return Path(cfg.model.megatron_checkpoint)
     out = Path(cfg.output_dir) / INIT_DIR
-    if dist.get_rank() == 0 and not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        convert_hf_to_megatron(cfg.model.hf_path, out, tensor_model_parallel_size=cfg.parallel.tp,
-                               pipeline_model_parallel_size=cfg.parallel.pp, dtype=DTYPES[cfg.model.dtype])
-    dist.barrier()
+    converts = dist.get_rank() == 0 and not out.exists()  # a failed conversion leaves no directory
+    wait_group = dist.new_group(backend="gloo", timeout=CONVERT_TIMEOUT) if dist.get_world_size() > 1 else None
+    try:
+        if converts:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            convert_hf_to_megatron(cfg.model.hf_path, out, tensor_model_parallel_size=cfg.parallel.tp,
+                                   pipeline_model_parallel_size=cfg.parallel.pp, dtype=DTYPES[cfg.model.dtype])
+    finally:
+        if wait_group is not None:
+            dist.barrier(group=wait_group)
+            dist.destroy_process_group(wait_group)
     return out

@@ -20,9 +20,10 @@ import argparse
 import dataclasses
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from avsd_megatron.training.config import ConfigError, TrainConfig, from_dict, load_config, to_dict
+from avsd_megatron.training.config import TrainConfig, apply_overrides, load_config, to_dict
 
 __all__ = ["apply_overrides", "config_keys", "main", "parse_args"]
 
@@ -61,27 +62,6 @@ def config_keys(node: Any = None, prefix: str = "") -> list[tuple[str, Any]]:
     return keys
 
 
-def apply_overrides(cfg: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
-    """`cfg` with each 'a.b.c=value' set (value parsed as YAML), re-validated. Raises ConfigError on a bad item."""
-    import yaml
-
-    data: dict[str, Any] = to_dict(cfg)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. optim.lr=1e-5")
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            if not isinstance(node.get(part), dict):
-                raise ConfigError(f"--set {item!r}: {part!r} is not a config section")
-            node = node[part]
-        if leaf not in node:
-            raise ConfigError(f"--set {item!r}: unknown key {key!r}")
-        node[leaf] = yaml.safe_load(raw)
-    return from_dict(data, source="--set")
-
-
 def _init_distributed() -> None:
     """torchrun (env://: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) or, without RANK, a one-rank group on an
     in-process store (no port: concurrent single-process runs cannot collide)."""
@@ -99,9 +79,27 @@ def _init_distributed() -> None:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
+def finished_checkpoint(cfg: TrainConfig) -> Path | None:
+    """With checkpoint.resume='auto': the newest checkpoint if it is already at max_steps (nothing left to train),
+    else None. A chained Slurm training job after the run finished then exits at once instead of building the
+    model, the optimizer and vLLM only to stop."""
+    from avsd_megatron.training.checkpointing import find_latest
+
+    if cfg.checkpoint.resume != "auto":
+        return None
+    latest = find_latest(cfg.checkpoint_dir)
+    if latest is None or int(latest.name.rpartition("_")[2]) < cfg.max_steps:
+        return None
+    return latest
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     cfg = apply_overrides(load_config(args.config), args.overrides)
+    done = finished_checkpoint(cfg)
+    if done is not None:
+        print(f"train: {done} is at max_steps={cfg.max_steps}: nothing to train (checkpoint.resume=auto)")
+        return
     import torch
     import torch.distributed as dist
 

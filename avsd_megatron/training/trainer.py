@@ -5,25 +5,31 @@
 
 Construction (`Trainer.__init__`), done once, with every mode chosen here and never inside the loop:
 1. Megatron's parallel state (TP, PP from `parallel`; DP = the rest) unless the caller initialised it (sizes checked).
-2. The policy `GPTModel` from `model.hf_path`'s config.json (`megatron_model`), its initial weights from
+2. The inputs, checked before anything heavy is built (`preflight`): config.json, the tokenizer (chat template, pad
+   token, no more tokens than config.json's vocab_size), every data source loaded and every row validated
+   (`load_examples`), the prompts and views of the first examples built by the data task (`tasks.TASKS[data.task]`:
+   `MathTask` or `CodeTask`, which for code builds the sandbox), and, with avsd.teacher_storage='device', a GPU
+   memory estimate. A Hub dataset that the node cannot reach fails here, in seconds.
+3. The policy `GPTModel` from `model.hf_path`'s config.json (`megatron_model`), its initial weights from
    `model.megatron_checkpoint`, or else from `<output_dir>/megatron_init` (rank 0 converts `model.hf_path` there
-   once with `convert.convert_hf_to_megatron`), wrapped in `Float16Module` for bf16/fp16 and in Megatron's DDP;
-   Megatron's optimizer (Adam, optionally the distributed optimizer); the LR of step s is `optim.lr_at(s, max_steps)`.
-3. The teacher (`avsd.teacher`: frozen θ₀ / live / EMA) over the initial weights, and `AVSDStep` with
+   once with `convert.convert_hf_to_megatron`, the other ranks waiting in a gloo barrier with an explicit timeout),
+   wrapped in `Float16Module` for bf16/fp16 and in Megatron's DDP; Megatron's optimizer (Adam, optionally the
+   distributed optimizer); the LR of step s is `optim.lr_at(s, max_steps)`.
+4. The teacher (`avsd.teacher`: frozen θ₀ / live / EMA) over the initial weights, and `AVSDStep` with
    `avsd.loss_config(rollout.temperature, V)` (mode single / consensus / arithmetic / avsd and its gate all live in
-   the loss config: baselines need nothing here).
-4. The rollout engine (`rollout.engine`: `HFEngine` or `VLLMEngine`), the data task (`tasks.TASKS[data.task]`:
-   `MathTask` or `CodeTask`, which builds the prompts and, for code, the sandbox) and the prompt stream
-   (`PromptStream`).
+   the loss config: baselines need nothing here); the rollout engine (`rollout.engine`: `HFEngine` or `VLLMEngine`)
+   and the prompt stream (`PromptStream`).
 5. Resume (`checkpoint.resume`): model, optimizer, Adam step count, RNG, EMA teacher, step and data cursor
    (`checkpointing`); then the engine gets the current weights.
 
 One step (`train_step`), per rank:
 - `rollout()`: the next `prompts_per_step` prompts (identical on every rank), this DP rank's slice, `generate` with
-  seed `request_seed(rollout.seed, step)` on every rank (vLLM's TP engines generate together); the completions of
+  seed `request_seed(rollout.seed, step)` and `first_index` = dp_rank x prompts per rank on every rank, so prompt j of
+  the global batch samples with `request_seed(that seed, j)` (vLLM's TP engines generate together); the completions of
   the model-parallel group's first rank are then broadcast to the others, so every TP/PP rank of a DP replica
-  trains on identical samples. With `rollout.sync_every` = 1 the engine sleeps after generating (colocated memory
-  goes back to training); with k > 1 it stays awake between syncs (its weights must survive);
+  trains on identical samples. After generating the engine sleeps (colocated memory goes back to training):
+  discarding its weights when a sync follows this step, else (`rollout.sync_every` > 1) keeping them in host memory
+  (`sleep(keep_weights=True)`, vLLM's level 1) for the next rollout;
 - the algorithm's targets step (`algorithms.TARGETS[algorithm]`, chosen once). avsd: `task.teacher_rows()` (timed
   as `views`), then after `build_batch()` the teacher scoring pass (`score_teachers`); grpo: `task.rewards()` and
   group-normalised advantages (timed as `rewards`), then per-token advantages (`advantages`) and no teacher pass.
@@ -88,6 +94,7 @@ from avsd_megatron.training.algorithms import TARGETS
 from avsd_megatron.training.config import ConfigError, TrainConfig, dump_config, to_dict
 from avsd_megatron.training.megatron_model import DTYPES, build_gpt_model, build_optimizer, initial_checkpoint, wrap_ddp
 from avsd_megatron.training.metrics_log import MetricsLog, PhaseTimer
+from avsd_megatron.training.preflight import check_prompts_encode, check_teacher_storage_fits, load_checked_tokenizer
 from avsd_megatron.training.tasks import TASKS, TeacherRows
 
 __all__ = ["PromptStream", "Rollout", "Trainer"]
@@ -187,8 +194,6 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, *, engine: Any = None, progress: bool = True) -> None:
-        from transformers import AutoTokenizer
-
         self.cfg = cfg
         self.on_cpu = not torch.cuda.is_available()
         self.rank = dist.get_rank()
@@ -196,33 +201,37 @@ class Trainer:
         self.dp_rank, self.dp_size = self.groups["dp_rank"], self.groups["dp_size"]
         self.prompts_per_rank = cfg.prompts_per_step // self.dp_size
         cfg.num_microbatches(dist.get_world_size())  # raises ConfigError if DP does not divide the batch
+        self.megatron_groups = MegatronGroups.from_parallel_state()
 
+        # Everything that can be wrong with the inputs is checked before anything heavy (model, conversion,
+        # optimizer, engine) is built: a bad data source or tokenizer fails in seconds, not after minutes of GPU time.
         self.hf_config = read_hf_config(cfg.model.hf_path)
         self.vocab_size = int(self.hf_config["vocab_size"])
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
+        self.tokenizer = load_checked_tokenizer(cfg.model.hf_path, self.vocab_size)
+        self.prompt_report = PromptReport()
+        self.task = TASKS[cfg.data.task](
+            self.tokenizer, cfg, self.prompt_report, executes=self.rank == self.groups["mp_src"],
+            share=self._share_within_replica, dp_group=self.megatron_groups.dp, device=_compute_device(self.on_cpu),
+        )
+        examples, self.load_report = load_examples(cfg.data)
+        self.stream = PromptStream(examples, self.task.encode, seed=cfg.optim.seed)
+        check_prompts_encode(examples, self.task.encode, self.prompt_report)
+        check_teacher_storage_fits(cfg, self.hf_config, dist.get_world_size(), _gpu_bytes(self.on_cpu))
+
         gpt = build_gpt_model(cfg, self.hf_config, on_cpu=self.on_cpu)
         load_megatron_checkpoint(gpt, initial_checkpoint(cfg))
         self.model = wrap_ddp(gpt, cfg)
         self.optimizer = build_optimizer(self.model, cfg)
         self.teacher = build_teacher(cfg.teacher_config(), self.model.parameters(), self.model)
-        self.megatron_groups = MegatronGroups.from_parallel_state()
         self.avsd = AVSDStep(self.model, self.optimizer, cfg.loss_config(self.vocab_size), self.teacher,
                              groups=self.megatron_groups)
 
         self.engine = engine if engine is not None else ENGINES[cfg.rollout.engine](cfg, on_cpu=self.on_cpu)
         self.sampling = SamplingParams.from_config(cfg.rollout)
-        self._after_generate = self.engine.sleep if cfg.rollout.sync_every == 1 else (lambda: None)
-        self.prompt_report = PromptReport()
-        self.task = TASKS[cfg.data.task](
-            self.tokenizer, cfg, self.prompt_report, executes=self.rank == self.groups["mp_src"],
-            share=self._share_within_replica, dp_group=self.megatron_groups.dp, device=self._device,
-        )
         self.targets = TARGETS[cfg.algorithm](
             self.task, cfg, score=self.score_teachers, prepare=self.avsd.zero_grads, dp_group=self.megatron_groups.dp,
             is_last_stage=self.megatron_groups.is_last_stage, device=self._device,
         )
-        examples, self.load_report = load_examples(cfg.data)
-        self.stream = PromptStream(examples, self.task.encode, seed=cfg.optim.seed)
 
         self.step = 0
         self.last_saved_step: int | None = None
@@ -279,12 +288,21 @@ class Trainer:
         """This DP rank's prompts of the next global batch and their sampled completions."""
         drawn = self.stream.take(self.cfg.prompts_per_step)
         mine = drawn[self.dp_rank * self.prompts_per_rank : (self.dp_rank + 1) * self.prompts_per_rank]
-        self.engine.wake_up(("kv_cache",))
+        self.engine.wake_up()  # the KV cache; and the weights after a keep-weights sleep
+        # seeds by global position: prompt j of the step's global batch samples with request_seed(step seed, j), so
+        # no two DP ranks repeat each other's noise and the TP ranks of one engine (same dp_rank) agree
         completions = self.engine.generate([p.student_ids for _, p in mine], self.sampling,
-                                           seed=request_seed(self.cfg.rollout.seed, self.step))
+                                           seed=request_seed(self.cfg.rollout.seed, self.step),
+                                           first_index=self.dp_rank * self.prompts_per_rank)
         self._after_generate()
         completions = self._share_within_replica(completions)
         return Rollout([e for e, _ in mine], [p for _, p in mine], completions)
+
+    def _after_generate(self) -> None:
+        """Give the engine's GPU memory back to training. If the weights are synced after this step, they are
+        discarded (level 2); otherwise (rollout.sync_every > 1) kept in host memory for the next rollout (level 1)."""
+        synced_next = (self.step + 1) % self.cfg.rollout.sync_every == 0
+        self.engine.sleep(keep_weights=not synced_next)
 
     def build_batch(self, rollout: Rollout, rows: TeacherRows) -> AVSDBatch:
         n = self.cfg.rollout.n
@@ -441,6 +459,15 @@ class Trainer:
     def _rank_state(self) -> dict[str, Any]:
         teacher = getattr(self.teacher, "teacher_tensors", None) if self.cfg.avsd.teacher == "ema" else None
         return {"rng": _get_rng_state(), "teacher": None if teacher is None else [t.cpu() for t in teacher]}
+
+
+def _compute_device(on_cpu: bool) -> torch.device:
+    """Where the model will live (known before it is built): this rank's GPU, or the CPU."""
+    return torch.device("cpu") if on_cpu else torch.device("cuda", torch.cuda.current_device())
+
+
+def _gpu_bytes(on_cpu: bool) -> int | None:
+    return None if on_cpu else torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
 
 
 def _init_parallel(cfg: TrainConfig) -> dict[str, Any]:

@@ -200,3 +200,68 @@ def test_load_code_eval_rows_bad_row_names_file_line_field(tmp_path, row, tests,
     path = _write_rows(tmp_path / "bad.jsonl", [ok, row])
     with pytest.raises(ValueError, match=match):
         evaluate.load_code_eval_rows(path, tests=tests)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --engine vllm: one plain engine per GPU, the problems sharded (a fake engine factory in each GPU's process)
+
+RECORD_DIR_ENV = "AVSD_TEST_ENGINE_RECORDS"
+
+
+def recording_engine_factory(**kwargs):
+    """Stands in for StandaloneVLLMEngine in the spawned GPU processes: records the vllm.LLM kwargs and the process
+    environment, then samples with HFEngine on the checkpoint the kwargs name (vLLM would load it the same way)."""
+    import os
+    from pathlib import Path
+
+    from avsd_megatron.rollout.hf_engine import HFEngine
+
+    record = {"kwargs": kwargs, "pid": os.getpid(),
+              "env": {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "RANK", "LOCAL_RANK", "WORLD_SIZE")}}
+    out = Path(os.environ[RECORD_DIR_ENV]) / f"{os.getpid()}.json"
+    out.write_text(json.dumps(record))
+    return HFEngine.from_pretrained(kwargs["model"])
+
+
+@pytest.mark.integration
+def test_evaluate_vllm_shards_problems_over_one_plain_engine_per_gpu(tmp_path, monkeypatch):
+    rows = [{"problem": r["problem"], "answer": r["answer"]} for r in tiny.read_jsonl(tiny.TINY_HELDOUT_PATH)[:5]]
+    data = _write_rows(tmp_path / "five.jsonl", rows)
+    hf = tiny.make_tiny_hf_checkpoint(tmp_path / "hf", seed=0)
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)  # a plain srun / python process: no torchrun environment
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # the node's visible GPUs, as Slurm would set them
+    records = tmp_path / "records"
+    records.mkdir()
+    monkeypatch.setenv(RECORD_DIR_ENV, str(records))
+    cfg = evaluate.EvalConfig(k=2, max_new_tokens=6, seed=7)
+    options = evaluate.VLLMEvalOptions(engine_factory=recording_engine_factory, gpu_memory_utilization=0.85)
+    sharded = evaluate.evaluate_hf_dir(hf, data, cfg, engine="vllm", vllm=options, progress=False)
+
+    made = [json.loads(p.read_text()) for p in sorted(records.iterdir())]
+    assert sorted(m["env"]["CUDA_VISIBLE_DEVICES"] for m in made) == ["3", "5"]  # one engine per GPU
+    assert len({m["pid"] for m in made}) == 2  # each in its own process
+    for m in made:
+        assert m["env"]["RANK"] is None and m["env"]["LOCAL_RANK"] is None
+        kwargs = m["kwargs"]
+        assert kwargs["model"] == str(hf) and "load_format" not in kwargs  # vLLM loads the HF weights itself
+        assert kwargs["tensor_parallel_size"] == 1 and "distributed_executor_backend" not in kwargs
+        assert kwargs["gpu_memory_utilization"] == 0.85 and kwargs["seed"] == 7
+        assert kwargs["max_model_len"] > cfg.max_new_tokens
+    # sharding changes nothing: the merged result is the one-engine run's, problem by problem
+    single = evaluate.evaluate_hf_dir(hf, data, cfg, engine="hf", progress=False)
+    assert [s["index"] for s in sharded["samples"]] == list(range(5))
+    assert sharded["samples"] == single["samples"]
+    for key in ("avg@2", "pass@2", "format_rate", "avg@2_stderr", "mean_completion_tokens"):
+        assert sharded["summary"][key] == single["summary"][key], key
+    assert sharded["config"]["gpus"] == 2 and sharded["config"]["engine"] == "vllm"
+
+
+def test_visible_gpus_follows_cuda_visible_devices_and_refuses_none(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,4,6")
+    assert evaluate.visible_gpus(None) == ["2", "4", "6"] and evaluate.visible_gpus(2) == ["2", "4"]
+    with pytest.raises(ValueError, match=r"--gpus 4: must be in \[1, 3\]"):
+        evaluate.visible_gpus(4)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(ValueError, match="needs a GPU and none is visible"):
+        evaluate.visible_gpus(None)

@@ -15,6 +15,7 @@ Run: python -m pytest -q tests/pipelines/test_recipes.py          (needs the lau
 import ast
 import importlib.util
 import json
+import math
 import os
 import re
 import shutil
@@ -119,37 +120,117 @@ def test_recipes_slurm_dryrun_renders_sbatch(tmp_path):
     result = _run_cli([
         sys.executable, "examples/avsd_qwen3_8b.py", "executor=slurm", "nodes=2", "account=avsd_acct",
         "partition=batch", f"container_image={CONTAINER}", 'container_mounts=["/lustre:/lustre","/models:/models"]',
-        "hf_path=/models/Qwen3-8B", f"workdir={tmp_path}/q8b", "time=02:30:00", 'env={"NCCL_IB_HCA":"mlx5"}',
-        'train_overrides=["max_steps=7"]', "eval_data=/lustre/aime24.jsonl", "--dryrun", "--yes",
+        "hf_path=/models/Qwen3-8B", f"workdir={tmp_path}/q8b", "time=04:00:00", 'env={"NCCL_IB_HCA":"mlx5"}',
+        "socket_ifname=ib0", 'data=["/lustre/data/math.jsonl"]', 'train_overrides=["max_steps=400"]',
+        "eval_data=/lustre/aime24.jsonl", "eval_problems=30", "--dryrun", "--yes",
     ], tmp_path, timeout=180)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-4000:]
     scripts = out.split("# SBATCH_SCRIPT")[1:]
-    names = [re.search(r"#SBATCH --job-name=\S+\.(\w+)", s).group(1) for s in scripts]
-    assert names == ["convert_in", "train", "convert_out", "evaluate"], names
-    convert_in, train, convert_out, evaluate = scripts
+    job_names = [re.search(r"#SBATCH --job-name=(\S+)", s).group(1) for s in scripts]
+    # 400 steps x 40 s + 41 saves x 300 s, x 1.25 = 9.8 h of work; 4 h jobs minus 15 min start-up each: 3 jobs
+    names = [name.rpartition(".")[2] for name in job_names]
+    assert names == ["convert_in", "train", "train_2", "train_3", "convert_out", "evaluate"], names
+    assert all(name.startswith("avsd_acct-avsd-qwen3_8b.") and name.count("avsd_acct") == 1 for name in job_names)
+    convert_in, *trains, convert_out, evaluate = scripts
+    cache = f"{tmp_path}/q8b/cache"
     for script in scripts:
         assert "#SBATCH --account=avsd_acct" in script and "#SBATCH --partition=batch" in script
         assert f"--container-image {CONTAINER}" in script
         assert "--container-mounts /lustre:/lustre,/models:/models," in script
         for line in ("export CUDA_DEVICE_MAX_CONNECTIONS=1", "export NCCL_IB_DISABLE=0", "export NCCL_IB_HCA=mlx5",
-                     "export HF_HUB_OFFLINE=1"):
+                     "export HF_HUB_OFFLINE=1", "export GLOO_SOCKET_IFNAME=ib0", "export NCCL_SOCKET_IFNAME=ib0",
+                     f"export HF_HOME={cache}/huggingface", f"export VLLM_CACHE_ROOT={cache}/vllm",
+                     f"export TRITON_CACHE_DIR={cache}/triton",
+                     f"export TORCHINDUCTOR_CACHE_DIR={cache}/torchinductor"):
             assert line in script, line
-    # training: 2 nodes x 8 GPUs, torchrun 8 per node (NeMo-Run puts one Slurm task per node under torchrun)
-    for line in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=8", "#SBATCH --ntasks-per-node=1",
-                 "#SBATCH --exclusive", "#SBATCH --time=02:30:00"):
-        assert line in train, line
-    assert "torchrun" in train and "--nnodes 2 --nproc-per-node 8" in train
-    assert re.search(r"-m avsd_megatron train --config examples/configs/qwen3_8b\.yaml --no-progress --set "
-                     rf"output_dir={tmp_path}/q8b/train model\.hf_path=/models/Qwen3-8B parallel\.tp=2 parallel\.pp=1 "
-                     rf"micro_batch_size=4 model\.megatron_checkpoint={tmp_path}/q8b/megatron_init max_steps=7", train)
-    # the single-process steps: one node, one task, the short time limit; evaluate gets the node's GPUs
+    # training: 2 nodes x 8 GPUs, whole nodes with all their memory, torchrun 8 per node (NeMo-Run puts one Slurm
+    # task per node under torchrun); every chained job is the same resuming command
+    for train in trains:
+        for line in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=8", "#SBATCH --ntasks-per-node=1",
+                     "#SBATCH --exclusive", "#SBATCH --mem=0", "#SBATCH --time=03:32:00"):
+            assert line in train, line
+        assert "torchrun" in train and "--nnodes 2 --nproc-per-node 8" in train
+        assert re.search(r"-m avsd_megatron train --config examples/configs/qwen3_8b\.yaml --no-progress --set "
+                         rf"output_dir={tmp_path}/q8b/train model\.hf_path=/models/Qwen3-8B parallel\.tp=2 "
+                         rf"parallel\.pp=1 micro_batch_size=4 model\.megatron_checkpoint={tmp_path}/q8b/megatron_init "
+                         r'data\.sources=\["/lustre/data/math\.jsonl"\] max_steps=400', train.replace("'", ""))
+    # the single-process steps: one node, one task, the short time limit; evaluate gets a whole GPU node for as long
+    # as 30 problems x 16 samples x 32768 tokens take at 1000 tokens/s per GPU on 8 GPUs (x 1.25, + start-up)
     for script in (convert_in, convert_out):
         assert "#SBATCH --nodes=1" in script and "#SBATCH --time=01:00:00" in script
         assert "--gpus-per-node" not in script and "torchrun" not in script
-    assert "#SBATCH --gpus-per-node=8" in evaluate and "-m avsd_megatron evaluate --hf" in evaluate
+    for line in ("#SBATCH --gpus-per-node=8", "#SBATCH --exclusive", "#SBATCH --mem=0", "#SBATCH --time=00:56:00"):
+        assert line in evaluate, line
+    assert "-m avsd_megatron evaluate --hf" in evaluate and "torchrun" not in evaluate
     # the inline steps' bodies are written to the experiment's scripts/ folder: their commands are in the configs
     assert "bash /nemo_run/scripts/convert_in.sh" in convert_in
+
+
+def _slurm(**kwargs):
+    return recipes.SlurmSettings(account="acct", partition="batch", container_image=CONTAINER, **kwargs)
+
+
+def test_recipes_slurm_chains_resuming_train_jobs_and_later_steps_wait_for_the_last(tmp_path):
+    tasks = recipes.build_tasks(recipes.RECIPES["qwen3_8b"], executor="slurm", nodes=2,
+                                slurm=_slurm(socket_ifname="ib0", time="1-00:00:00"), workdir=str(tmp_path),
+                                data=("/d.jsonl",), eval_data="/e.jsonl", eval_problems=30)
+    names = [name for name, _, _ in tasks]
+    assert names == ["convert_in", "train", "convert_out", "evaluate"]  # 500 steps fit one 24 h job
+    tasks = recipes.build_tasks(recipes.RECIPES["qwen3_8b"], executor="slurm", nodes=2,
+                                slurm=_slurm(socket_ifname="ib0", time="02:00:00"), workdir=str(tmp_path),
+                                data=("/d.jsonl",), eval_data="/e.jsonl", eval_problems=30)
+    by_name = {name: (task, executor) for name, task, executor in tasks}
+    trains = [name for name in by_name if name.startswith("train")]
+    work = recipes.RECIPES["qwen3_8b"].work
+    expected_jobs = math.ceil(1.25 * (500 * 40 + 51 * 300) / (7200 - work.startup_seconds))
+    assert trains == ["train"] + [f"train_{i}" for i in range(2, expected_jobs + 1)]
+    assert [name for name, _, _ in tasks] == ["convert_in", *trains, "convert_out", "evaluate"]  # sequential order
+    # a TIMEOUT'd training job is not "ok": the next one starts anyway (afterany) and resumes (checkpoint.resume:
+    # auto); convert_out runs after the last one and itself refuses a run short of max_steps
+    assert [by_name[t][1].dependency_type for t in trains] == ["afterok"] + ["afterany"] * (len(trains) - 1)
+    assert by_name["convert_out"][1].dependency_type == "afterany"
+    assert by_name["evaluate"][1].dependency_type == "afterok"
+    assert all(by_name[t][0].args == by_name["train"][0].args for t in trains)
+    assert load_config(ROOT / "examples/configs/qwen3_8b.yaml").checkpoint.resume == "auto"
+    convert_out = by_name["convert_out"][0].inline
+    assert 'if [ "$step" != step_00000500 ]' in convert_out and "run the same command again" in convert_out
+
+
+def test_recipes_convert_out_refuses_an_unfinished_run(tmp_path):
+    plan, _ = recipes.make_plan(recipes.RECIPES["tiny_cpu"], nodes=1, workdir=str(tmp_path),
+                                train_overrides=("max_steps=3",))
+    script = tmp_path / "convert_out.sh"
+    script.write_text(recipes._convert_out(plan).inline)
+    ckpt = tmp_path / "train" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    (ckpt / "latest").write_text("step_00000002")
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+    assert done.returncode == 1 and "training stopped at step_00000002, not step_00000003" in done.stderr
+
+
+def test_recipes_slurm_refuses_hub_data_missing_interface_and_unreadable_eval_data(tmp_path):
+    q8b = recipes.RECIPES["qwen3_8b"]
+    with pytest.raises(ConfigError, match=r"data\.sources \['siyanzhao/Openthoughts_math_30k_opsd'\] name Hub "
+                                          r"datasets.*pass data="):
+        recipes.build_tasks(q8b, executor="slurm", nodes=2, slurm=_slurm(socket_ifname="ib0"),
+                            workdir=str(tmp_path), eval_data="/e.jsonl", eval_problems=30)
+    with pytest.raises(ConfigError, match=r"nodes=2: .*socket_ifname=IFACE"):
+        recipes.build_tasks(q8b, executor="slurm", nodes=2, slurm=_slurm(), workdir=str(tmp_path),
+                            data=("/d.jsonl",), steps=("train",))
+    recipes.build_tasks(q8b, executor="slurm", nodes=1, slurm=_slurm(), workdir=str(tmp_path), data=("/d.jsonl",),
+                        steps=("train",))  # one node: no gloo traffic between nodes
+    with pytest.raises(ConfigError, match=r"eval_data='/nope\.jsonl' is not readable here .*eval_problems=N"):
+        recipes.build_tasks(q8b, executor="slurm", nodes=1, slurm=_slurm(), workdir=str(tmp_path),
+                            data=("/d.jsonl",), eval_data="/nope.jsonl")
+    with pytest.raises(ConfigError, match=r"data=\['/d\.csv'\]"):
+        recipes.make_plan(q8b, nodes=1, data=("/d.csv",))
+
+
+def test_recipes_local_executors_set_cuda_device_max_connections(tmp_path):
+    tasks = recipes.build_tasks(recipes.RECIPES["tiny_cpu"], workdir=str(tmp_path))
+    for name, _, executor in tasks:
+        assert executor.env_vars["CUDA_DEVICE_MAX_CONNECTIONS"] == "1", name
 
 
 def test_recipes_nemorun_cli_lists_the_avsd_recipes(tmp_path):
@@ -258,3 +339,60 @@ def test_dockerfile_pins_agree_with_setup_py():
 def test_dockerignore_keeps_local_state_out():
     ignored = set((ROOT / ".dockerignore").read_text().split())
     assert {".git", ".venv", "outputs"} <= ignored
+
+
+# vLLM 0.33.0's requirements on what this project pins to match: Requires-Dist of
+# vllm-0.33.0-cp38-abi3-manylinux_2_28_x86_64.whl, vllm-0.33.0.dist-info/METADATA (pip download --no-deps vllm==0.33.0)
+VLLM_0_33_0_REQUIRES = {"torch": "==2.14.0", "transformers": "<5.21.0,>=5.16.1"}
+
+
+def _setup_runtime_requirements() -> list[str]:
+    """setup.py's install_requires + extras train, eval, launch (what the GPU image must install), from its AST."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    constants = {node.targets[0].id: node.value.value for node in tree.body
+                 if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)}
+
+    def strings(node: ast.AST) -> list[str]:
+        return [constants[e.id] if isinstance(e, ast.Name) else e.value for e in node.elts]
+
+    extras = next(node.value for node in tree.body if isinstance(node, ast.Assign) and node.targets[0].id == "EXTRAS")
+    found = [r for key, value in zip(extras.keys, extras.values) if key.value in ("train", "eval", "launch")
+             for r in strings(value)]
+    setup_call = next(node for node in ast.walk(tree) if isinstance(node, ast.Call) and getattr(node.func, "id", "") ==
+                      "setup")
+    install = next(k.value for k in setup_call.keywords if k.arg == "install_requires")
+    return sorted(set(found + strings(install)))
+
+
+def test_torch_and_transformers_pins_agree_with_vllms_wheel_setup_py_dockerfile_and_ci():
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    raw = {Requirement(r).name: r for r in _setup_runtime_requirements()}
+    pins = {name: Requirement(r) for name, r in raw.items()}
+    for name, spec in VLLM_0_33_0_REQUIRES.items():
+        assert pins[name].specifier == SpecifierSet(spec), (name, str(pins[name].specifier), spec)
+    if importlib.util.find_spec("vllm") is not None:  # the GPU image: the installed wheel says the same
+        from importlib.metadata import requires
+
+        installed = {Requirement(r).name: str(Requirement(r).specifier) for r in requires("vllm") if "extra" not in r}
+        assert {n: SpecifierSet(installed[n]) for n in VLLM_0_33_0_REQUIRES} == {
+            n: SpecifierSet(s) for n, s in VLLM_0_33_0_REQUIRES.items()}
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    assert f'"{raw["transformers"]}"' in dockerfile  # the install pin
+    assert f"in S('{raw['transformers'].removeprefix('transformers')}')" in dockerfile  # the final check
+    (torch_version,) = [s.version for s in pins["torch"].specifier]
+    assert f"v.startswith('{torch_version}')" in dockerfile  # the image's torch is that release (NVIDIA's build)
+    ci = (ROOT / ".ci" / "run").read_text()
+    install = ci.index('pip install --quiet -e ".[train,test,launch]"')
+    assert ci.index("pip check", install) > install  # CI proves the resolved versions satisfy these pins
+
+
+def test_dockerfile_installs_every_runtime_dependency_itself():
+    """The package goes in with --no-deps: each of its runtime requirements except torch (the image's) must be
+    installed by the Dockerfile with setup.py's pin."""
+    pinned = {req for op, args in _dockerfile_instructions() if op == "RUN"
+              for req in re.findall(r'"([\w.-]+[<>=!~][^"]*)"', args)}
+    runtime = [r for r in _setup_runtime_requirements() if not r.startswith("torch")]
+    missing = [r for r in runtime if r not in pinned]
+    assert not missing, f"setup.py runtime requirements the Dockerfile does not install: {missing}"

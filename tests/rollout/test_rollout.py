@@ -105,6 +105,9 @@ def test_hf_engine_is_deterministic_batch_independent_and_leaves_the_global_rng(
     assert first != peaked_engine.generate(prompts, params, seed=12)
     assert first[:2] == peaked_engine.generate(prompts[:1], params, seed=11)  # prompt 0 alone: same completions
     assert len(first) == 6 and all(isinstance(c, Completion) for c in first)
+    # first_index: prompt i of the call is prompt first_index + i of a larger batch (a DP rank's slice)
+    assert first[2:] == peaked_engine.generate(prompts[1:], params, seed=11, first_index=1)
+    assert first[2:4] != peaked_engine.generate(prompts[1:2], params, seed=11)
 
 
 def test_hf_engine_stops_after_the_stop_token_and_at_max_new_tokens(peaked_engine):
@@ -224,6 +227,12 @@ def test_hf_engine_sleep_wake_order_is_enforced():
     engine.wake_up()
     with pytest.raises(RuntimeError, match="sleep\\(\\) discarded them"):
         engine.generate([[1]], params, seed=0)
+    engine.update_weights(_state_dict(config, seed=0).items())
+    engine.sleep(keep_weights=True)  # vLLM's level 1: waking is enough
+    with pytest.raises(RuntimeError, match="asleep"):
+        engine.generate([[1]], params, seed=0)
+    engine.wake_up()
+    engine.generate([[1]], params, seed=0)
 
 
 def test_hf_engine_from_pretrained_uses_the_checkpoint_eos_and_no_sampling_defaults(tmp_path):

@@ -19,7 +19,14 @@ from avsd_megatron.convert.qwen3_config import Qwen3Dims, read_hf_config
 from avsd_megatron.data import tiny
 from avsd_megatron.rollout.config import RolloutConfig, VLLMConfig
 from avsd_megatron.rollout.engine import Completion, SamplingParams, request_seed
-from avsd_megatron.rollout.vllm_engine import SUPPORTED_VLLM, VLLMEngine, import_vllm, vllm_engine_kwargs
+from avsd_megatron.rollout.vllm_engine import (
+    SUPPORTED_VLLM,
+    StandaloneVLLMEngine,
+    VLLMEngine,
+    import_vllm,
+    standalone_engine_kwargs,
+    vllm_engine_kwargs,
+)
 
 ENGINE_ARGS = dict(tensor_parallel_size=1, rank=0, world_size=1, max_prompt_tokens=512)
 
@@ -200,6 +207,77 @@ def test_vllm_engine_rejects_an_aborted_request(fake_vllm):
         engine.generate([[1]], SamplingParams(max_new_tokens=4), seed=0)
 
 
+def test_vllm_engine_keep_weights_sleep_is_level_1_and_needs_no_reload(fake_vllm):
+    engine = VLLMEngine(tiny.TINY_CONFIG_DIR, RolloutConfig(max_new_tokens=64), **ENGINE_ARGS)
+    engine.wake_up()
+    engine.update_weights(_weights(Qwen3Dims.from_hf_config(read_hf_config(tiny.TINY_CONFIG_DIR))))
+    params = SamplingParams(max_new_tokens=4)
+    engine.generate([[1]], params, seed=0)
+    engine.sleep(keep_weights=True)
+    assert _FakeLLM.calls[-1] == ("sleep", 1)
+    with pytest.raises(RuntimeError, match="asleep"):
+        engine.generate([[1]], params, seed=0)
+    engine.wake_up()
+    assert _FakeLLM.calls[-1] == ("wake_up", ("weights", "kv_cache"))
+    engine.generate([[1]], params, seed=0)  # the weights survived: no update_weights needed
+    engine.sleep()
+    assert _FakeLLM.calls[-1] == ("sleep", 2)
+
+
+def test_vllm_engine_first_index_shifts_the_request_seeds(fake_vllm):
+    engine = VLLMEngine(tiny.TINY_CONFIG_DIR, RolloutConfig(max_new_tokens=64), **ENGINE_ARGS)
+    engine.wake_up()
+    engine.update_weights(_weights(Qwen3Dims.from_hf_config(read_hf_config(tiny.TINY_CONFIG_DIR))))
+    engine.generate([[1], [2], [3]], SamplingParams(max_new_tokens=4), seed=9, first_index=5)
+    _, _, sampling, _ = _FakeLLM.calls[-1]
+    assert [sp.seed for sp in sampling] == [request_seed(9, 5 + i) for i in range(3)]
+
+
+def test_standalone_engine_loads_the_checkpoint_itself_without_a_process_group(fake_vllm, monkeypatch):
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    kwargs = standalone_engine_kwargs("/ckpt", max_model_len=40000, seed=4, gpu_memory_utilization=0.9)
+    assert kwargs == dict(model="/ckpt", tokenizer="/ckpt", dtype="bfloat16", tensor_parallel_size=1,
+                          pipeline_parallel_size=1, gpu_memory_utilization=0.9, max_model_len=40000,
+                          max_num_seqs=256, enable_prefix_caching=True, seed=4)
+    assert "load_format" not in kwargs and "distributed_executor_backend" not in kwargs
+    engine = StandaloneVLLMEngine(**kwargs)
+    assert _FakeLLM.calls == [("LLM", kwargs)]  # no sleep, no weight stream: vLLM reads the HF files
+    out = engine.generate([[1, 2]], SamplingParams(max_new_tokens=4, n=2), seed=3)
+    assert [c.token_ids[0] for c in out] == [request_seed(3, 0) % 100] * 2
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        standalone_engine_kwargs("/ckpt", max_model_len=10, seed=0, gpu_memory_utilization=1.0)
+
+
+def _changed_for_greedy(weights: dict) -> dict:
+    """The checkpoint with its final norm negated: every logit changes sign, so the greedy argmax must move. (Scaling
+    the norm by a positive factor scales every logit alike and leaves the argmax where it was.)"""
+    return {**weights, "model.norm.weight": -weights["model.norm.weight"]}
+
+
+def test_the_gpu_tests_weight_change_moves_greedy_output_on_cpu(tmp_path):
+    """The GPU test's perturbation, checked with HFEngine: it changes the greedy tokens; the old one (x25) did not."""
+    from safetensors.torch import load_file
+
+    from avsd_megatron.rollout.hf_engine import HFEngine
+
+    hf_dir = tiny.make_tiny_hf_checkpoint(tmp_path / "hf", seed=0)
+    weights = load_file(hf_dir / "model.safetensors")
+    engine = HFEngine.from_pretrained(hf_dir)
+    params = SamplingParams(temperature=0.0, max_new_tokens=8)
+    prompts = [[1, 2, 3, 4], [100, 200, 300]]
+
+    def greedy(named):
+        engine.sleep()
+        engine.wake_up()
+        engine.update_weights(iter(named.items()))
+        return [c.token_ids for c in engine.generate(prompts, params, seed=0)]
+
+    base = greedy(weights)
+    assert greedy({**weights, "model.norm.weight": weights["model.norm.weight"] * 25.0}) == base
+    assert greedy(_changed_for_greedy(weights)) != base
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # GPU smoke test (vllm-rollouts.md §5 item 5); never runs on CPU machines
 
@@ -233,7 +311,6 @@ def test_vllm_engine_greedy_equals_transformers_and_follows_weight_updates(tmp_p
     assert [c.token_ids for c in got] == [c.token_ids for c in reference]
     engine.sleep()
     engine.wake_up(("weights",))
-    weights["model.norm.weight"] = weights["model.norm.weight"] * 25.0
-    engine.update_weights(iter(weights.items()))
+    engine.update_weights(iter(_changed_for_greedy(weights).items()))
     engine.wake_up(("kv_cache",))
     assert [c.token_ids for c in engine.generate(prompts, params, seed=0)] != [c.token_ids for c in got]

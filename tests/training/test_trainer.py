@@ -189,7 +189,7 @@ def code_train_rank(cfg_data: dict, real_cfg_data: dict | None) -> dict:
             super().__init__(*args, **kwargs)
             self.programs = programs
 
-        def generate(self, prompt_token_ids, params, seed):
+        def generate(self, prompt_token_ids, params, seed, first_index=0):
             out = []
             for ids in prompt_token_ids:
                 prompt = self.tokenizer.decode(ids)
@@ -540,3 +540,86 @@ def test_trainer_code_task_on_two_ranks_agrees_and_sums_feedback(hf_dir, tmp_pat
         assert rows[0] == rows[1] and len(rows[0]) == 8  # one replica: identical teacher rows on both shards
     else:
         assert len(rows[0]) == len(rows[1]) == 4  # two replicas: half of the step's completions each
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rollout seeds and engine sleep (Trainer.rollout / _after_generate on a stand-in trainer: no model needed)
+
+
+class SeedRecordingEngine:
+    """Records each call's per-prompt seeds exactly as HFEngine / VLLMEngine derive them, and its sleep levels."""
+
+    def __init__(self):
+        self.seeds, self.sleeps, self.wakes = [], [], []
+
+    def wake_up(self, tags=None):
+        self.wakes.append(tags)
+
+    def generate(self, prompt_token_ids, params, seed, first_index=0):
+        from avsd_megatron.rollout.engine import Completion, request_seed
+
+        self.seeds.append([request_seed(seed, first_index + i) for i in range(len(prompt_token_ids))])
+        return [Completion((1,), "", "stop") for _ in prompt_token_ids for _ in range(params.n)]
+
+    def sleep(self, keep_weights=False):
+        self.sleeps.append(keep_weights)
+
+
+def _stand_in_trainer(dp_rank: int, dp_size: int, step: int, sync_every: int = 1):
+    from types import SimpleNamespace
+
+    from avsd_megatron.data.prompts import EncodedPrompts
+    from avsd_megatron.rollout.engine import SamplingParams
+    from avsd_megatron.training.trainer import Trainer
+
+    cfg = load_config(TINY_YAML)
+    prompts_per_step = 8
+
+    class Stream:
+        def take(self, count):
+            return [(i, EncodedPrompts(student_ids=[1, 2, i], student_text="", teacher_ids={}, teacher_texts={}))
+                    for i in range(count)]
+
+    stand_in = SimpleNamespace(
+        cfg=from_dict(to_dict(cfg) | {"prompts_per_step": prompts_per_step, "micro_batch_size": 1,
+                                      "rollout": to_dict(cfg)["rollout"] | {"sync_every": sync_every}}),
+        stream=Stream(), dp_rank=dp_rank, prompts_per_rank=prompts_per_step // dp_size, step=step,
+        engine=SeedRecordingEngine(), sampling=SamplingParams(n=1), _share_within_replica=lambda x: x,
+    )
+    stand_in._after_generate = lambda: Trainer._after_generate(stand_in)
+    return stand_in
+
+
+def _rollout_seeds(dp_rank: int, dp_size: int, step: int) -> list[int]:
+    from avsd_megatron.training.trainer import Trainer
+
+    stand_in = _stand_in_trainer(dp_rank, dp_size, step)
+    Trainer.rollout(stand_in)
+    (seeds,) = stand_in.engine.seeds
+    return seeds
+
+
+def test_rollout_seeds_are_distinct_over_dp_ranks_and_steps_and_equal_over_tp_ranks():
+    dp_size = 4
+    seeds = [s for step in range(3) for dp in range(dp_size) for s in _rollout_seeds(dp, dp_size, step)]
+    assert len(seeds) == 3 * 8 and len(set(seeds)) == len(seeds)  # no two prompts of any step share noise
+    # the TP ranks of one engine share the DP rank: identical seeds (their engines must sample the same tokens)
+    assert _rollout_seeds(2, dp_size, 1) == _rollout_seeds(2, dp_size, 1)
+    # seeds follow the global position: the layout does not change which seed a prompt of the batch gets
+    one_rank = _rollout_seeds(0, 1, 1)
+    assert [s for dp in range(dp_size) for s in _rollout_seeds(dp, dp_size, 1)] == one_rank
+
+
+def test_engine_sleeps_keep_weights_between_syncs_and_discard_them_before_a_sync():
+    from avsd_megatron.training.trainer import Trainer
+
+    kept = []
+    for step in range(4):
+        stand_in = _stand_in_trainer(0, 1, step, sync_every=2)
+        Trainer.rollout(stand_in)
+        kept += stand_in.engine.sleeps
+        assert stand_in.engine.wakes == [None]  # every tag: the weights wake too after a keep-weights sleep
+    assert kept == [True, False, True, False]  # the weights are synced after steps 2 and 4 (self.step 1, 3)
+    every_step = _stand_in_trainer(0, 1, 0, sync_every=1)
+    Trainer.rollout(every_step)
+    assert every_step.engine.sleeps == [False]
