@@ -154,7 +154,7 @@ def grpo_train_rank(cfg_data: dict) -> dict:
     answers = {row["problem"]: row["answer"] for row in read_jsonl(TINY_TRAIN_PATH)}
 
     class ScriptedMathEngine(HFEngine):
-        def generate(self, prompt_token_ids, params, seed):
+        def generate(self, prompt_token_ids, params, seed, first_index=0):
             out = []
             for ids in prompt_token_ids:
                 prompt = self.tokenizer.decode(ids)
