@@ -387,8 +387,12 @@ class CheckpointConfig:
     keep_last: int | None = None
     """Keep the newest k checkpoints; None = keep all (the reference keeps all, no save_total_limit)."""
     resume: str | None = "auto"
-    """'auto' = continue from the newest checkpoint in dir if there is one; a path = continue from it (error if
-    missing); None = always start from model.hf_path / model.megatron_checkpoint."""
+    """'auto' = continue from the newest valid checkpoint in dir if there is one (a newer one that fails
+    verification is skipped with a warning); a path = continue from it (error if missing or invalid); None = always
+    start from model.hf_path / model.megatron_checkpoint."""
+    overwrite: bool = False
+    """A run that resumes nothing refuses to start when dir already holds checkpoints (another run's: keep-last
+    would prune both together and `latest` would mix them). True = delete them first."""
 
     def __post_init__(self) -> None:
         _at_least("checkpoint.save_every", self.save_every, 0)

@@ -76,10 +76,18 @@ from avsd_megatron.hook.step import AVSDStep, MegatronGroups, StepResult, reduce
 from avsd_megatron.hook.teacher_kinds import build_teacher
 from avsd_megatron.rollout.engine import Completion, SamplingParams, request_seed
 from avsd_megatron.rollout.hf_engine import HFEngine
-from avsd_megatron.training.checkpointing import CheckpointManager, adam_step_count, prime_optimizer
+from avsd_megatron.training.checkpointing import (
+    CheckpointManager,
+    adam_step_count,
+    check_fresh_run,
+    prime_optimizer,
+    read_trainer_state,
+    remove_checkpoints,
+)
 from avsd_megatron.training.config import ConfigError, TrainConfig, dump_config, to_dict
 from avsd_megatron.training.megatron_model import DTYPES, build_gpt_model, build_optimizer, initial_checkpoint, wrap_ddp
 from avsd_megatron.training.metrics_log import MetricsLog, PhaseTimer
+from avsd_megatron.training.notices import notice
 from avsd_megatron.training.tasks import TASKS, TeacherRows
 
 __all__ = ["PromptStream", "Rollout", "Trainer"]
@@ -188,6 +196,8 @@ class Trainer:
         self.dp_rank, self.dp_size = self.groups["dp_rank"], self.groups["dp_size"]
         self.prompts_per_rank = cfg.prompts_per_step // self.dp_size
         cfg.num_microbatches(dist.get_world_size())  # raises ConfigError if DP does not divide the batch
+        self.checkpoints = CheckpointManager(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last)
+        self.resumed_from = self._plan_resume()  # file checks only: before the model, the conversion, the engine
 
         self.hf_config = read_hf_config(cfg.model.hf_path)
         self.vocab_size = int(self.hf_config["vocab_size"])
@@ -214,10 +224,9 @@ class Trainer:
 
         self.step = 0
         self.last_saved_step: int | None = None
-        self.checkpoints = CheckpointManager(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last)
-        self.resumed_from = self.checkpoints.resolve(cfg.checkpoint.resume)
         if self.resumed_from is not None:
             self.load_checkpoint(self.resumed_from)
+            notice(f"resumed from step {self.step} ({self.resumed_from})")
         self.timer = PhaseTimer(None if self.on_cpu else torch.cuda.synchronize)
         self.log = MetricsLog.for_rank(self.rank, cfg.output_dir, jsonl=cfg.logging.jsonl, total_steps=cfg.max_steps,
                                        first_step=self.step, progress=progress,
@@ -232,6 +241,9 @@ class Trainer:
         """Run steps until max_steps; save at the end (unless that step was just saved). Returns the metrics of the
         steps run."""
         history = []
+        if self.step >= self.cfg.max_steps:
+            notice(f"nothing to train: {self.resumed_from} is at step {self.step} = max_steps; raise max_steps to "
+                   "continue this run")
         while self.step < self.cfg.max_steps:
             history.append(self.train_step())
         if self.last_saved_step != self.step:
@@ -379,6 +391,46 @@ class Trainer:
             with torch.no_grad():
                 for stored, saved in zip(self.teacher.teacher_tensors, rank_state["teacher"]):
                     stored.copy_(saved)
+
+    def _plan_resume(self) -> Path | None:
+        """The verified checkpoint to resume from (None = a fresh run), decided from files alone.
+
+        Warns about each newer checkpoint that failed verification and about an LR schedule that a changed
+        max_steps recomputes. Raises:
+            CheckpointError: no valid checkpoint (the bad files named), or a fresh run into a checkpoint directory
+                holding another run's checkpoints without checkpoint.overwrite.
+            ConfigError: the checkpoint is already past max_steps.
+        """
+        cfg = self.cfg
+        path, skipped = self.checkpoints.resolve(cfg.checkpoint.resume, dist.get_world_size())
+        for message in skipped:
+            notice(message, warning=True)
+        if path is None:
+            stale = check_fresh_run(cfg.checkpoint_dir, overwrite=cfg.checkpoint.overwrite)
+            if stale:
+                notice(f"checkpoint.overwrite=true: deleting {len(stale)} entries of another run in "
+                       f"{cfg.checkpoint_dir}", warning=True)
+                if self.rank == 0:
+                    remove_checkpoints(stale)
+            dist.barrier()
+            return None
+        state = read_trainer_state(path)
+        saved_step, saved_max = int(state["step"]), state.get("config", {}).get("max_steps")
+        if saved_step > cfg.max_steps:
+            raise ConfigError(
+                f"max_steps={cfg.max_steps} is below the step of the checkpoint to resume ({path}: step {saved_step}); "
+                "raise max_steps, or start a new run (checkpoint.resume=null and a new output_dir)"
+            )
+        if saved_max is not None and int(saved_max) != cfg.max_steps and saved_step < cfg.max_steps:
+            before = cfg.optim.lr_at(saved_step, int(saved_max)) if saved_step < int(saved_max) else float("nan")
+            after = cfg.optim.lr_at(saved_step, cfg.max_steps)
+            if before != after:
+                notice(
+                    f"max_steps changed from {saved_max} (in {path}) to {cfg.max_steps}: the LR schedule "
+                    f"(optim.lr_decay={cfg.optim.lr_decay!r}) is recomputed over {cfg.max_steps} steps; step "
+                    f"{saved_step} gets lr {after:.6g} instead of {before:.6g}", warning=True,
+                )
+        return path
 
     # -- helpers -----------------------------------------------------------------------------------------------------
 
