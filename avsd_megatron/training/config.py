@@ -99,8 +99,9 @@ class ModelConfig:
     """The policy network (student = teacher)."""
 
     hf_path: str = PAPER_MODEL
-    """HF checkpoint directory (config.json, tokenizer, safetensors), or a hub id already in the local HF cache.
-    The architecture and tokenizer always come from here; so do the initial weights unless megatron_checkpoint is
+    """Local HF checkpoint directory (config.json, tokenizer, safetensors); hub ids are not downloaded (fetch one
+    first, e.g. `huggingface-cli download Qwen/Qwen3-8B --local-dir Qwen3-8B`). The default names the paper's
+    model and is meant to be overridden. The architecture and tokenizer always come from here; so do the initial weights unless megatron_checkpoint is
     set. The rollout engine is built from it too."""
     megatron_checkpoint: str | None = None
     """Initial weights from a Megatron dist checkpoint (`convert.convert_hf_to_megatron` output) instead of the
@@ -114,7 +115,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if not self.hf_path:
-            raise ConfigError("model.hf_path must name an HF checkpoint directory (or cached hub id)")
+            raise ConfigError("model.hf_path must name a local HF checkpoint directory")
         _choice("model.dtype", self.dtype, DTYPES)
         _choice("model.layer_spec", self.layer_spec, LAYER_SPECS)
         _choice("model.recompute", self.recompute, RECOMPUTE)

@@ -220,6 +220,11 @@ class Trainer:
             share=self._share_within_replica, dp_group=self.megatron_groups.dp, device=self._device,
         )
         examples, self.load_report = load_examples(cfg.data)
+        if self.load_report.num_skipped:
+            skipped = self.load_report
+            notice(f"data.on_bad_row=skip: skipped {skipped.num_skipped} of {skipped.rows_read} rows "
+                   f"({dict(skipped.skipped)}; first: {skipped.skipped_examples[0]})", warning=True)
+        self._fallbacks_noticed = False
         self.stream = PromptStream(examples, self.task.encode, seed=cfg.optim.seed)
 
         self.step = 0
@@ -331,10 +336,26 @@ class Trainer:
             "rollout/completion_len_mean": sum(lengths) / len(lengths),
             "rollout/stop_rate": sum(c.finish_reason == "stop" for c in rollout.completions) / len(lengths),
             "data/cursor": self.stream.cursor, "data/prompts_skipped": self.prompt_report.skipped,
+            "data/rows_skipped": self.load_report.num_skipped,
+            "views/answer_fallbacks": self.task.view_stats.answer_fallbacks,
+            "views/static_hints": self.task.view_stats.static_hints,
             **rows.metrics,
         }
+        self._notice_view_fallbacks()
         metrics = self._from_last_stage(metrics)
         return metrics | self.timer.pop()
+
+    def _notice_view_fallbacks(self) -> None:
+        """Once per run: the first answer_only / hint payload built by a fallback rule (the counts go on in the
+        metrics: views/answer_fallbacks, views/static_hints)."""
+        stats = self.task.view_stats
+        if self._fallbacks_noticed or not (stats.answer_fallbacks or stats.static_hints):
+            return
+        self._fallbacks_noticed = True
+        rules = {rule: n for rule, n in stats.answer_rules.items() if rule != "boxed"}
+        notice(f"views: {stats.answer_fallbacks} answer_only payloads without a \\boxed{{}} answer so far (rules "
+               f"used: {rules}), {stats.static_hints} hints from the static fallback; counts continue in "
+               "metrics views/answer_fallbacks and views/static_hints", warning=True)
 
     def write_logs(self, metrics: dict[str, Any], rollout: Rollout, rows: TeacherRows) -> None:
         if self.step % self.cfg.logging.log_every == 0:

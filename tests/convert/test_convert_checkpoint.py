@@ -173,11 +173,25 @@ def test_qwen3_config_reads_rope_theta_from_either_field():
         ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
         ({"num_key_value_heads": 3}, "num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
         ({"head_dim": None, "hidden_size": None}, "'hidden_size' is missing"),
+        # issue 16.7: a wrong-typed field is named (int("four") said only "invalid literal"; 4.5 and true were cast)
+        ({"num_hidden_layers": "four"}, "num_hidden_layers='four' must be an integer"),
+        ({"num_hidden_layers": 4.5}, "num_hidden_layers=4.5 must be an integer"),
+        ({"vocab_size": True}, "vocab_size=True must be an integer"),
+        ({"rms_norm_eps": "1e-6"}, "rms_norm_eps='1e-6' must be a number"),
+        ({"tie_word_embeddings": "no"}, "tie_word_embeddings='no' must be true or false"),
     ],
 )
 def test_qwen3_config_rejects_unsupported(change, match):
     with pytest.raises(ValueError, match=match):
         Qwen3Dims.from_hf_config(_hf_config(False) | QWEN3_IDS | change)
+
+
+def test_read_hf_config_invalid_json_names_file_and_line(tmp_path):
+    from avsd_megatron.convert import read_hf_config
+
+    (tmp_path / "config.json").write_text('{\n  "hidden_size": 64,\n  oops\n}')
+    with pytest.raises(ValueError, match=r"config\.json: not valid JSON .* at line 3"):
+        read_hf_config(tmp_path)
 
 
 def test_qwen3_config_rejects_indivisible_parallel_sizes():

@@ -120,3 +120,17 @@ def test_math_task_rows_repeat_the_prompt_views_per_completion(tokenizer):
     assert rows.ids == [want, want] and rows.masks is None and rows.metrics == {}
     with pytest.raises(ValueError, match="3 completions do not divide over 2 prompts"):
         task.teacher_rows([example] * 2, [prompts] * 2, [_completion(tokenizer, "a")] * 3)
+
+
+def test_math_task_counts_answer_only_fallbacks(tokenizer):
+    """Issue 16.8: a solution without \\boxed{} gets the answer_only fallback; the task counts it by rule."""
+    from avsd_megatron.data.examples import MathExample
+
+    cfg = from_dict({"data": {"sources": ["x.jsonl"], "task": "math"}, "prompts": {"max_prompt_tokens": 2048}})
+    task = MathTask(tokenizer, cfg, PromptReport())
+    task.encode(MathExample("What is 1 + 1?", "1 + 1 = 2, so it is \\boxed{2}.", RowRef("t", 0)))
+    assert task.view_stats.answer_fallbacks == 0
+    task.encode(MathExample("What is 2 + 2?", "We add.\nAnswer: 4", RowRef("t", 1)))
+    task.encode(MathExample("What is 3 + 3?", "We add.\nIt is 6", RowRef("t", 2)))
+    assert task.view_stats.answer_fallbacks == 2
+    assert task.view_stats.answer_rules == {"boxed": 1, "answer_line": 1, "last_line": 1}

@@ -365,15 +365,21 @@ def _copy_run_with_two_checkpoints(cli_run: Path, out: Path) -> Path:
 @pytest.mark.integration
 def test_trainer_cli_resume_skips_a_corrupt_latest_and_says_what_it_resumed(cli_run, hf_dir, tmp_path):
     """Issue 16.3 and 16.8: `latest` (step 2) has a truncated shard: the run warns naming the file, resumes from step
-    1, says so, warns that max_steps=3 (saved: 2) changes the LR schedule, trains steps 2-3 and saves step 3."""
+    1, says so, warns that max_steps=3 (saved: 2) changes the LR schedule, trains steps 2-3 and saves step 3; the
+    two bad rows of an extra source (data.on_bad_row=skip) are said once and logged every step."""
     root = _copy_run_with_two_checkpoints(cli_run, tmp_path / "run")
     bad = max((root / "step_00000002").glob("*.distcp"), key=lambda p: p.stat().st_size)
     with open(bad, "r+b") as f:
         f.truncate(100)
+    bad_rows = tmp_path / "bad_rows.jsonl"  # with data.on_bad_row=skip: counted, said, logged
+    bad_rows.write_text('{"problem": "no solution"}\n{"problem": "", "solution": "x"}\n', encoding="utf-8")
+    sources = f"data.sources=[{ROOT / 'avsd_megatron/data/assets/tiny_math/train.jsonl'},{bad_rows}]"
     proc = _train_cli(f"output_dir={tmp_path / 'run'}", f"model.hf_path={hf_dir}", "checkpoint.resume=auto",
                       f"model.megatron_checkpoint={cli_run / 'megatron_init'}", "max_steps=3",
-                      "checkpoint.save_every=0", "optim.distributed_optimizer=true")
+                      "checkpoint.save_every=0", "optim.distributed_optimizer=true", sources, "data.on_bad_row=skip")
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "avsd: warning: data.on_bad_row=skip: skipped 2 of" in proc.stderr
+    assert all(r["data/rows_skipped"] == 2 for r in _records(tmp_path / "run"))
     assert f"avsd: warning: skipped checkpoint {root / 'step_00000002'}" in proc.stderr and str(bad) in proc.stderr
     assert f"avsd: resumed from step 1 ({root / 'step_00000001'})" in proc.stderr
     assert "max_steps changed from 2" in proc.stderr and "to 3: the LR schedule" in proc.stderr
