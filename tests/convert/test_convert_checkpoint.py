@@ -441,6 +441,41 @@ def test_megatron_lm_save_dir_resolves_to_latest_iteration(hf_dirs, megatron_dir
         convert_megatron_to_hf(tmp_path, tmp_path / "hf2")
 
 
+def test_trainer_checkpoint_root_follows_its_latest_file(hf_dirs, megatron_dirs, tmp_path):
+    """Issue 16 (smaller): megatron-to-hf on the trainer's checkpoints/ root converts the step `latest` names."""
+    root = tmp_path / "checkpoints"
+    shutil.copytree(megatron_dirs[True], root / "step_00000010")
+    shutil.copytree(megatron_dirs[False], root / "step_00000020")
+    (root / "latest").write_text("step_00000010\n")  # not the highest step: the file decides
+    out = convert_megatron_to_hf(root, tmp_path / "hf")
+    _assert_same_state(_hf_state(out), _hf_state(hf_dirs[True]))
+    (root / "latest").write_text("step_00000030\n")
+    with pytest.raises(FileNotFoundError, match="latest names .*step_00000030"):
+        convert_megatron_to_hf(root, tmp_path / "hf2")
+
+
+def test_conversion_output_is_not_private_and_stale_partials_are_removed(hf_dirs, tmp_path):
+    """Issue 16 (smaller): the output gets 0777 & ~umask (mkdtemp's 0700 made it unreadable to others on shared
+    storage); a partial directory of a killed conversion (its pid gone) is removed, a running one's is kept."""
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".out.partial-{dead.pid}-abcd"
+    legacy = tmp_path / ".out.partial-k3j2h1"  # the older naming, without a pid
+    live = tmp_path / f".out.partial-{os.getpid()}-efgh"
+    for d in (stale, legacy, live):
+        d.mkdir()
+        (d / "shard").write_text("x")
+    umask = os.umask(0o022)
+    try:
+        out = convert_hf_to_megatron(hf_dirs[True], tmp_path / "out")
+    finally:
+        os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert not stale.exists() and not legacy.exists() and live.exists()
+
+
 def test_failed_conversion_leaves_no_output(hf_dirs, tmp_path):
     """Headers intact, data cut short: the failure happens mid-write, after some chunks reached the disk."""
     hf = _copy_hf(hf_dirs[True], tmp_path / "hf")
