@@ -329,9 +329,14 @@ class CodeSandboxConfig:
     wall_time_s: float = 2.0
     """Wall-clock limit per test run; past it the run is killed and the status is timeout."""
     memory_mb: int = 512
-    """RLIMIT_AS of a program, MiB."""
+    """Memory of a program, MiB: RLIMIT_AS of each process and, with a per-run cgroup, of all of them together."""
     cpu_time_s: int = 30
     """RLIMIT_CPU of a program, seconds."""
+    max_processes: int = 64
+    """Processes of one program run, all together (cgroup pids.max; else RLIMIT_NPROC, see verify/sandbox.py)."""
+    cgroup: Literal["auto", "require", "off"] = "auto"
+    """Per-run cgroup for the whole-sandbox limits: 'auto' (when this machine allows one; else a stated weaker
+    guarantee and a warning), 'require' (an error without one), 'off'."""
     max_output_chars: int = 4000
     """Reported stdout / stderr are cut to this many characters (the judge compares the whole stdout)."""
     bwrap_path: str | None = None
@@ -341,10 +346,11 @@ class CodeSandboxConfig:
     reference runs them one after another."""
 
     def __post_init__(self) -> None:
-        for name in ("wall_time_s", "memory_mb", "cpu_time_s", "max_output_chars", "workers"):
+        for name in ("wall_time_s", "memory_mb", "cpu_time_s", "max_output_chars", "workers", "max_processes"):
             _finite(f"sandbox.{name}", getattr(self, name))
             if not getattr(self, name) > 0:
                 raise ConfigError(f"sandbox.{name}={getattr(self, name)!r} must be > 0")
+        _choice("sandbox.cgroup", self.cgroup, ("auto", "require", "off"))
 
     def sandbox_config(self) -> SandboxConfig:
         """The `sandbox.SandboxConfig` these settings describe (kind 'subprocess' only with unsafe_subprocess)."""
@@ -355,6 +361,8 @@ class CodeSandboxConfig:
             cpu_time_s=self.cpu_time_s,
             max_output_chars=self.max_output_chars,
             bwrap_path=self.bwrap_path,
+            max_processes=self.max_processes,
+            cgroup=self.cgroup,
         )
 
 
