@@ -186,9 +186,10 @@ def read_trainer_state(ckpt_dir: str | Path) -> dict[str, Any]:
     return json.loads((Path(ckpt_dir) / STATE_FILE).read_text(encoding="utf-8"))
 
 
-def check_fresh_run(root: str | Path, *, overwrite: bool) -> list[Path]:
-    """For a run that resumes nothing: the existing checkpoints under `root` it will delete (overwrite=True), else
-    []. Raises CheckpointError naming `root` and the ways out when it holds another run's checkpoints."""
+def check_fresh_run(root: str | Path, *, overwrite: bool, resumed_from: Path | None = None) -> list[Path]:
+    """For a run that resumes nothing (or `resumed_from`, a checkpoint of another root): the existing checkpoints
+    under `root` it will delete (overwrite=True), else []. Raises CheckpointError naming `root` and the ways out when
+    it holds another run's checkpoints."""
     root = Path(root)
     if not root.is_dir():
         return []
@@ -197,11 +198,12 @@ def check_fresh_run(root: str | Path, *, overwrite: bool) -> list[Path]:
     if not complete or overwrite:
         return existing if complete else []
     names = ", ".join(p.name for p in complete[:3]) + (", ..." if len(complete) > 3 else "")
+    what = ("resumes nothing (checkpoint.resume=null, or 'auto' found none)" if resumed_from is None else
+            f"resumes {resumed_from}, which is not one of them")
     raise CheckpointError(
-        f"checkpoint directory {root} already holds another run's checkpoints ({names}) and this run resumes "
-        "nothing (checkpoint.resume=null, or 'auto' found none valid): continue that run with "
-        "checkpoint.resume=auto, start this one in a new output_dir (or checkpoint.dir), or set "
-        "checkpoint.overwrite=true to delete them first"
+        f"checkpoint directory {root} already holds another run's checkpoints ({names}) and this run {what}: "
+        "continue that run with checkpoint.resume=auto, start this one in a new output_dir (or checkpoint.dir), or "
+        "set checkpoint.overwrite=true to delete them first"
     )
 
 

@@ -426,14 +426,15 @@ class Trainer:
         path, skipped = self.checkpoints.resolve(cfg.checkpoint.resume, dist.get_world_size())
         for message in skipped:
             notice(message, warning=True)
-        if path is None:
-            stale = check_fresh_run(cfg.checkpoint_dir, overwrite=cfg.checkpoint.overwrite)
+        if path is None or path.parent.absolute() != cfg.checkpoint_dir.absolute():  # saves go among others'
+            stale = check_fresh_run(cfg.checkpoint_dir, overwrite=cfg.checkpoint.overwrite, resumed_from=path)
             if stale:
                 notice(f"checkpoint.overwrite=true: deleting {len(stale)} entries of another run in "
                        f"{cfg.checkpoint_dir}", warning=True)
                 if self.rank == 0:
                     remove_checkpoints(stale)
             dist.barrier()
+        if path is None:
             return None
         state = read_trainer_state(path)
         saved_step, saved_max = int(state["step"]), state.get("config", {}).get("max_steps")

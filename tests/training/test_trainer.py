@@ -348,6 +348,20 @@ def test_trainer_cli_refuses_a_fresh_run_into_another_runs_checkpoints(cli_run, 
     assert sorted(p.name for p in (cli_run / "checkpoints").iterdir()) == before
 
 
+@pytest.mark.integration
+def test_trainer_cli_refuses_to_resume_another_root_into_a_used_one(cli_run, hf_dir, tmp_path):
+    """Resuming a checkpoint of root A while saving into root B that holds B's own run would mix the two in B."""
+    import shutil
+
+    shutil.copytree(cli_run / "checkpoints", tmp_path / "other" / "checkpoints")
+    resume = cli_run / "checkpoints" / "step_00000002"
+    proc = _train_cli(f"output_dir={tmp_path / 'other'}", f"model.hf_path={hf_dir}", f"checkpoint.resume={resume}",
+                      timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = _error_lines(proc.stderr)
+    assert len(errors) == 1 and f"resumes {resume}, which is not one of them" in errors[0], proc.stderr[-3000:]
+
+
 def _copy_run_with_two_checkpoints(cli_run: Path, out: Path) -> Path:
     """out/checkpoints with cli_run's step 2 and a step 1 made from it (same weights; the trainer state says 1)."""
     import shutil
