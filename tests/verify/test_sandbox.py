@@ -318,11 +318,11 @@ def test_sandbox_sees_only_the_interpreter_and_system_libraries(sandbox, unsafe)
     inside = sandbox.run(program, "")
     assert inside.returncode == 0, inside.stderr
     assert inside.stdout.splitlines()[0] == str([False] * len(probes))
-    visible = set(eval(inside.stdout.splitlines()[1]))  # noqa: S307 - our own program's repr of a list
+    visible = set(eval(inside.stdout.splitlines()[1]))
     prefixes = {Path(p).parts[1] for p in (sys.prefix, sys.base_prefix)}
     assert visible <= {"usr", "lib", "lib64", "lib32", "libx32", "bin", "sbin", "tmp", "dev", "proc"} | prefixes
     control = unsafe.run(program, "")  # outside the sandbox the same program sees them
-    assert eval(control.stdout.splitlines()[0])[1] and eval(control.stdout.splitlines()[0])[2]  # noqa: S307
+    assert eval(control.stdout.splitlines()[0])[1] and eval(control.stdout.splitlines()[0])[2]
 
 
 def test_sandbox_without_a_cgroup_states_the_weaker_guarantee(monkeypatch):
