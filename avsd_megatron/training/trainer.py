@@ -16,7 +16,11 @@ Construction (`Trainer.__init__`), done once, with every mode chosen here and ne
    `MathTask` or `CodeTask`, which builds the prompts and, for code, the sandbox) and the prompt stream
    (`PromptStream`).
 5. Resume (`checkpoint.resume`): model, optimizer, Adam step count, RNG, EMA teacher, step and data cursor
-   (`checkpointing`); then the engine gets the current weights.
+   (`checkpointing`); then the engine gets the current weights. Which checkpoint is decided first, from files
+   alone (`_plan_resume`, before step 1): the newest one that verifies (corrupt newer ones are skipped with a
+   warning naming the bad file), a refusal to start a run into a checkpoint directory holding another run's
+   checkpoints (unless checkpoint.overwrite), an error for max_steps below the saved step, a warning when a changed
+   max_steps changes the LR schedule; rank 0 then prints "resumed from step N (path)" (`notices`).
 
 One step (`train_step`), per rank:
 - `rollout()`: the next `prompts_per_step` prompts (identical on every rank), this DP rank's slice, `generate` with
