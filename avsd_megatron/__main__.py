@@ -10,6 +10,12 @@
 `python -m avsd_megatron COMMAND --help` shows a command's flags. The checkpoint converter is
 `tools/convert_checkpoint.py`; the NeMo-Run recipes are `examples/avsd_*.py` and `nemorun avsd ...`.
 
+User errors (a bad config value, a bad data row, a missing or unreadable file, a checkpoint that cannot be
+resumed: `ValueError` and its subclasses `ConfigError`, `BadRowError`, `CheckpointError`, and `OSError`s such as
+`FileNotFoundError`) print as one `error: ...` line on stderr and exit 2, before the expensive part where the
+command can tell; under torchrun only global rank 0 prints it (every rank exits 2). Anything else is a bug and keeps
+its traceback; `AVSD_TRACEBACK=1` shows the traceback of a user error too.
+
 `dist_checkpointing.save` starts a helper process with the spawn method, which re-imports `__main__`: everything
 here stays behind the `if __name__ == "__main__":` guard.
 """
@@ -17,8 +23,10 @@ here stays behind the `if __name__ == "__main__":` guard.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 COMMANDS = {
     "train": ("avsd_megatron.training.train", "AVSD training from a YAML config (one process or under torchrun)"),
@@ -37,6 +45,26 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+USER_ERRORS = (ValueError, OSError)
+"""What a command line reports as `error: ...` + exit 2 (module docstring); the project's own user errors
+(ConfigError, BadRowError, CheckpointError) are ValueErrors."""
+EXIT_USER_ERROR = 2
+
+
+def run_command(command: Callable[[list[str]], Any], argv: Sequence[str]) -> int:
+    """Run a command's `main(argv)`; a user error becomes one `error: ...` line (rank 0 only) and exit 2."""
+    try:
+        command(list(argv))
+    except USER_ERRORS as exc:
+        if os.environ.get("AVSD_TRACEBACK", "") not in ("", "0"):
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            message = " ".join(str(exc).split()) or type(exc).__name__
+            print(f"error: {message}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
@@ -46,8 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: unknown command {args[0]!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[args[0]][0])
-    module.main(args[1:])
-    return 0
+    return run_command(module.main, args[1:])
 
 
 if __name__ == "__main__":

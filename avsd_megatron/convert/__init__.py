@@ -7,6 +7,7 @@
 | `safetensors_io` | per-tensor reader (`safe_open`), shard writer (hub's plan, `save_file`), tokenizer/config copy |
 | `dist_ckpt`      | streaming `torch_dist` writer, region reader, `load_megatron_checkpoint` (the trainer's load)  |
 | `convert`        | `convert_hf_to_megatron`, `convert_megatron_to_hf` (files, atomic output directories)          |
+| `fingerprint`    | `hf_fingerprint`: what a conversion was made from (recorded in hf_conversion.json)             |
 | `export`         | `export_hf_weights(model, hf_config, tp_group=, pp_group=)` (in-memory, for rollout refits)    |
 
 The CLI is `tools/convert_checkpoint.py`. Importing this package does not import Megatron.
@@ -24,6 +25,7 @@ from avsd_megatron.convert.dist_ckpt import (
     write_conversion_metadata,
 )
 from avsd_megatron.convert.export import export_hf_weights
+from avsd_megatron.convert.fingerprint import hf_fingerprint
 from avsd_megatron.convert.qwen3_config import (
     Qwen3Dims,
     padded_vocab_size,
@@ -38,6 +40,7 @@ __all__ = [
     "convert_hf_to_megatron",
     "convert_megatron_to_hf",
     "export_hf_weights",
+    "hf_fingerprint",
     "iter_hf_weights_from_checkpoint",
     "load_megatron_checkpoint",
     "padded_vocab_size",

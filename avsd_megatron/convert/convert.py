@@ -11,8 +11,10 @@ any TP/PP (`load_megatron_checkpoint`); `--tp/--pp` only pick the vocab padding 
 megatron -> hf: the checkpoint's keys and global shapes are checked against the HF config, then each layer is read
 (whatever TP/PP wrote it), turned into HF tensors and handed to a shard writer that flushes every ~`max_shard_bytes`.
 
-Both write into a temporary sibling directory and rename it to `out_dir` only on success, so a failed conversion
-leaves no partial output.
+Both write into a temporary sibling directory `.<name>.partial-<pid>-<random>` and rename it to `out_dir` only on
+success, so a failed conversion leaves no partial output; one killed with SIGKILL leaves its partial directory,
+which the next conversion into the same `out_dir` removes (when the process that made it is gone). The output
+gets the usual permissions (0777 minus the umask), not mkdtemp's 0700, so it is readable on shared storage.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from avsd_megatron.convert.dist_ckpt import (
     write_conversion_metadata,
     write_torch_dist,
 )
+from avsd_megatron.convert.fingerprint import hf_fingerprint
 from avsd_megatron.convert.mapping import (
     GLOBAL_MAPPINGS,
     LAYER_MAPPINGS,
@@ -71,6 +74,28 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 """CLI spellings of the storage dtypes."""
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_partials(out_dir: Path) -> list[Path]:
+    """Delete the `.<name>.partial-<pid>-*` siblings of `out_dir` whose process is gone (killed conversions);
+    returns them. Partials of a live process (a conversion running now) are kept."""
+    removed = []
+    for path in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
+        pid = path.name.removeprefix(f".{out_dir.name}.partial-").split("-")[0]
+        if not pid.isdigit() or not _pid_alive(int(pid)):  # no pid: the older naming (mkdtemp only)
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 @contextmanager
 def _atomic_output_dir(out_dir: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary sibling of `out_dir`; rename it to `out_dir` on success, delete it on any error."""
@@ -78,7 +103,11 @@ def _atomic_output_dir(out_dir: str | Path) -> Iterator[Path]:
     if out_dir.exists():
         raise FileExistsError(f"output directory {out_dir} already exists; remove it or choose another --out")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    remove_stale_partials(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-{os.getpid()}-", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the renamed output should be like any other directory
     try:
         yield tmp
         os.rename(tmp, out_dir)
@@ -203,7 +232,8 @@ def convert_hf_to_megatron(
     with _atomic_output_dir(out_dir) as tmp, _progress_bar(total, "hf->megatron", progress) as bar:
         write_torch_dist(tmp, [_counted(entry, bar) for entry in entries])
         write_conversion_metadata(
-            tmp, hf_config, dtype=dtype, padded_vocab_size=padded_vocab, source=str(Path(hf_dir).absolute())
+            tmp, hf_config, dtype=dtype, padded_vocab_size=padded_vocab, source=str(Path(hf_dir).absolute()),
+            source_fingerprint=hf_fingerprint(hf_dir),
         )
         (tmp / HF_ASSETS_DIR).mkdir()
         copy_hf_assets(hf_dir, tmp / HF_ASSETS_DIR)
@@ -302,7 +332,8 @@ def convert_megatron_to_hf(
     """Convert a Megatron dist checkpoint (converted, or saved by the trainer at any TP/PP) into an HF directory.
 
     Args:
-        megatron_dir: dist-checkpoint dir, or a Megatron-LM save dir (its latest iteration is used).
+        megatron_dir: dist-checkpoint dir, a Megatron-LM save dir (its latest iteration is used) or the trainer's
+            checkpoint root (the step its `latest` file names).
         out_dir: must not exist; gets safetensors shards (+ index), config.json, generation config and tokenizer.
         hf_reference_dir: HF directory supplying config.json and tokenizer files; needed when the checkpoint has no
             `hf_conversion.json`.

@@ -227,10 +227,17 @@ class _RegionLoadPlanner(LoadPlanner):
 
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:
-    """The dist-checkpoint directory of `path`: `path` itself, or the latest `iter_*` of a Megatron-LM save dir."""
+    """The dist-checkpoint directory of `path`: `path` itself, the latest `iter_*` of a Megatron-LM save dir, or the
+    step directory that the `latest` file of this project's trainer checkpoint root names."""
     path = Path(path)
     if (path / MEGATRON_METADATA).is_file():
         return path
+    trainer_latest = path / "latest"  # training/checkpointing.py LATEST_FILE (training is a higher layer)
+    if trainer_latest.is_file():
+        candidate = path / trainer_latest.read_text(encoding="utf-8").strip()
+        if candidate != path and (candidate / MEGATRON_METADATA).is_file():
+            return candidate
+        raise FileNotFoundError(f"{trainer_latest} names {candidate}, which has no {MEGATRON_METADATA}")
     tracker = path / "latest_checkpointed_iteration.txt"
     if tracker.is_file():
         iteration = tracker.read_text().strip()
@@ -290,10 +297,12 @@ class TorchDistReader:
 
 
 def write_conversion_metadata(
-    ckpt_dir: str | Path, hf_config: Mapping[str, Any], *, dtype: torch.dtype, padded_vocab_size: int, source: str
+    ckpt_dir: str | Path, hf_config: Mapping[str, Any], *, dtype: torch.dtype, padded_vocab_size: int, source: str,
+    source_fingerprint: str | None = None,
 ) -> None:
-    """Write `hf_conversion.json`: the HF config the model is rebuilt from, plus provenance. Trainers that save
-    checkpoints meant for `megatron-to-hf` call this too (then `--hf-reference` is not needed)."""
+    """Write `hf_conversion.json`: the HF config the model is rebuilt from, plus provenance (`source`: the HF
+    directory; `source_fingerprint`: its `fingerprint.hf_fingerprint`, so a stale conversion is recognised). Trainers
+    that save checkpoints meant for `megatron-to-hf` call this too (then `--hf-reference` is not needed)."""
     from avsd_megatron.convert.safetensors_io import write_json
 
     write_json(
@@ -302,6 +311,7 @@ def write_conversion_metadata(
             "format": CONVERSION_FORMAT,
             "format_version": 1,
             "source": source,
+            "source_fingerprint": source_fingerprint,
             "dtype": str(dtype).removeprefix("torch."),
             "padded_vocab_size": padded_vocab_size,
             "hf_config": dict(hf_config),

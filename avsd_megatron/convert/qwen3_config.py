@@ -64,9 +64,16 @@ def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
     """Read `<hf_dir>/config.json` as a dict; `FileNotFoundError` names the path."""
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: an HF checkpoint directory needs a config.json")
+        raise FileNotFoundError(f"{path} not found: a local HF checkpoint directory needs a config.json (hub ids are "
+                                "not downloaded)")
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
 
 
 def _as_dict(hf_config: Mapping[str, Any] | Any) -> Mapping[str, Any]:
@@ -82,6 +89,22 @@ def _require(cfg: Mapping[str, Any], field: str) -> Any:
     if field not in cfg or cfg[field] is None:
         raise ValueError(f"config.json: required field {field!r} is missing")
     return cfg[field]
+
+
+def _typed(cfg: Mapping[str, Any], field: str, kind: type, *, required: bool = True) -> Any:
+    """cfg[field] checked to be a JSON integer (kind=int), number (float) or boolean (bool); a bool is no number
+    and a float is no integer, so `"four"`, `4.5` or `true` for num_hidden_layers name the field instead of being
+    cast silently or failing in int()."""
+    value = _require(cfg, field) if required else cfg.get(field)
+    if value is None:
+        return None
+    ok = (isinstance(value, bool) if kind is bool else
+          isinstance(value, int) and not isinstance(value, bool) if kind is int else
+          isinstance(value, (int, float)) and not isinstance(value, bool))
+    if not ok:
+        names = {int: "an integer", float: "a number", bool: "true or false"}
+        raise ValueError(f"config.json: {field}={value!r} must be {names[kind]}")
+    return kind(value)
 
 
 def _rope_theta(cfg: Mapping[str, Any]) -> float:
@@ -163,22 +186,24 @@ class Qwen3Dims:
         for field, allowed in fixed:
             if field in cfg and cfg[field] not in allowed:
                 raise ValueError(f"config.json: {field}={cfg[field]!r} is not supported; Qwen3 uses {allowed[0]!r}")
-        heads = int(_require(cfg, "num_attention_heads"))
-        hidden = int(_require(cfg, "hidden_size"))
-        groups = cfg.get("num_key_value_heads")
-        head_dim = cfg.get("head_dim")
+        heads = _typed(cfg, "num_attention_heads", int)
+        hidden = _typed(cfg, "hidden_size", int)
+        groups = _typed(cfg, "num_key_value_heads", int, required=False)
+        head_dim = _typed(cfg, "head_dim", int, required=False)
+        if heads < 1:
+            raise ValueError(f"config.json: num_attention_heads={heads} must be >= 1")
         dims = cls(
-            num_layers=int(_require(cfg, "num_hidden_layers")),
+            num_layers=_typed(cfg, "num_hidden_layers", int),
             hidden_size=hidden,
-            ffn_hidden_size=int(_require(cfg, "intermediate_size")),
+            ffn_hidden_size=_typed(cfg, "intermediate_size", int),
             num_attention_heads=heads,
-            num_query_groups=int(groups) if groups is not None else heads,
-            head_dim=int(head_dim) if head_dim is not None else hidden // heads,
-            vocab_size=int(_require(cfg, "vocab_size")),
-            tie_word_embeddings=bool(_require(cfg, "tie_word_embeddings")),
-            rms_norm_eps=float(_require(cfg, "rms_norm_eps")),
+            num_query_groups=groups if groups is not None else heads,
+            head_dim=head_dim if head_dim is not None else hidden // heads,
+            vocab_size=_typed(cfg, "vocab_size", int),
+            tie_word_embeddings=_typed(cfg, "tie_word_embeddings", bool),
+            rms_norm_eps=_typed(cfg, "rms_norm_eps", float),
             rope_theta=_rope_theta(cfg),
-            max_position_embeddings=int(_require(cfg, "max_position_embeddings")),
+            max_position_embeddings=_typed(cfg, "max_position_embeddings", int),
         )
         for field in dataclasses.fields(dims):
             value = getattr(dims, field.name)

@@ -281,8 +281,45 @@ def _load_rows(source: str, *, split: str, cache_dir: str | None):
     builder = LOCAL_FORMATS.get(path.suffix.lower())
     if builder is None:
         raise ValueError(f"data source {source!r}: suffix {path.suffix!r} is not one of {tuple(LOCAL_FORMATS)}")
+    if _is_blank(path):
+        raise ValueError(f"data source {source!r} is empty: no rows")
     try:
         dataset = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir)
-    except Exception as err:  # Arrow/JSON parse errors name neither the file nor the fix
-        raise ValueError(f"data source {source!r}: `datasets` could not read it as {builder}: {err}") from err
+    except Exception as err:  # Arrow/JSON parse errors name neither the file nor the line nor the fix
+        where = _first_bad_json_line(path) if builder == "json" else None
+        raise ValueError(
+            f"data source {source!r}{where or ''}: `datasets` could not read it as {builder}: "
+            f"{err or type(err).__name__}"
+        ) from err
     return str(path), dataset
+
+
+def _is_blank(path: Path, chunk: int = 1 << 16) -> bool:
+    """Whether the file holds only whitespace (read until the first other byte)."""
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            if block.strip():
+                return False
+    return True
+
+
+def _first_bad_json_line(path: Path) -> str | None:
+    """', line N: not valid JSON (...)' for the first non-blank line that is no JSON value (JSON lines), None if
+    every line parses or the whole file is one JSON document."""
+    import json
+
+    if path.suffix.lower() == ".json":
+        try:
+            with path.open(encoding="utf-8") as f:
+                json.load(f)
+            return None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            pass  # maybe JSON lines under a .json name: check line by line
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as err:
+                    return f", line {lineno}: not valid JSON ({err.msg}, column {err.colno})"
+    return None

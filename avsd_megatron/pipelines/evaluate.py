@@ -24,6 +24,10 @@ field. The bundled `avsd_megatron/data/assets/tiny_math/*.jsonl` rows have this 
 
 Output (`--out FILE.json`): {"summary": {...}, "config": {...}, "samples": [{"index", "problem", "answer",
 "completions": [{"text", "extracted", "correct", "finish_reason", "num_tokens"}]}]}; the summary is also printed.
+`--out` is checked (directory created, writable) before the model is loaded; each problem's sample is appended to
+`FILE.json.samples.jsonl` as soon as it is graded, and running the same command again skips the problems already
+there (`eval_output.SampleRecord`; another k, seed, checkpoint, data or test set is refused). `--limit` must be
+>= 1; `--hf` must be a local HF directory with config.json.
 
 Engines, for both tasks: `hf` (transformers generate, CPU or one GPU; `rollout.hf_engine.HFEngine`) or `vllm` (GPU
 only; not yet run on a GPU): one plain `rollout.vllm_engine.StandaloneVLLMEngine` per visible GPU (`--gpus N` for
@@ -82,7 +86,14 @@ from avsd_megatron.data.examples import BadRowError, CodeExample, RowRef, code_e
 from avsd_megatron.data.prompts import code_student_message, math_eval_message, render_chat
 from avsd_megatron.rollout.engine import SamplingParams, request_seed
 from avsd_megatron.verify.extract import extract_code
-from avsd_megatron.verify.grading import code_scores, grade_code_completion, grade_math_completion, math_scores
+from avsd_megatron.pipelines.eval_output import SampleRecord
+from avsd_megatron.verify.grading import (
+    MathGrade,
+    code_scores,
+    grade_code_completion,
+    grade_math_completion,
+    math_scores,
+)
 from avsd_megatron.verify.sandbox import STATUSES, Sandbox, SandboxConfig, TestCase
 
 __all__ = [
@@ -135,6 +146,7 @@ def load_math_eval_rows(path: str | Path, limit: int | None = None) -> list[dict
         ValueError: not valid JSON, not an object, a missing / empty / non-string `problem` or `answer` (the message
             names file, line and field), or no rows.
     """
+    _check_limit(limit)
     rows: list[dict[str, str]] = []
     for lineno, row in _jsonl_objects(path):
         clean = {}
@@ -156,6 +168,11 @@ def load_math_eval_rows(path: str | Path, limit: int | None = None) -> list[dict
     return rows
 
 
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit {limit} must be >= 1 (omit it to evaluate every problem)")
+
+
 def _jsonl_objects(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(1-based line number, object) of each non-empty line; FileNotFoundError / ValueError naming file:line."""
     path = Path(path)
@@ -175,42 +192,59 @@ def _jsonl_objects(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def evaluate_math(
-    engine: Any, tokenizer: Any, rows: Sequence[dict[str, str]], cfg: EvalConfig, *, progress: bool = True
+    engine: Any, tokenizer: Any, rows: Sequence[dict[str, str]], cfg: EvalConfig, *, progress: bool = True,
+    record: SampleRecord | None = None,
 ) -> dict[str, Any]:
     """Sample cfg.k completions per row with `engine` (a rollout.RolloutEngine), grade them, score them.
+
+    `record` (`eval_output.SampleRecord`): each problem's sample is appended to it as soon as it is graded, and a
+    problem it already holds is taken from it instead of being generated again.
 
     Returns:
         {"summary": {avg@k, pass@k, format_rate, problems, k, avg@k_stderr, mean_completion_tokens, length_rate,
         eval_seconds}, "config": asdict(cfg), "samples": [...]} (module docstring).
     """
     start = time.perf_counter()
-    samples, grades = sample_math(engine, tokenizer, rows, cfg, range(len(rows)), progress=progress)
+    samples, grades = sample_math(engine, tokenizer, rows, cfg, range(len(rows)), progress=progress, record=record)
     return math_result(samples, grades, cfg, time.perf_counter() - start)
 
 
 def sample_math(engine: Any, tokenizer: Any, rows: Sequence[dict[str, str]], cfg: EvalConfig,
-                indices: Sequence[int], *, progress: bool = False) -> tuple[list[dict[str, Any]], list[list[Any]]]:
+                indices: Sequence[int], *, progress: bool = False,
+                record: SampleRecord | None = None) -> tuple[list[dict[str, Any]], list[list[Any]]]:
     """(samples, grades) of `rows`, whose positions in the whole set are `indices` (they pick the seeds)."""
     from tqdm import tqdm
 
     params = cfg.sampling()
     samples, grades = [], []
     for index, row in zip(indices, tqdm(rows, desc="eval", disable=not progress, dynamic_ncols=True), strict=True):
-        text = render_chat(tokenizer, math_eval_message(row["problem"]), thinking=cfg.thinking)
-        ids = tokenizer.encode(text, add_special_tokens=False)
-        # one prompt per call: its seed depends on the problem index only, not on batching or sharding
-        completions = engine.generate([ids], params, seed=request_seed(cfg.seed, index))
-        row_grades = [grade_math_completion(c.text, row["answer"]) for c in completions]
-        grades.append(row_grades)
-        samples.append({
-            "index": index, "problem": row["problem"], "answer": row["answer"],
-            "completions": [
-                {"text": c.text, "extracted": g.answer, "correct": g.correct, "finish_reason": c.finish_reason,
-                 "num_tokens": len(c.token_ids)}
-                for c, g in zip(completions, row_grades)
-            ],
-        })
+        sample = _recorded(record, index, row["problem"])
+        if sample is None:
+            text = render_chat(tokenizer, math_eval_message(row["problem"]), thinking=cfg.thinking)
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            # one prompt per call: its seed depends on the problem index only, not on batching or sharding
+            completions = engine.generate([ids], params, seed=request_seed(cfg.seed, index))
+            row_grades = [grade_math_completion(c.text, row["answer"]) for c in completions]
+            sample = {
+                "index": index, "problem": row["problem"], "answer": row["answer"],
+                "completions": [
+                    {"text": c.text, "extracted": g.answer, "correct": g.correct, "finish_reason": c.finish_reason,
+                     "num_tokens": len(c.token_ids)}
+                    for c, g in zip(completions, row_grades)
+                ],
+            }
+            if record is not None:
+                record.append(sample)
+        grades.append(_graded("math", sample))
+        samples.append(sample)
     return samples, grades
+
+
+def _graded(task: str, sample: dict[str, Any]) -> list[Any]:
+    """The grades (math: `MathGrade`s) or statuses (code) of one problem's sample, as `sample_*` return them."""
+    if task == "math":
+        return [MathGrade(c["extracted"], c["correct"]) for c in sample["completions"]]
+    return [c["status"] for c in sample["completions"]]
 
 
 def math_result(samples: list[dict[str, Any]], grades: list[list[Any]], cfg: EvalConfig,
@@ -224,6 +258,17 @@ def math_result(samples: list[dict[str, Any]], grades: list[list[Any]], cfg: Eva
         "eval_seconds": seconds,
     }
     return {"summary": summary, "config": asdict(cfg), "samples": samples}
+
+
+def _recorded(record: SampleRecord | None, index: int, problem: str) -> dict[str, Any] | None:
+    """The sample of problem `index` already in `record`, if any; it must be of the same problem text."""
+    sample = None if record is None else record.done.get(index)
+    if sample is not None and sample.get("problem") != problem:
+        raise ValueError(
+            f"{record.path}: problem {index} differs from the data file's (the data changed since those samples "
+            "were written); delete the samples file or choose another --out"
+        )
+    return sample
 
 
 def _stderr(hits: Sequence[Sequence[bool]]) -> float:
@@ -254,6 +299,7 @@ def load_code_eval_rows(path: str | Path, limit: int | None = None, tests: str =
     """
     if tests not in TEST_SETS:
         raise ValueError(f"tests={tests!r} is not one of {TEST_SETS}")
+    _check_limit(limit)
     rows: list[CodeExample] = []
     for lineno, row in _jsonl_objects(path):
         try:
@@ -289,10 +335,12 @@ def code_eval_prompt(tokenizer: Any, example: CodeExample, cfg: EvalConfig) -> s
 def evaluate_code(
     engine: Any, tokenizer: Any, examples: Sequence[CodeExample], cfg: EvalConfig, sandbox: Sandbox, *,
     tests: str = "all", pass_at: Sequence[int] = (), workers: int = 1, progress: bool = True,
+    record: SampleRecord | None = None,
 ) -> dict[str, Any]:
     """Sample cfg.k completions per example with `engine`, run each in `sandbox` on its tests, score them.
 
     Args:
+        record: as for `evaluate_math`.
         pass_at: extra k' in [1, cfg.k] for which to report the unbiased pass@k' (1 and cfg.k always are).
         workers: samples graded at once (threads driving sandbox processes); the results do not depend on it.
     Returns:
@@ -302,13 +350,14 @@ def evaluate_code(
     """
     start = time.perf_counter()
     samples, statuses = sample_code(engine, tokenizer, examples, cfg, sandbox, range(len(examples)), tests=tests,
-                                    workers=workers, progress=progress)
+                                    workers=workers, progress=progress, record=record)
     return code_result(samples, statuses, cfg, tests, pass_at, time.perf_counter() - start)
 
 
 def sample_code(engine: Any, tokenizer: Any, examples: Sequence[CodeExample], cfg: EvalConfig, sandbox: Sandbox,
                 indices: Sequence[int], *, tests: str = "all", workers: int = 1,
-                progress: bool = False) -> tuple[list[dict[str, Any]], list[list[str]]]:
+                progress: bool = False,
+                record: SampleRecord | None = None) -> tuple[list[dict[str, Any]], list[list[str]]]:
     """(samples, statuses) of `examples`, whose positions in the whole set are `indices` (they pick the seeds)."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -319,19 +368,24 @@ def sample_code(engine: Any, tokenizer: Any, examples: Sequence[CodeExample], cf
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         rows = tqdm(examples, desc="eval", disable=not progress, dynamic_ncols=True)
         for index, example in zip(indices, rows, strict=True):
-            ids = tokenizer.encode(code_eval_prompt(tokenizer, example, cfg), add_special_tokens=False)
-            completions = engine.generate([ids], params, seed=request_seed(cfg.seed, index))
-            row_tests = code_eval_tests(example, tests)
-            results = list(pool.map(lambda c: grade_code_completion(c.text, row_tests, sandbox), completions))
-            statuses.append([r.status for r in results])
-            samples.append({
-                "index": index, "id": example.id, "problem": example.problem, "tests": len(row_tests),
-                "completions": [
-                    {"text": c.text, "code": extract_code(c.text), "status": r.status, "tests_run": r.tests_run,
-                     "finish_reason": c.finish_reason, "num_tokens": len(c.token_ids)}
-                    for c, r in zip(completions, results)
-                ],
-            })
+            sample = _recorded(record, index, example.problem)
+            if sample is None:
+                ids = tokenizer.encode(code_eval_prompt(tokenizer, example, cfg), add_special_tokens=False)
+                completions = engine.generate([ids], params, seed=request_seed(cfg.seed, index))
+                row_tests = code_eval_tests(example, tests)
+                results = list(pool.map(lambda c: grade_code_completion(c.text, row_tests, sandbox), completions))
+                sample = {
+                    "index": index, "id": example.id, "problem": example.problem, "tests": len(row_tests),
+                    "completions": [
+                        {"text": c.text, "code": extract_code(c.text), "status": r.status, "tests_run": r.tests_run,
+                         "finish_reason": c.finish_reason, "num_tokens": len(c.token_ids)}
+                        for c, r in zip(completions, results)
+                    ],
+                }
+                if record is not None:
+                    record.append(sample)
+            statuses.append(_graded("code", sample))
+            samples.append(sample)
     return samples, statuses
 
 
@@ -373,9 +427,11 @@ class VLLMEvalOptions:
 def evaluate_hf_dir(hf_dir: str | Path, data: str | Path, cfg: EvalConfig, *, limit: int | None = None,
                     engine: str = "hf", progress: bool = True, task: str = "math", tests: str = "all",
                     sandbox: SandboxConfig | None = None, pass_at: Sequence[int] = (),
-                    workers: int = 1, vllm: VLLMEvalOptions | None = None) -> dict[str, Any]:
+                    workers: int = 1, vllm: VLLMEvalOptions | None = None,
+                    record: SampleRecord | None = None) -> dict[str, Any]:
     """Load the checkpoint and the data, then `evaluate_math` (task='math') or `evaluate_code` (task='code', in a
-    `Sandbox(sandbox)`, default `SandboxConfig()` = bubblewrap); the result also records the paths.
+    `Sandbox(sandbox)`, default `SandboxConfig()` = bubblewrap); the result also records the paths. `record`: see
+    `evaluate_math`.
 
     engine='vllm': one `StandaloneVLLMEngine` per GPU in its own process (`VLLMEvalOptions`), the problems sharded
     round-robin; the merged result equals a one-engine run's, since problem i always samples with seed
@@ -392,19 +448,21 @@ def evaluate_hf_dir(hf_dir: str | Path, data: str | Path, cfg: EvalConfig, *, li
         box = Sandbox(sandbox if sandbox is not None else SandboxConfig())  # before any model is loaded
     else:
         raise ValueError(f"task={task!r} is not one of {TASKS}")
+    check_hf_dir(hf_dir)
     if engine == "hf":
         from avsd_megatron.rollout.hf_engine import HFEngine
 
         eng = HFEngine.from_pretrained(hf_dir)
         tokenizer = eng.tokenizer
         if task == "math":
-            result = evaluate_math(eng, tokenizer, rows, cfg, progress=progress)
+            result = evaluate_math(eng, tokenizer, rows, cfg, progress=progress, record=record)
         else:
             result = evaluate_code(eng, tokenizer, rows, cfg, box, tests=tests, pass_at=pass_at, workers=workers,
-                                   progress=progress)
+                                   progress=progress, record=record)
     elif engine == "vllm":
         result = _evaluate_sharded(hf_dir, rows, cfg, vllm or VLLMEvalOptions(), task=task, tests=tests,
-                                   sandbox=box.cfg if task == "code" else None, pass_at=pass_at, workers=workers)
+                                   sandbox=box.cfg if task == "code" else None, pass_at=pass_at, workers=workers,
+                                   record=record)
     else:
         raise ValueError(f"engine={engine!r} is not one of ('hf', 'vllm')")
     if task == "code":
@@ -452,14 +510,20 @@ class _Shard:
 
 def _evaluate_sharded(hf_dir: str | Path, rows: Sequence[Any], cfg: EvalConfig, options: VLLMEvalOptions, *,
                       task: str, tests: str, sandbox: SandboxConfig | None, pass_at: Sequence[int],
-                      workers: int) -> dict[str, Any]:
+                      workers: int, record: SampleRecord | None = None) -> dict[str, Any]:
+    """The GPUs' engines on the problems `record` does not hold yet (round-robin over the pending ones; seeds by the
+    problem's index, so the split does not matter); their samples are appended to `record` in problem order when
+    the engines are done, and merged with the recorded ones."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     from avsd_megatron.rollout.vllm_engine import StandaloneVLLMEngine, standalone_engine_kwargs
 
     start = time.perf_counter()
-    devices = visible_gpus(options.gpus)[: len(rows)]
+    recorded = {i: s for i in range(len(rows))
+                if (s := _recorded(record, i, rows[i]["problem"] if task == "math" else rows[i].problem)) is not None}
+    pending = [i for i in range(len(rows)) if i not in recorded]
+    devices = visible_gpus(options.gpus)[: max(1, len(pending))]
     render = ((lambda tok, row: render_chat(tok, math_eval_message(row["problem"]), thinking=cfg.thinking))
               if task == "math" else (lambda tok, row: code_eval_prompt(tok, row, cfg)))
     engine_kwargs = standalone_engine_kwargs(
@@ -467,9 +531,9 @@ def _evaluate_sharded(hf_dir: str | Path, rows: Sequence[Any], cfg: EvalConfig, 
         gpu_memory_utilization=options.gpu_memory_utilization, max_num_seqs=options.max_num_seqs,
     )
     factory = options.engine_factory or StandaloneVLLMEngine
-    shards = [_Shard(device, tuple(range(g, len(rows), len(devices))), tuple(rows[g :: len(devices)]), str(hf_dir),
-                     cfg, engine_kwargs, factory, task, tests, sandbox, workers)
-              for g, device in enumerate(devices)]
+    shards = [_Shard(device, tuple(pending[g :: len(devices)]), tuple(rows[i] for i in pending[g :: len(devices)]),
+                     str(hf_dir), cfg, engine_kwargs, factory, task, tests, sandbox, workers)
+              for g, device in enumerate(devices) if pending[g :: len(devices)]]
     # one process per GPU, started fresh (spawn): CUDA_VISIBLE_DEVICES must be set before CUDA initialises there,
     # and a process that forked after CUDA started cannot use it. Each builds its own engine (vLLM's TP-1
     # UniProcExecutor: no torch.distributed, no RANK / LOCAL_RANK).
@@ -481,7 +545,11 @@ def _evaluate_sharded(hf_dir: str | Path, rows: Sequence[Any], cfg: EvalConfig, 
     finally:
         for pool in pools:
             pool.shutdown(wait=True, cancel_futures=True)
-    order = sorted(((i, s, g) for part in parts for i, s, g in zip(*part, strict=True)), key=lambda t: t[0])
+    new = sorted(((i, s, g) for part in parts for i, s, g in zip(*part, strict=True)), key=lambda t: t[0])
+    if record is not None:
+        for _, sample, _ in new:
+            record.append(sample)
+    order = sorted(new + [(i, s, _graded(task, s)) for i, s in recorded.items()], key=lambda t: t[0])
     samples, grades = [sample for _, sample, _ in order], [grade for _, _, grade in order]
     seconds = time.perf_counter() - start
     result = (math_result(samples, grades, cfg, seconds) if task == "math"
@@ -503,6 +571,15 @@ def _run_shard(shard: _Shard) -> tuple[list[int], list[dict[str, Any]], list[lis
         samples, grades = sample_code(engine, tokenizer, shard.rows, shard.cfg, Sandbox(shard.sandbox),
                                       shard.indices, tests=shard.tests, workers=shard.workers)
     return list(shard.indices), samples, grades
+
+
+def check_hf_dir(hf_dir: str | Path) -> None:
+    """An HF checkpoint directory with config.json (not a hub id: evaluation reads local files only)."""
+    path = Path(hf_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--hf {hf_dir}: no such directory (an HF checkpoint directory; hub ids are not read)")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--hf {hf_dir}: no config.json in it (not an HF checkpoint directory)")
 
 
 def _longest_prompt(hf_dir: str | Path, rows: Sequence[Any], render: Any) -> int:
@@ -530,7 +607,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", required=True,
                         help="jsonl; math: string fields problem, answer; code: code rows (problem, "
                         "reference_solution, public_tests, optional hidden_tests, ...; avsd_megatron/data/examples.py)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N problems only")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N >= 1 problems only")
     parser.add_argument("--engine", choices=("hf", "vllm"), default="hf",
                         help="hf: transformers; vllm: one plain vLLM engine per GPU, problems sharded (GPU only)")
     parser.add_argument("--gpus", type=int, default=None,
@@ -558,7 +635,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="code: run programs in a plain subprocess (resource limits only, NO isolation; the "
                         "reference's flag) instead of bubblewrap")
     # -- output ---------------------------------------------------------------------------------------------------
-    parser.add_argument("--out", default=None, help="write summary, config and every sample to this JSON file")
+    parser.add_argument("--out", default=None,
+                        help="write summary, config and every sample to this JSON file; samples are kept as made in "
+                        "OUT.samples.jsonl and a re-run skips the problems already there")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     return parser.parse_args(argv)
 
@@ -567,19 +646,31 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     cfg = EvalConfig(k=args.k, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                      max_new_tokens=args.max_new_tokens, thinking=args.thinking == "on", seed=args.seed)
+    _check_limit(args.limit)
+    if args.workers < 1:
+        raise ValueError(f"--workers {args.workers} must be >= 1")
+    bad_j = [j for j in args.pass_at if not 1 <= j <= args.k]
+    if bad_j:
+        raise ValueError(f"--pass-at {bad_j} must lie in [1, --k={args.k}]")
+    check_hf_dir(args.hf)
     sandbox = None
     if args.task == "code":
         sandbox = SandboxConfig(kind="subprocess" if args.unsafe_subprocess_sandbox else "bwrap",
                                 wall_time_s=args.test_timeout, memory_mb=args.memory_mb)
+    record = None
+    if args.out:  # before the model is loaded: an unwritable --out fails now, not after the evaluation
+        header = {"task": args.task, "config": asdict(cfg), "hf": str(Path(args.hf).absolute()),
+                  "data": str(Path(args.data).absolute()), "tests": args.tests if args.task == "code" else None}
+        record = SampleRecord(args.out, header)
+        if record.done:
+            print(f"evaluate: {len(record.done)} problems already in {record.path}; evaluating the rest")
     vllm = VLLMEvalOptions(gpus=args.gpus, gpu_memory_utilization=args.gpu_memory_utilization,
                            max_num_seqs=args.max_num_seqs)
     result = evaluate_hf_dir(args.hf, args.data, cfg, limit=args.limit, engine=args.engine,
                              progress=not args.no_progress, task=args.task, tests=args.tests, sandbox=sandbox,
-                             pass_at=args.pass_at, workers=args.workers, vllm=vllm)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+                             pass_at=args.pass_at, workers=args.workers, vllm=vllm, record=record)
+    if record is not None:
+        record.finish(result)
     print(json.dumps(result["summary"], indent=1))
     return result
 

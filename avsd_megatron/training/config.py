@@ -109,8 +109,9 @@ class ModelConfig:
     """The policy network (student = teacher)."""
 
     hf_path: str = PAPER_MODEL
-    """HF checkpoint directory (config.json, tokenizer, safetensors), or a hub id already in the local HF cache.
-    The architecture and tokenizer always come from here; so do the initial weights unless megatron_checkpoint is
+    """Local HF checkpoint directory (config.json, tokenizer, safetensors); hub ids are not downloaded (fetch one
+    first, e.g. `huggingface-cli download Qwen/Qwen3-8B --local-dir Qwen3-8B`). The default names the paper's
+    model and is meant to be overridden. The architecture and tokenizer always come from here; so do the initial weights unless megatron_checkpoint is
     set. The rollout engine is built from it too."""
     megatron_checkpoint: str | None = None
     """Initial weights from a Megatron dist checkpoint (`convert.convert_hf_to_megatron` output) instead of the
@@ -124,7 +125,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if not self.hf_path:
-            raise ConfigError("model.hf_path must name an HF checkpoint directory (or cached hub id)")
+            raise ConfigError("model.hf_path must name a local HF checkpoint directory")
         _choice("model.dtype", self.dtype, DTYPES)
         _choice("model.layer_spec", self.layer_spec, LAYER_SPECS)
         _choice("model.recompute", self.recompute, RECOMPUTE)
@@ -397,9 +398,14 @@ class CodeSandboxConfig:
     wall_time_s: float = 2.0
     """Wall-clock limit per test run; past it the run is killed and the status is timeout."""
     memory_mb: int = 512
-    """RLIMIT_AS of a program, MiB."""
+    """Memory of a program, MiB: RLIMIT_AS of each process and, with a per-run cgroup, of all of them together."""
     cpu_time_s: int = 30
     """RLIMIT_CPU of a program, seconds."""
+    max_processes: int = 64
+    """Processes of one program run, all together (cgroup pids.max; else RLIMIT_NPROC, see verify/sandbox.py)."""
+    cgroup: Literal["auto", "require", "off"] = "auto"
+    """Per-run cgroup for the whole-sandbox limits: 'auto' (when this machine allows one; else a stated weaker
+    guarantee and a warning), 'require' (an error without one), 'off'."""
     max_output_chars: int = 4000
     """Reported stdout / stderr are cut to this many characters (the judge compares the whole stdout)."""
     bwrap_path: str | None = None
@@ -409,10 +415,11 @@ class CodeSandboxConfig:
     reference runs them one after another."""
 
     def __post_init__(self) -> None:
-        for name in ("wall_time_s", "memory_mb", "cpu_time_s", "max_output_chars", "workers"):
+        for name in ("wall_time_s", "memory_mb", "cpu_time_s", "max_output_chars", "workers", "max_processes"):
             _finite(f"sandbox.{name}", getattr(self, name))
             if not getattr(self, name) > 0:
                 raise ConfigError(f"sandbox.{name}={getattr(self, name)!r} must be > 0")
+        _choice("sandbox.cgroup", self.cgroup, ("auto", "require", "off"))
 
     def sandbox_config(self) -> SandboxConfig:
         """The `sandbox.SandboxConfig` these settings describe (kind 'subprocess' only with unsafe_subprocess)."""
@@ -423,6 +430,8 @@ class CodeSandboxConfig:
             cpu_time_s=self.cpu_time_s,
             max_output_chars=self.max_output_chars,
             bwrap_path=self.bwrap_path,
+            max_processes=self.max_processes,
+            cgroup=self.cgroup,
         )
 
 
@@ -457,8 +466,12 @@ class CheckpointConfig:
     """Keep the newest k checkpoints; None = keep all. The reference keeps all (no save_total_limit), which at 8B
     is 50 x ≈ 115 GB (bf16 weights + fp32 master + Adam moments) = 5.7 TB for 500 steps; 3 keeps ≈ 345 GB."""
     resume: str | None = "auto"
-    """'auto' = continue from the newest checkpoint in dir if there is one; a path = continue from it (error if
-    missing); None = always start from model.hf_path / model.megatron_checkpoint."""
+    """'auto' = continue from the newest valid checkpoint in dir if there is one (a newer one that fails
+    verification is skipped with a warning); a path = continue from it (error if missing or invalid); None = always
+    start from model.hf_path / model.megatron_checkpoint."""
+    overwrite: bool = False
+    """A run that resumes nothing refuses to start when dir already holds checkpoints (another run's: keep-last
+    would prune both together and `latest` would mix them). True = delete them first."""
 
     def __post_init__(self) -> None:
         _at_least("checkpoint.save_every", self.save_every, 0)

@@ -13,6 +13,7 @@ CPU runs need (no fused kernels, CPU init, plain p2p; see `runtime.megatron_cpu`
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -21,10 +22,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from avsd_megatron.convert import convert_hf_to_megatron, qwen3_config_to_transformer_config, qwen3_gpt_model_kwargs
+from avsd_megatron.convert import (
+    convert_hf_to_megatron,
+    qwen3_config_to_transformer_config,
+    qwen3_gpt_model_kwargs,
+    read_conversion_metadata,
+)
+from avsd_megatron.convert.fingerprint import hf_fingerprint
 from avsd_megatron.training.config import TrainConfig
+from avsd_megatron.training.notices import notice
 
-__all__ = ["DTYPES", "build_gpt_model", "build_optimizer", "initial_checkpoint", "wrap_ddp"]
+__all__ = ["DTYPES", "build_gpt_model", "build_optimizer", "initial_checkpoint", "stale_init_reason", "wrap_ddp"]
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 INIT_DIR = "megatron_init"
@@ -113,8 +121,27 @@ def build_optimizer(model: Any, cfg: TrainConfig) -> Any:
         return get_megatron_optimizer(opt_config, [model], use_gloo_process_groups=False)
 
 
+def stale_init_reason(init_dir: Path, hf_path: str | Path) -> str | None:
+    """Why the converted `init_dir` is not a conversion of `hf_path` as it is now (None = it is): no
+    hf_conversion.json, no recorded fingerprint (an older conversion), or another `convert.hf_fingerprint`."""
+    meta = read_conversion_metadata(init_dir) if (init_dir / "metadata.json").is_file() else None
+    if meta is None:
+        return f"{init_dir} is not a complete conversion (no metadata.json / hf_conversion.json)"
+    recorded = meta.get("source_fingerprint")
+    if recorded is None:
+        return f"{init_dir}/hf_conversion.json records no source fingerprint (converted by an older version)"
+    current = hf_fingerprint(hf_path)
+    if recorded != current:
+        return (f"{init_dir} was converted from {meta.get('source')} ({recorded[:19]}...), but model.hf_path="
+                f"{str(hf_path)!r} now has another config / weights ({current[:19]}...)")
+    return None
+
+
 def initial_checkpoint(cfg: TrainConfig) -> Path:
-    """model.megatron_checkpoint, or <output_dir>/megatron_init converted from model.hf_path by rank 0 (once).
+    """model.megatron_checkpoint (taken as given: it may hold weights trained past hf_path's), or
+    <output_dir>/megatron_init converted from model.hf_path by rank 0. An existing megatron_init is reused only when
+    its recorded source fingerprint (`convert.hf_fingerprint`: config.json, weight index, safetensors headers and
+    edges) matches model.hf_path's now; otherwise it is deleted and converted again, with a notice saying why.
 
     While rank 0 converts, the other ranks wait in a barrier of a gloo group made for it with CONVERT_TIMEOUT: the
     default group's NCCL barrier would hit its collective timeout (10 min by default) during an 8B conversion. The
@@ -123,10 +150,14 @@ def initial_checkpoint(cfg: TrainConfig) -> Path:
     if cfg.model.megatron_checkpoint:
         return Path(cfg.model.megatron_checkpoint)
     out = Path(cfg.output_dir) / INIT_DIR
-    converts = dist.get_rank() == 0 and not out.exists()  # a failed conversion leaves no directory
     wait_group = dist.new_group(backend="gloo", timeout=CONVERT_TIMEOUT) if dist.get_world_size() > 1 else None
     try:
-        if converts:
+        if dist.get_rank() == 0 and out.exists():
+            reason = stale_init_reason(out, cfg.model.hf_path)
+            if reason is not None:
+                notice(f"converting {cfg.model.hf_path} again into {out}: {reason}", warning=True)
+                shutil.rmtree(out)
+        if dist.get_rank() == 0 and not out.exists():  # a failed conversion leaves no directory
             out.parent.mkdir(parents=True, exist_ok=True)
             convert_hf_to_megatron(cfg.model.hf_path, out, tensor_model_parallel_size=cfg.parallel.tp,
                                    pipeline_model_parallel_size=cfg.parallel.pp, dtype=DTYPES[cfg.model.dtype])

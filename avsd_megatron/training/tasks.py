@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from avsd_megatron.data.examples import CodeExample, MathExample
 from avsd_megatron.data.prompts import EncodedPrompts, PromptReport, code_feedback_prompt, code_prompts, math_prompts
-from avsd_megatron.data.views import CodeFeedback, feedback_payload, final_answer
+from avsd_megatron.data.views import CodeFeedback, ViewStats, feedback_payload, final_answer
 from avsd_megatron.rollout.engine import Completion
 from avsd_megatron.training.config import TrainConfig
 from avsd_megatron.verify.grading import grade_math_completion
@@ -89,10 +89,13 @@ class MathTask:
 
     def __init__(self, tokenizer: Any, cfg: TrainConfig, report: PromptReport, **_: Any) -> None:
         self.tokenizer, self.cfg, self.report = tokenizer, cfg, report
+        self.view_stats = ViewStats()
+        """How each encoded example's views were built: answer_only's rule ("boxed" or a fallback), the
+        partial_solution cut (counted per encoding; the trainer logs them)."""
 
     def encode(self, example: MathExample) -> EncodedPrompts | None:
         return math_prompts(self.tokenizer, example, self.cfg.avsd.views, self.cfg.prompts, self.report,
-                            ratio=self.cfg.avsd.partial_solution_ratio)
+                            ratio=self.cfg.avsd.partial_solution_ratio, view_stats=self.view_stats)
 
     def teacher_rows(self, examples: Sequence[MathExample], prompts: Sequence[EncodedPrompts],
                      completions: Sequence[Completion]) -> TeacherRows:
@@ -135,11 +138,13 @@ class CodeTask:
                  share: Callable[[Any], Any] = lambda x: x, dp_group: Any = None,
                  device: torch.device | str = "cpu") -> None:
         self.tokenizer, self.cfg, self.report = tokenizer, cfg, report
+        self.view_stats = ViewStats()  # hint payloads that fell back to the static hint
         self.sandbox = Sandbox(cfg.sandbox.sandbox_config()) if executes else None
         self.share, self.dp_group, self.device = share, dp_group, device
 
     def encode(self, example: CodeExample) -> EncodedPrompts | None:
-        return code_prompts(self.tokenizer, example, self.cfg.avsd.views, self.cfg.prompts, self.report)
+        return code_prompts(self.tokenizer, example, self.cfg.avsd.views, self.cfg.prompts, self.report,
+                            view_stats=self.view_stats)
 
     def teacher_rows(self, examples: Sequence[CodeExample], prompts: Sequence[EncodedPrompts],
                      completions: Sequence[Completion]) -> TeacherRows:

@@ -20,7 +20,11 @@ Construction (`Trainer.__init__`), done once, with every mode chosen here and ne
    the loss config: baselines need nothing here); the rollout engine (`rollout.engine`: `HFEngine` or `VLLMEngine`)
    and the prompt stream (`PromptStream`).
 5. Resume (`checkpoint.resume`): model, optimizer, Adam step count, RNG, EMA teacher, step and data cursor
-   (`checkpointing`); then the engine gets the current weights.
+   (`checkpointing`); then the engine gets the current weights. Which checkpoint is decided first, from files
+   alone (`_plan_resume`, before step 1): the newest one that verifies (corrupt newer ones are skipped with a
+   warning naming the bad file), a refusal to start a run into a checkpoint directory holding another run's
+   checkpoints (unless checkpoint.overwrite), an error for max_steps below the saved step, a warning when a changed
+   max_steps changes the LR schedule; rank 0 then prints "resumed from step N (path)" (`notices`).
 
 One step (`train_step`), per rank:
 - `rollout()`: the next `prompts_per_step` prompts (identical on every rank), this DP rank's slice, `generate` with
@@ -89,11 +93,19 @@ from avsd_megatron.hook.step import AVSDStep, MegatronGroups, StepResult, reduce
 from avsd_megatron.hook.teacher_kinds import build_teacher
 from avsd_megatron.rollout.engine import Completion, SamplingParams, request_seed
 from avsd_megatron.rollout.hf_engine import HFEngine
-from avsd_megatron.training.checkpointing import CheckpointManager, adam_step_count, prime_optimizer
 from avsd_megatron.training.algorithms import TARGETS
+from avsd_megatron.training.checkpointing import (
+    CheckpointManager,
+    adam_step_count,
+    check_fresh_run,
+    prime_optimizer,
+    read_trainer_state,
+    remove_checkpoints,
+)
 from avsd_megatron.training.config import ConfigError, TrainConfig, dump_config, to_dict
 from avsd_megatron.training.megatron_model import DTYPES, build_gpt_model, build_optimizer, initial_checkpoint, wrap_ddp
 from avsd_megatron.training.metrics_log import MetricsLog, PhaseTimer
+from avsd_megatron.training.notices import notice
 from avsd_megatron.training.preflight import check_prompts_encode, check_teacher_storage_fits, load_checked_tokenizer
 from avsd_megatron.training.tasks import TASKS, TeacherRows
 
@@ -202,6 +214,8 @@ class Trainer:
         self.prompts_per_rank = cfg.prompts_per_step // self.dp_size
         cfg.num_microbatches(dist.get_world_size())  # raises ConfigError if DP does not divide the batch
         self.megatron_groups = MegatronGroups.from_parallel_state()
+        self.checkpoints = CheckpointManager(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last)
+        self.resumed_from = self._plan_resume()  # file checks only: before the model, the conversion, the engine
 
         # Everything that can be wrong with the inputs is checked before anything heavy (model, conversion,
         # optimizer, engine) is built: a bad data source or tokenizer fails in seconds, not after minutes of GPU time.
@@ -214,6 +228,11 @@ class Trainer:
             share=self._share_within_replica, dp_group=self.megatron_groups.dp, device=_compute_device(self.on_cpu),
         )
         examples, self.load_report = load_examples(cfg.data)
+        if self.load_report.num_skipped:
+            skipped = self.load_report
+            notice(f"data.on_bad_row=skip: skipped {skipped.num_skipped} of {skipped.rows_read} rows "
+                   f"({dict(skipped.skipped)}; first: {skipped.skipped_examples[0]})", warning=True)
+        self._fallbacks_noticed = False
         self.stream = PromptStream(examples, self.task.encode, seed=cfg.optim.seed)
         check_prompts_encode(examples, self.task.encode, self.prompt_report)
         check_teacher_storage_fits(cfg, self.hf_config, dist.get_world_size(), _gpu_bytes(self.on_cpu))
@@ -235,10 +254,9 @@ class Trainer:
 
         self.step = 0
         self.last_saved_step: int | None = None
-        self.checkpoints = CheckpointManager(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last)
-        self.resumed_from = self.checkpoints.resolve(cfg.checkpoint.resume)
         if self.resumed_from is not None:
             self.load_checkpoint(self.resumed_from)
+            notice(f"resumed from step {self.step} ({self.resumed_from})")
         self.timer = PhaseTimer(None if self.on_cpu else torch.cuda.synchronize)
         self.log = MetricsLog.for_rank(self.rank, cfg.output_dir, jsonl=cfg.logging.jsonl, total_steps=cfg.max_steps,
                                        first_step=self.step, progress=progress,
@@ -253,6 +271,9 @@ class Trainer:
         """Run steps until max_steps; save at the end (unless that step was just saved). Returns the metrics of the
         steps run."""
         history = []
+        if self.step >= self.cfg.max_steps:
+            notice(f"nothing to train: {self.resumed_from} is at step {self.step} = max_steps; raise max_steps to "
+                   "continue this run")
         while self.step < self.cfg.max_steps:
             history.append(self.train_step())
         if self.last_saved_step != self.step:
@@ -351,10 +372,26 @@ class Trainer:
             "rollout/completion_len_mean": sum(lengths) / len(lengths),
             "rollout/stop_rate": sum(c.finish_reason == "stop" for c in rollout.completions) / len(lengths),
             "data/cursor": self.stream.cursor, "data/prompts_skipped": self.prompt_report.skipped,
+            "data/rows_skipped": self.load_report.num_skipped,
+            "views/answer_fallbacks": self.task.view_stats.answer_fallbacks,
+            "views/static_hints": self.task.view_stats.static_hints,
             **rows.metrics,
         }
+        self._notice_view_fallbacks()
         metrics = self._from_last_stage(metrics)
         return metrics | self.timer.pop()
+
+    def _notice_view_fallbacks(self) -> None:
+        """Once per run: the first answer_only / hint payload built by a fallback rule (the counts go on in the
+        metrics: views/answer_fallbacks, views/static_hints)."""
+        stats = self.task.view_stats
+        if self._fallbacks_noticed or not (stats.answer_fallbacks or stats.static_hints):
+            return
+        self._fallbacks_noticed = True
+        rules = {rule: n for rule, n in stats.answer_rules.items() if rule != "boxed"}
+        notice(f"views: {stats.answer_fallbacks} answer_only payloads without a \\boxed{{}} answer so far (rules "
+               f"used: {rules}), {stats.static_hints} hints from the static fallback; counts continue in "
+               "metrics views/answer_fallbacks and views/static_hints", warning=True)
 
     def write_logs(self, metrics: dict[str, Any], rollout: Rollout, rows: TeacherRows) -> None:
         if self.step % self.cfg.logging.log_every == 0:
@@ -411,6 +448,47 @@ class Trainer:
             with torch.no_grad():
                 for stored, saved in zip(self.teacher.teacher_tensors, rank_state["teacher"]):
                     stored.copy_(saved)
+
+    def _plan_resume(self) -> Path | None:
+        """The verified checkpoint to resume from (None = a fresh run), decided from files alone.
+
+        Warns about each newer checkpoint that failed verification and about an LR schedule that a changed
+        max_steps recomputes. Raises:
+            CheckpointError: no valid checkpoint (the bad files named), or a fresh run into a checkpoint directory
+                holding another run's checkpoints without checkpoint.overwrite.
+            ConfigError: the checkpoint is already past max_steps.
+        """
+        cfg = self.cfg
+        path, skipped = self.checkpoints.resolve(cfg.checkpoint.resume, dist.get_world_size())
+        for message in skipped:
+            notice(message, warning=True)
+        if path is None or path.parent.absolute() != cfg.checkpoint_dir.absolute():  # saves go among others'
+            stale = check_fresh_run(cfg.checkpoint_dir, overwrite=cfg.checkpoint.overwrite, resumed_from=path)
+            if stale:
+                notice(f"checkpoint.overwrite=true: deleting {len(stale)} entries of another run in "
+                       f"{cfg.checkpoint_dir}", warning=True)
+                if self.rank == 0:
+                    remove_checkpoints(stale)
+            dist.barrier()
+        if path is None:
+            return None
+        state = read_trainer_state(path)
+        saved_step, saved_max = int(state["step"]), state.get("config", {}).get("max_steps")
+        if saved_step > cfg.max_steps:
+            raise ConfigError(
+                f"max_steps={cfg.max_steps} is below the step of the checkpoint to resume ({path}: step {saved_step}); "
+                "raise max_steps, or start a new run (checkpoint.resume=null and a new output_dir)"
+            )
+        if saved_max is not None and int(saved_max) != cfg.max_steps and saved_step < cfg.max_steps:
+            before = cfg.optim.lr_at(saved_step, int(saved_max)) if saved_step < int(saved_max) else float("nan")
+            after = cfg.optim.lr_at(saved_step, cfg.max_steps)
+            if before != after:
+                notice(
+                    f"max_steps changed from {saved_max} (in {path}) to {cfg.max_steps}: the LR schedule "
+                    f"(optim.lr_decay={cfg.optim.lr_decay!r}) is recomputed over {cfg.max_steps} steps; step "
+                    f"{saved_step} gets lr {after:.6g} instead of {before:.6g}", warning=True,
+                )
+        return path
 
     # -- helpers -----------------------------------------------------------------------------------------------------
 

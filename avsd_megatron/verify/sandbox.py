@@ -2,23 +2,36 @@
 
 Sandbox (spec 3.4; the reference's training default was an unsandboxed subprocess, spec 6 item 9):
 
-    bwrap --ro-bind / /              whole host filesystem read-only
-          --size N --tmpfs /tmp      private, size-capped tmpfs; host /tmp is hidden; the work dir is /tmp/work
-          --ro-bind <prog> /tmp/work/main.py
-          --dev /dev --proc /proc
-          --unshare-net --unshare-pid --unshare-ipc --unshare-uts
+    /bin/sh -c 'echo $$ > <run cgroup>/cgroup.procs; exec "$@"'    a fresh cgroup per run (cgroup_limits), when
+                                     this machine allows one: pids.max and a memory limit for ALL its processes
+    bwrap --ro-bind /usr /usr ...    a filesystem view of only the system's /usr (+ /lib*, /bin, /sbin links) and
+          --ro-bind <python prefix>  the interpreter's prefixes (venv and base installation); no /etc, /root,
+                                     /home, /work, the checkout or host /tmp
+          --perms 1777 --size N --tmpfs /tmp        private, size-capped /tmp; the work dir is /tmp/work
+          --dev /dev --size N --tmpfs /dev/shm      a size-capped /dev/shm
+          --ro-bind <prog> /tmp/work/main.py --proc /proc
+          --unshare-net --unshare-pid --unshare-ipc --unshare-uts (--unshare-user --uid 65534 when not root)
+          --cap-drop ALL (+ CAP_SETUID/SETGID as root, dropped by the setuid below)
           --die-with-parent --new-session --clearenv (+ a few PYTHON*/PATH variables)
-          <python> -c <launcher> ...  sets RLIMIT_AS (memory), RLIMIT_CPU, RLIMIT_FSIZE (output), no core
-                                      files, then execs <python> main.py
+          <python> -c <launcher> ...  as root: setgroups([]), setgid/setuid(65534) (no capabilities remain);
+                                      RLIMIT_AS, RLIMIT_CPU, RLIMIT_FSIZE, no core files (and RLIMIT_NPROC without
+                                      a cgroup), then execs <python> main.py
 
-Limits: wall time (the whole process group is SIGKILLed), address space (MemoryError inside Python),
-CPU seconds (SIGXCPU), bytes written per file (stdout/stderr are files, so a program that floods its output
-fails with EFBIG, "File too large", instead of filling the trainer's memory). Reported stdout/stderr are cut to
-`max_output_chars` (4000, spec 3.4); the judge compares the whole captured stdout (see `run_tests`).
+Limits: wall time (the whole process group is SIGKILLed), CPU seconds (SIGXCPU), bytes written per file (stdout /
+stderr are files, so a program that floods its output fails with EFBIG instead of filling the trainer's memory),
+address space per process (MemoryError inside Python). For the whole sandbox, with a cgroup: at most
+`max_processes` processes (forks past it fail with EAGAIN) and `memory_mb` of memory for all of them together,
+tmpfs pages included (past it the kernel kills one; stderr says so). Without a cgroup (none can be created here:
+`Sandbox.guarantee` says why and what holds instead, and construction warns once; `cgroup="require"` makes it an
+error) the weaker guarantee is: RLIMIT_NPROC = max_processes for the sandbox's uid, which as root is the uid 65534
+shared by every sandbox running at once on this host (and, unprivileged, the sandbox's own user namespace, Linux
+>= 5.14), and memory is bounded per process only (RLIMIT_AS), so a sandbox may use up to max_processes x
+memory_mb. Reported stdout/stderr are cut to `max_output_chars` (4000, spec 3.4); the judge compares the whole
+captured stdout (see `run_tests`).
 
-`SandboxConfig(kind="subprocess")` runs the same launcher without bubblewrap (same resource limits, no
-filesystem or network isolation); it warns, and must be asked for explicitly. A missing or unusable bwrap is an
-error that says how to install it; there is no silent fallback.
+`SandboxConfig(kind="subprocess")` runs the same launcher without bubblewrap (the same cgroup and rlimits, no
+filesystem, network or uid isolation); it warns, and must be asked for explicitly. A missing or unusable bwrap is
+an error that says how to install it; there is no silent fallback.
 
 Statuses of `run_tests` (spec 3.4), checked in this order, first failure returned:
     extraction_failure  no code (empty after extraction)
@@ -44,6 +57,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from avsd_megatron.verify.cgroup_limits import SandboxCgroups
+
 SANDBOX_KINDS = ("bwrap", "subprocess")
 STATUSES = ("passed", "syntax_error", "runtime_error", "wrong_answer", "timeout", "extraction_failure")
 Status = Literal["passed", "syntax_error", "runtime_error", "wrong_answer", "timeout", "extraction_failure"]
@@ -59,12 +74,16 @@ _PROGRAM = "main.py"
 # inherited across exec). Passing limits as argv keeps this one constant string.
 _LAUNCHER = (
     "import os, resource, sys\n"
-    "mem, cpu, fsize = (int(v) for v in sys.argv[1:4])\n"
+    "mem, cpu, fsize, nproc, uid = (int(v) for v in sys.argv[1:6])\n"
+    "if uid >= 0 and os.getuid() == 0:\n"  # root in the sandbox: become an unprivileged uid (drops every capability)
+    "    os.setgroups([]); os.setgid(uid); os.setuid(uid)\n"
+    "if nproc > 0:\n"
+    "    resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))\n"
     "resource.setrlimit(resource.RLIMIT_AS, (mem, mem))\n"
     "resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))\n"  # soft < hard: SIGXCPU, not SIGKILL
     "resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))\n"
     "resource.setrlimit(resource.RLIMIT_CORE, (0, 0))\n"
-    "os.execv(sys.executable, [sys.executable, sys.argv[4]])\n"
+    "os.execv(sys.executable, [sys.executable, sys.argv[6]])\n"
 )
 
 
@@ -99,7 +118,14 @@ class SandboxConfig:
     max_output_bytes: int = 16 * 2**20
     """RLIMIT_FSIZE: writing more than this to stdout, stderr or any one file fails (EFBIG / SIGXFSZ)."""
     tmpfs_mb: int = 64
-    """Size of the sandbox's private /tmp (bwrap only)."""
+    """Size of the sandbox's private /tmp and, separately, of its /dev/shm (bwrap only)."""
+    max_processes: int = 64
+    """Processes (and threads) of the whole sandbox: the cgroup's pids.max (else RLIMIT_NPROC, module docstring)."""
+    cgroup: Literal["auto", "require", "off"] = "auto"
+    """Per-run cgroup for the whole-sandbox process and memory limits: 'auto' = when this machine allows one (else
+    the weaker guarantee, with a warning), 'require' = error without one, 'off' = never."""
+    sandbox_uid: int = 65534
+    """Unprivileged uid (and gid) the program runs as (bwrap only; 65534 = nobody)."""
     python: str = field(default_factory=lambda: sys.executable)
     """Interpreter that runs the program (default: the one running this code)."""
     bwrap_path: str | None = None
@@ -108,7 +134,12 @@ class SandboxConfig:
     def __post_init__(self) -> None:
         if self.kind not in SANDBOX_KINDS:
             raise ValueError(f"sandbox.kind={self.kind!r} is not one of {SANDBOX_KINDS}")
-        for name in ("wall_time_s", "memory_mb", "cpu_time_s", "max_output_chars", "max_output_bytes", "tmpfs_mb"):
+        if self.cgroup not in ("auto", "require", "off"):
+            raise ValueError(f"sandbox.cgroup={self.cgroup!r} is not one of ('auto', 'require', 'off')")
+        if not 0 < self.sandbox_uid < 2**31:
+            raise ValueError(f"sandbox.sandbox_uid={self.sandbox_uid!r} must be a non-root uid")
+        for name in ("wall_time_s", "memory_mb", "cpu_time_s", "max_output_chars", "max_output_bytes", "tmpfs_mb",
+                     "max_processes"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"sandbox.{name}={getattr(self, name)!r} must be > 0")
         if self.kind == "subprocess":
@@ -149,6 +180,13 @@ class Sandbox:
         self.bwrap = None
         if shutil.which(cfg.python) is None:
             raise ValueError(f"sandbox.python={cfg.python!r} is not an executable")
+        self.cgroups, why_not = (None, "sandbox.cgroup='off'") if cfg.cgroup == "off" else SandboxCgroups.detect()
+        if self.cgroups is None and cfg.cgroup == "require":
+            raise SandboxUnavailableError(f"sandbox.cgroup='require' but no cgroup can be created here: {why_not}")
+        self.guarantee = _guarantee(cfg, self.cgroups, why_not)
+        """What bounds the whole sandbox on this machine (module docstring), in words."""
+        if self.cgroups is None and cfg.cgroup == "auto":
+            _warn_once(f"sandbox: no per-run cgroup ({why_not}); {self.guarantee}")
         if cfg.kind == "bwrap":
             self.bwrap = _find_bwrap(cfg.bwrap_path)
             # A generous limit for the start-up check alone: a loaded machine may take seconds to start bwrap and
@@ -180,6 +218,10 @@ class Sandbox:
             program.write_text(code, encoding="utf-8")
             (host / "stdin").write_text(stdin, encoding="utf-8")
             argv = self._argv(program)
+            run_cgroup = None
+            if self.cgroups is not None:
+                run_cgroup = self.cgroups.create(pids_max=cfg.max_processes, memory_bytes=cfg.memory_mb * 2**20)
+                argv = run_cgroup.wrap(argv)
             with (
                 open(host / "stdin", "rb") as fin,
                 open(host / "stdout", "wb") as fout,
@@ -206,6 +248,10 @@ class Sandbox:
                 wall_s = time.perf_counter() - start
             stdout = (host / "stdout").read_bytes().decode("utf-8", errors="replace")
             stderr = (host / "stderr").read_bytes().decode("utf-8", errors="replace")
+            if run_cgroup is not None:
+                if run_cgroup.oom_killed():
+                    stderr += f"\nsandbox: a process was killed at the sandbox memory limit ({cfg.memory_mb} MiB)\n"
+                run_cgroup.remove()
         if self.bwrap is not None and returncode is not None and returncode > 128:
             returncode = 128 - returncode  # bwrap reports a child killed by signal N as exit 128 + N
         limit = cfg.max_output_chars
@@ -213,18 +259,83 @@ class Sandbox:
 
     def _argv(self, program: Path) -> list[str]:
         cfg = self.cfg
-        limits = [str(cfg.memory_mb * 2**20), str(cfg.cpu_time_s), str(cfg.max_output_bytes)]
-        if self.bwrap is None:
+        isolated = self.bwrap is not None
+        nproc = 0 if self.cgroups is not None or not isolated else cfg.max_processes  # rlimit only as the fallback
+        uid = cfg.sandbox_uid if isolated else -1
+        limits = [str(cfg.memory_mb * 2**20), str(cfg.cpu_time_s), str(cfg.max_output_bytes), str(nproc), str(uid)]
+        if not isolated:
             return [cfg.python, "-c", _LAUNCHER, *limits, str(program)]
-        argv = [self.bwrap, "--ro-bind", "/", "/", "--size", str(cfg.tmpfs_mb * 2**20), "--tmpfs", "/tmp"]
-        argv += _rebind_under_tmp(cfg.python)
-        argv += ["--dir", _WORKDIR, "--ro-bind", str(program), f"{_WORKDIR}/{_PROGRAM}", "--chdir", _WORKDIR]
-        argv += ["--dev", "/dev", "--proc", "/proc"]
-        argv += ["--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts"]
+        size = str(cfg.tmpfs_mb * 2**20)
+        argv = [self.bwrap, *_system_view(), "--perms", "1777", "--size", size, "--tmpfs", "/tmp"]
+        argv += _interpreter_view(cfg.python)  # after the /tmp tmpfs, which would hide a venv under /tmp
+        argv += ["--perms", "1777", "--dir", _WORKDIR, "--ro-bind", str(program), f"{_WORKDIR}/{_PROGRAM}"]
+        argv += ["--chdir", _WORKDIR, "--dev", "/dev", "--perms", "1777", "--size", size, "--tmpfs", "/dev/shm"]
+        argv += ["--proc", "/proc", "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts"]
+        if os.getuid() == 0:  # the launcher drops to sandbox_uid; nothing else is kept
+            argv += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+        else:  # unprivileged bwrap: a user namespace mapping us to sandbox_uid (no capabilities in it)
+            argv += ["--unshare-user", "--uid", str(cfg.sandbox_uid), "--gid", str(cfg.sandbox_uid)]
         argv += ["--die-with-parent", "--new-session", "--clearenv"]
         for key, value in _program_env(_WORKDIR).items():
             argv += ["--setenv", key, value]
         return argv + [cfg.python, "-c", _LAUNCHER, *limits, _PROGRAM]
+
+
+_SYSTEM_DIRS = ("/usr", "/lib", "/lib64", "/lib32", "/libx32", "/bin", "/sbin")
+"""The system's programs and shared libraries (a merged-/usr system has the last ones as links into /usr)."""
+
+
+def _system_view() -> list[str]:
+    """bwrap arguments binding the system directories read-only (links kept as links) and nothing else of /."""
+    out = []
+    for path in _SYSTEM_DIRS:
+        if os.path.islink(path):
+            out += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            out += ["--ro-bind", path, path]
+    return out
+
+
+def _interpreter_view(python: str) -> list[str]:
+    """Read-only binds of the interpreter's prefixes outside /usr: a venv (its pyvenv.cfg and site-packages) and
+    the installation it points to (pyenv under /root, conda, ...). Only those directories: their parents appear
+    as empty directories, so /root, /home or the checkout holding a venv stay hidden."""
+    real = os.path.realpath(shutil.which(python) or python)
+    candidates = {sys.prefix, sys.base_prefix, os.path.dirname(os.path.dirname(real))}
+    venv = os.path.dirname(os.path.dirname(os.path.abspath(shutil.which(python) or python)))
+    if os.path.isfile(os.path.join(venv, "pyvenv.cfg")):
+        candidates.add(venv)
+    out, made = [], set()
+    for path in sorted(candidates):  # parents before children
+        if any(path == d or path.startswith(d + "/") for d in _SYSTEM_DIRS) or not os.path.isdir(path):
+            continue
+        for parent in reversed(Path(path).parents[:-1]):  # bwrap would create them 0700: unusable for the uid
+            if str(parent) not in made and not any(str(parent).startswith(c + "/") for c in made if c in candidates):
+                out += ["--perms", "0755", "--dir", str(parent)]
+                made.add(str(parent))
+        out += ["--ro-bind", path, path]
+        made.add(path)
+    return out
+
+
+def _guarantee(cfg: SandboxConfig, cgroups: SandboxCgroups | None, why_not: str) -> str:
+    if cgroups is not None:
+        return (f"cgroup v{cgroups.version} per run: at most {cfg.max_processes} processes and {cfg.memory_mb} MiB "
+                "for the whole sandbox")
+    if cfg.kind == "subprocess":
+        return f"no whole-sandbox limit ({why_not}); memory per process only (RLIMIT_AS {cfg.memory_mb} MiB)"
+    return (f"weaker guarantee: RLIMIT_NPROC {cfg.max_processes} for uid {cfg.sandbox_uid} (as root shared by "
+            f"every sandbox running at once; unprivileged, per user namespace), memory per process only (RLIMIT_AS "
+            f"{cfg.memory_mb} MiB, so up to {cfg.max_processes} x that for the sandbox)")
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _find_bwrap(path: str | None) -> str:
@@ -245,16 +356,6 @@ def _program_env(home: str) -> dict[str, str]:
         "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONHASHSEED": "0",
     }
-
-
-def _rebind_under_tmp(python: str) -> list[str]:
-    """The private /tmp hides host /tmp; re-expose (read-only) an interpreter or venv that lives there."""
-    out = []
-    candidates = {sys.prefix, sys.base_prefix, os.path.dirname(python), os.path.dirname(os.path.realpath(python))}
-    for path in sorted(candidates):  # parents before children
-        if path == "/tmp" or path.startswith("/tmp/"):
-            out += ["--ro-bind", path, path]
-    return out
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

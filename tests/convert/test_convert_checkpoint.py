@@ -174,11 +174,25 @@ def test_qwen3_config_reads_rope_theta_from_either_field():
         ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
         ({"num_key_value_heads": 3}, "num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
         ({"head_dim": None, "hidden_size": None}, "'hidden_size' is missing"),
+        # issue 16.7: a wrong-typed field is named (int("four") said only "invalid literal"; 4.5 and true were cast)
+        ({"num_hidden_layers": "four"}, "num_hidden_layers='four' must be an integer"),
+        ({"num_hidden_layers": 4.5}, "num_hidden_layers=4.5 must be an integer"),
+        ({"vocab_size": True}, "vocab_size=True must be an integer"),
+        ({"rms_norm_eps": "1e-6"}, "rms_norm_eps='1e-6' must be a number"),
+        ({"tie_word_embeddings": "no"}, "tie_word_embeddings='no' must be true or false"),
     ],
 )
 def test_qwen3_config_rejects_unsupported(change, match):
     with pytest.raises(ValueError, match=match):
         Qwen3Dims.from_hf_config(_hf_config(False) | QWEN3_IDS | change)
+
+
+def test_read_hf_config_invalid_json_names_file_and_line(tmp_path):
+    from avsd_megatron.convert import read_hf_config
+
+    (tmp_path / "config.json").write_text('{\n  "hidden_size": 64,\n  oops\n}')
+    with pytest.raises(ValueError, match=r"config\.json: not valid JSON .* at line 3"):
+        read_hf_config(tmp_path)
 
 
 def test_qwen3_config_rejects_indivisible_parallel_sizes():
@@ -426,6 +440,41 @@ def test_megatron_lm_save_dir_resolves_to_latest_iteration(hf_dirs, megatron_dir
     _assert_same_state(_hf_state(out), _hf_state(hf_dirs[False]))
     with pytest.raises(FileNotFoundError, match="not a Megatron dist checkpoint"):
         convert_megatron_to_hf(tmp_path, tmp_path / "hf2")
+
+
+def test_trainer_checkpoint_root_follows_its_latest_file(hf_dirs, megatron_dirs, tmp_path):
+    """Issue 16 (smaller): megatron-to-hf on the trainer's checkpoints/ root converts the step `latest` names."""
+    root = tmp_path / "checkpoints"
+    shutil.copytree(megatron_dirs[True], root / "step_00000010")
+    shutil.copytree(megatron_dirs[False], root / "step_00000020")
+    (root / "latest").write_text("step_00000010\n")  # not the highest step: the file decides
+    out = convert_megatron_to_hf(root, tmp_path / "hf")
+    _assert_same_state(_hf_state(out), _hf_state(hf_dirs[True]))
+    (root / "latest").write_text("step_00000030\n")
+    with pytest.raises(FileNotFoundError, match="latest names .*step_00000030"):
+        convert_megatron_to_hf(root, tmp_path / "hf2")
+
+
+def test_conversion_output_is_not_private_and_stale_partials_are_removed(hf_dirs, tmp_path):
+    """Issue 16 (smaller): the output gets 0777 & ~umask (mkdtemp's 0700 made it unreadable to others on shared
+    storage); a partial directory of a killed conversion (its pid gone) is removed, a running one's is kept."""
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".out.partial-{dead.pid}-abcd"
+    legacy = tmp_path / ".out.partial-k3j2h1"  # the older naming, without a pid
+    live = tmp_path / f".out.partial-{os.getpid()}-efgh"
+    for d in (stale, legacy, live):
+        d.mkdir()
+        (d / "shard").write_text("x")
+    umask = os.umask(0o022)
+    try:
+        out = convert_hf_to_megatron(hf_dirs[True], tmp_path / "out")
+    finally:
+        os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert not stale.exists() and not legacy.exists() and live.exists()
 
 
 def test_failed_conversion_leaves_no_output(hf_dirs, tmp_path, monkeypatch):

@@ -193,3 +193,15 @@ def test_unreadable_file_names_the_file(tmp_path):
     path.write_text('{"problem": "a", "solution": "b"}\n{"problem": \n')
     with pytest.raises(ValueError, match=r"broken\.jsonl.*could not read it as json"):
         load(tmp_path, str(path))
+
+
+def test_empty_file_and_invalid_json_line_are_named(tmp_path):
+    """Issue 16.7: an empty file said "could not read it as json: " and nothing more; a bad JSON line gave no line."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n  \n")
+    with pytest.raises(ValueError, match=r"empty\.jsonl' is empty: no rows"):
+        load(tmp_path, str(empty))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"problem": "a", "solution": "b"}\n\n{"problem": "c" "solution": "d"}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl', line 3: not valid JSON \(Expecting ','"):
+        load(tmp_path, str(bad))

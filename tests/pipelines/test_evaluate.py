@@ -265,3 +265,87 @@ def test_visible_gpus_follows_cuda_visible_devices_and_refuses_none(monkeypatch)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     with pytest.raises(ValueError, match="needs a GPU and none is visible"):
         evaluate.visible_gpus(None)
+# Output handling (issue 16.4): checked first, written as it goes, resumable
+
+
+def _no_engine(*args, **kwargs):
+    raise AssertionError("the model was loaded before the output path was checked")
+
+
+def test_cli_unwritable_out_fails_before_the_model_is_loaded(tmp_path, three_rows, monkeypatch):
+    from avsd_megatron.rollout.hf_engine import HFEngine
+
+    hf = tiny.make_tiny_hf_checkpoint(tmp_path / "hf", seed=0)
+    monkeypatch.setattr(HFEngine, "from_pretrained", _no_engine)
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(OSError):  # its parent is a file: the directory cannot be created
+        evaluate.main(["--hf", str(hf), "--data", str(three_rows), "--k", "1", "--no-progress",
+                       "--out", str(tmp_path / "a_file" / "eval.json")])
+    with pytest.raises(ValueError, match="is a directory"):
+        evaluate.main(["--hf", str(hf), "--data", str(three_rows), "--k", "1", "--no-progress",
+                       "--out", str(tmp_path)])
+
+
+def test_cli_rejects_limit_zero_and_a_missing_hf_dir(tmp_path, three_rows, monkeypatch):
+    from avsd_megatron.rollout.hf_engine import HFEngine
+
+    monkeypatch.setattr(HFEngine, "from_pretrained", _no_engine)
+    hf = tiny.make_tiny_hf_checkpoint(tmp_path / "hf", seed=0)
+    with pytest.raises(ValueError, match="--limit 0 must be >= 1"):
+        evaluate.main(["--hf", str(hf), "--data", str(three_rows), "--limit", "0", "--no-progress"])
+    with pytest.raises(ValueError, match="--limit 0 must be >= 1"):
+        evaluate.load_math_eval_rows(three_rows, limit=0)  # it used to return one row
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        evaluate.main(["--hf", str(tmp_path / "missing"), "--data", str(three_rows), "--no-progress"])
+
+
+class DyingEngine(ScriptedEngine):
+    """A ScriptedEngine that is 'killed' (raises) when asked for prompt number `dies_at` (0-based)."""
+
+    def __init__(self, texts_per_prompt, dies_at):
+        super().__init__(texts_per_prompt)
+        self.dies_at = dies_at
+
+    def generate(self, prompt_token_ids, params, seed):
+        if len(self.calls) == self.dies_at:
+            raise KeyboardInterrupt("killed")
+        return super().generate(prompt_token_ids, params, seed)
+
+
+def test_samples_are_written_as_they_are_made_and_a_rerun_resumes(tmp_path):
+    from avsd_megatron.pipelines.eval_output import SampleRecord, samples_path
+
+    tokenizer = tiny.load_tiny_tokenizer()
+    rows = [{"problem": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(4)]
+    texts = [[f"\\boxed{{{i + 1}}}", "\\boxed{0}"] for i in range(4)]
+    cfg = evaluate.EvalConfig(k=2)
+    header = {"task": "math", "config": {"k": 2}}
+    reference = evaluate.evaluate_math(ScriptedEngine(texts), tokenizer, rows, cfg, progress=False)
+
+    out = tmp_path / "eval.json"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.evaluate_math(DyingEngine(texts, dies_at=2), tokenizer, rows, cfg, progress=False,
+                               record=SampleRecord(out, header))
+    lines = samples_path(out).read_text().splitlines()
+    assert len(lines) == 3 and [json.loads(x)["index"] for x in lines[1:]] == [0, 1]  # header + 2 problems
+    with open(samples_path(out), "a") as f:
+        f.write('{"index": 2, "probl')  # a line cut short by the kill
+
+    record = SampleRecord(out, header)
+    assert sorted(record.done) == [0, 1]
+    engine = ScriptedEngine(texts[2:])
+    resumed = evaluate.evaluate_math(engine, tokenizer, rows, cfg, progress=False, record=record)
+    assert len(engine.calls) == 2  # only problems 2 and 3 were generated
+    assert resumed["samples"] == reference["samples"]
+    assert {k: v for k, v in resumed["summary"].items() if k != "eval_seconds"} == {
+        k: v for k, v in reference["summary"].items() if k != "eval_seconds"}
+    record.finish(resumed)
+    assert json.loads(out.read_text())["samples"] == reference["samples"]
+
+    with pytest.raises(ValueError, match=r"another evaluation.*'config'"):
+        SampleRecord(out, {"task": "math", "config": {"k": 4}})
+    changed = [dict(r) for r in rows]
+    changed[0]["problem"] = "What is 7 + 7?"
+    with pytest.raises(ValueError, match="problem 0 differs"):
+        evaluate.evaluate_math(ScriptedEngine(texts), tokenizer, changed, cfg, progress=False,
+                               record=SampleRecord(out, header))

@@ -200,6 +200,10 @@ def test_config_sandbox_section_builds_the_sandbox_config():
     with pytest.warns(RuntimeWarning, match="WITHOUT a sandbox"):
         built = unsafe.sandbox_config()
     assert (built.kind, built.wall_time_s) == ("subprocess", 1.5)
+    whole = from_dict({"sandbox": {"max_processes": 8, "cgroup": "require"}}).sandbox.sandbox_config()
+    assert (whole.max_processes, whole.cgroup) == (8, "require")  # issue 16.9: whole-sandbox limits reach it
+    with pytest.raises(ConfigError, match="sandbox.cgroup='maybe' is not one of"):
+        from_dict({"sandbox": {"cgroup": "maybe"}})
 
 
 def test_config_builds_the_loss_and_teacher_configs():

@@ -173,3 +173,15 @@ def test_code_rewards_run_the_public_tests_and_missing_programs_get_the_failure_
     assert [g.outcome for g in graded] == ["correct", "wrong", "unparseable"]
     assert [g.reward for g in graded] == [1.0, 0.0, -1.0]
     assert [g.extras["status"] for g in graded] == ["passed", "wrong_answer", "extraction_failure"]
+def test_math_task_counts_answer_only_fallbacks(tokenizer):
+    """Issue 16.8: a solution without \\boxed{} gets the answer_only fallback; the task counts it by rule."""
+    from avsd_megatron.data.examples import MathExample
+
+    cfg = from_dict({"data": {"sources": ["x.jsonl"], "task": "math"}, "prompts": {"max_prompt_tokens": 2048}})
+    task = MathTask(tokenizer, cfg, PromptReport())
+    task.encode(MathExample("What is 1 + 1?", "1 + 1 = 2, so it is \\boxed{2}.", RowRef("t", 0)))
+    assert task.view_stats.answer_fallbacks == 0
+    task.encode(MathExample("What is 2 + 2?", "We add.\nAnswer: 4", RowRef("t", 1)))
+    task.encode(MathExample("What is 3 + 3?", "We add.\nIt is 6", RowRef("t", 2)))
+    assert task.view_stats.answer_fallbacks == 2
+    assert task.view_stats.answer_rules == {"boxed": 1, "answer_line": 1, "last_line": 1}

@@ -283,8 +283,8 @@ def test_cli_help_lists_options():
 
 def test_checkpoint_resume_missing_path_names_field(tmp_path):
     manager = CheckpointManager(tmp_path / "ckpt", keep_last=2)
-    assert manager.resolve(None) is None
-    assert manager.resolve("auto") is None  # nothing saved yet: a fresh start
+    assert manager.resolve(None) == (None, [])
+    assert manager.resolve("auto") == (None, [])  # nothing saved yet: a fresh start
     with pytest.raises(FileNotFoundError, match=r"checkpoint\.resume="):
         manager.resolve(str(tmp_path / "nope"))
     with pytest.raises(ValueError, match=r"checkpoint\.keep_last"):
@@ -353,6 +353,101 @@ def test_trainer_cli_tp1_two_steps_writes_finite_metrics(cli_run):
     root = cli_run / "checkpoints"
     assert find_latest(root).name == "step_00000002"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002"]  # keep_last=1 pruned step 1
+
+
+def _error_lines(stderr: str) -> list[str]:
+    """Our `error: ...` lines (libraries print their own import-time warnings to stderr too)."""
+    return [line for line in stderr.splitlines() if line.startswith("error: ")]
+
+
+def _train_cli(*overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "avsd_megatron", "train", "--config", str(TINY_YAML), "--no-progress", "--set",
+         "prompts_per_step=4", "rollout.max_new_tokens=8", "logging.generations_every=0", *overrides],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+    )
+
+
+@pytest.mark.integration
+def test_trainer_cli_refuses_a_fresh_run_into_another_runs_checkpoints(cli_run, hf_dir):
+    """Issue 16.1 and 16.6: the tiny config's resume=null into a directory holding a run's checkpoints: one
+    `error:` line naming the directory and the ways out, exit 2, nothing touched."""
+    before = sorted(p.name for p in (cli_run / "checkpoints").iterdir())
+    proc = _train_cli(f"output_dir={cli_run}", f"model.hf_path={hf_dir}", "checkpoint.resume=null", timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = _error_lines(proc.stderr)
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert str(cli_run / "checkpoints") in errors[0] and "checkpoint.overwrite=true" in errors[0]
+    assert sorted(p.name for p in (cli_run / "checkpoints").iterdir()) == before
+
+
+@pytest.mark.integration
+def test_trainer_cli_refuses_to_resume_another_root_into_a_used_one(cli_run, hf_dir, tmp_path):
+    """Resuming a checkpoint of root A while saving into root B that holds B's own run would mix the two in B."""
+    import shutil
+
+    shutil.copytree(cli_run / "checkpoints", tmp_path / "other" / "checkpoints")
+    resume = cli_run / "checkpoints" / "step_00000002"
+    proc = _train_cli(f"output_dir={tmp_path / 'other'}", f"model.hf_path={hf_dir}", f"checkpoint.resume={resume}",
+                      timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = _error_lines(proc.stderr)
+    assert len(errors) == 1 and f"resumes {resume}, which is not one of them" in errors[0], proc.stderr[-3000:]
+
+
+def _copy_run_with_two_checkpoints(cli_run: Path, out: Path) -> Path:
+    """out/checkpoints with cli_run's step 2 and a step 1 made from it (same weights; the trainer state says 1)."""
+    import shutil
+
+    root = out / "checkpoints"
+    shutil.copytree(cli_run / "checkpoints", root)
+    shutil.copytree(root / "step_00000002", root / "step_00000001")
+    state_file = root / "step_00000001" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state.update(step=1, adam_step=1)
+    state_file.write_text(json.dumps(state))
+    return root
+
+
+@pytest.mark.integration
+def test_trainer_cli_resume_skips_a_corrupt_latest_and_says_what_it_resumed(cli_run, hf_dir, tmp_path):
+    """Issue 16.3 and 16.8: `latest` (step 2) has a truncated shard: the run warns naming the file, resumes from step
+    1, says so, warns that max_steps=3 (saved: 2) changes the LR schedule, trains steps 2-3 and saves step 3; the
+    two bad rows of an extra source (data.on_bad_row=skip) are said once and logged every step."""
+    root = _copy_run_with_two_checkpoints(cli_run, tmp_path / "run")
+    bad = max((root / "step_00000002").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    with open(bad, "r+b") as f:
+        f.truncate(100)
+    bad_rows = tmp_path / "bad_rows.jsonl"  # with data.on_bad_row=skip: counted, said, logged
+    bad_rows.write_text('{"problem": "no solution"}\n{"problem": "", "solution": "x"}\n', encoding="utf-8")
+    sources = f"data.sources=[{ROOT / 'avsd_megatron/data/assets/tiny_math/train.jsonl'},{bad_rows}]"
+    proc = _train_cli(f"output_dir={tmp_path / 'run'}", f"model.hf_path={hf_dir}", "checkpoint.resume=auto",
+                      f"model.megatron_checkpoint={cli_run / 'megatron_init'}", "max_steps=3",
+                      "checkpoint.save_every=0", "optim.distributed_optimizer=true", sources, "data.on_bad_row=skip")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "avsd: warning: data.on_bad_row=skip: skipped 2 of" in proc.stderr
+    assert all(r["data/rows_skipped"] == 2 for r in _records(tmp_path / "run"))
+    assert f"avsd: warning: skipped checkpoint {root / 'step_00000002'}" in proc.stderr and str(bad) in proc.stderr
+    assert f"avsd: resumed from step 1 ({root / 'step_00000001'})" in proc.stderr
+    assert "max_steps changed from 2" in proc.stderr and "to 3: the LR schedule" in proc.stderr
+    assert [r["step"] for r in _records(tmp_path / "run")] == [2, 3]
+    assert find_latest(root).name == "step_00000003"
+
+
+@pytest.mark.integration
+def test_trainer_cli_resume_past_max_steps_is_an_error_and_at_max_steps_says_so(cli_run, hf_dir, tmp_path):
+    """Issue 16.8: a checkpoint at step 2 with max_steps=1 is an error before the model is built; with max_steps=2
+    the run says there is nothing to train (exit 0, nothing written)."""
+    root = _copy_run_with_two_checkpoints(cli_run, tmp_path / "run")
+    common = (f"output_dir={tmp_path / 'run'}", f"model.hf_path={hf_dir}", "checkpoint.resume=auto",
+              f"model.megatron_checkpoint={cli_run / 'megatron_init'}", "optim.distributed_optimizer=true")
+    proc = _train_cli(*common, "max_steps=1", timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert _error_lines(proc.stderr)[0].startswith("error: max_steps=1 is below"), proc.stderr[-3000:]
+    proc = _train_cli(*common, "max_steps=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "nothing to train" in proc.stderr and "step 2 = max_steps" in proc.stderr
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000001", "step_00000002"]
 
 
 @pytest.mark.integration

@@ -96,7 +96,7 @@ def test_sandbox_filesystem_read_only_outside_workdir(sandbox, tmp_path):
     result = sandbox.run(program, "")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[:3] == ["denied 30"] * 3  # EROFS
+    assert lines[:3] == ["denied 2", "denied 30", "denied 30"]  # /etc is not in the sandbox at all; EROFS
     assert lines[3] == "/tmp/work ok False"
     assert not host_probe.exists()
     assert not (tmp_path / "written_inside.txt").exists()
@@ -228,3 +228,121 @@ def test_unsafe_subprocess_kind_runs_with_limits(unsafe):
     assert result.stdout == "True\n"
     big = unsafe.run("x = bytearray(1024 * 2**20)", "")
     assert error_type(big.stderr, big.returncode) == "MemoryError"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Whole-sandbox limits (issue 16.9): processes, memory, /dev/shm and /tmp, uid, filesystem view
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+FORKS = """
+import os, time
+pids = []
+for _ in range(200):
+    try:
+        pid = os.fork()
+    except OSError as err:
+        break
+    if pid == 0:
+        time.sleep(10)
+        os._exit(0)
+    pids.append(pid)
+print(len(pids))
+for pid in pids:
+    os.kill(pid, 9)
+"""
+
+
+def _leftover_cgroups(box: Sandbox) -> list[Path]:
+    if box.cgroups is None:
+        return []
+    return [p for parent in box.cgroups.parents for p in parent.glob("avsd-sandbox-*")]
+
+
+@pytest.mark.parametrize("cgroup", ["auto", "off"], ids=["cgroup-or-fallback", "rlimit-fallback"])
+def test_sandbox_process_count_is_bounded(cgroup, recwarn):
+    """200 forks: at most max_processes processes exist in the sandbox (the old sandbox let all 200 run)."""
+    box = Sandbox(SandboxConfig(wall_time_s=30.0, max_processes=16, cgroup=cgroup))
+    result = box.run(FORKS, "")
+    assert result.returncode == 0, result.stderr
+    assert 0 < int(result.stdout) < 16, (result.stdout, box.guarantee)
+    assert _leftover_cgroups(box) == []
+
+
+CHILDREN_300_MIB = """
+import os, time
+children = []
+for _ in range(8):
+    pid = os.fork()
+    if pid == 0:
+        block = bytearray(300 * 2**20)
+        block[::4096] = b"x" * len(range(0, len(block), 4096))  # touch every page
+        time.sleep(3)
+        os._exit(0)
+    children.append(pid)
+held = sum(os.waitpid(pid, 0)[1] == 0 for pid in children)
+print(held)
+"""
+
+
+def test_sandbox_memory_is_bounded_for_all_processes_together():
+    """8 children x 300 MiB, each under the per-process 512 MiB: with a cgroup at most one can hold its block."""
+    box = Sandbox(SandboxConfig(wall_time_s=60.0, memory_mb=512))
+    if box.cgroups is None:
+        pytest.skip(f"no cgroup on this machine: {box.guarantee}")
+    result = box.run(CHILDREN_300_MIB, "")
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) * 300 <= 512, result.stdout
+    assert "sandbox memory limit (512 MiB)" in result.stderr
+    assert _leftover_cgroups(box) == []
+
+
+@pytest.mark.parametrize("where", ["/dev/shm", "/tmp"])
+def test_sandbox_dev_shm_and_tmp_are_size_capped(where):
+    box = Sandbox(SandboxConfig(tmpfs_mb=8, max_output_bytes=256 * 2**20))
+    program = f"""
+import errno
+try:
+    with open("{where}/fill", "wb") as f:
+        for _ in range(32):
+            f.write(b"x" * 2**20)
+    print("wrote 32 MiB")
+except OSError as err:
+    print(errno.errorcode[err.errno])
+"""
+    result = box.run(program, "")
+    assert result.stdout.strip() == "ENOSPC", (result.stdout, result.stderr)
+
+
+def test_sandbox_runs_as_an_unprivileged_uid_without_capabilities(sandbox, unsafe):
+    program = """
+import os
+caps = [l.split()[1] for l in open("/proc/self/status") if l.startswith("CapEff")]
+print(os.getuid(), os.geteuid(), os.getgid(), caps[0])
+"""
+    result = sandbox.run(program, "")
+    assert result.stdout.split() == ["65534", "65534", "65534", "0000000000000000"], result.stderr
+
+
+def test_sandbox_sees_only_the_interpreter_and_system_libraries(sandbox, unsafe):
+    probes = ["/etc/shadow", "/etc/passwd", str(REPO_ROOT / "avsd_megatron"), str(Path.home() / ".bashrc")]
+    program = f"import os\nprint([os.path.exists(p) for p in {probes!r}])\nprint(sorted(os.listdir('/')))"
+    inside = sandbox.run(program, "")
+    assert inside.returncode == 0, inside.stderr
+    assert inside.stdout.splitlines()[0] == str([False] * len(probes))
+    visible = set(eval(inside.stdout.splitlines()[1]))
+    prefixes = {Path(p).parts[1] for p in (sys.prefix, sys.base_prefix)}
+    assert visible <= {"usr", "lib", "lib64", "lib32", "libx32", "bin", "sbin", "tmp", "dev", "proc"} | prefixes
+    control = unsafe.run(program, "")  # outside the sandbox the same program sees them
+    assert eval(control.stdout.splitlines()[0])[1] and eval(control.stdout.splitlines()[0])[2]
+
+
+def test_sandbox_without_a_cgroup_states_the_weaker_guarantee(monkeypatch):
+    from avsd_megatron.verify import sandbox as sandbox_module
+
+    monkeypatch.setattr(sandbox_module.SandboxCgroups, "detect", classmethod(lambda cls: (None, "test: none here")))
+    with pytest.raises(SandboxUnavailableError, match="sandbox.cgroup='require'.*test: none here"):
+        Sandbox(SandboxConfig(cgroup="require"))
+    with pytest.warns(RuntimeWarning, match="no per-run cgroup \\(test: none here\\); weaker guarantee"):
+        box = Sandbox(SandboxConfig(max_processes=16))
+    assert "RLIMIT_NPROC 16 for uid 65534" in box.guarantee and "memory per process only" in box.guarantee
