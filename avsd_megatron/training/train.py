@@ -80,15 +80,16 @@ def _init_distributed() -> None:
 
 
 def finished_checkpoint(cfg: TrainConfig) -> Path | None:
-    """With checkpoint.resume='auto': the newest checkpoint if it is already at max_steps (nothing left to train),
+    """With checkpoint.resume='auto': the newest checkpoint if it is exactly at max_steps (nothing left to train),
     else None. A chained Slurm training job after the run finished then exits at once instead of building the
-    model, the optimizer and vLLM only to stop."""
+    model, the optimizer and vLLM only to stop. A checkpoint past max_steps is not "finished": the trainer refuses it
+    (a lowered max_steps is an error, `Trainer._plan_resume`)."""
     from avsd_megatron.training.checkpointing import find_latest
 
     if cfg.checkpoint.resume != "auto":
         return None
     latest = find_latest(cfg.checkpoint_dir)
-    if latest is None or int(latest.name.rpartition("_")[2]) < cfg.max_steps:
+    if latest is None or int(latest.name.rpartition("_")[2]) != cfg.max_steps:
         return None
     return latest
 
