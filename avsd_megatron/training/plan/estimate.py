@@ -5,9 +5,9 @@ order the phases run (trainer.py's `train_step`); P = this rank's parameters (`s
 of `model.dtype`, L = prompts.max_prompt_tokens + rollout.max_new_tokens (memory: the caps, the worst micro-batch),
 C = rollout.max_new_tokens, R = micro_batch_size * rollout.n rows per micro-batch, M = number of views.
 
-Resident in every phase: weights P*b; Megatron DDP's grad buffer P*4 (`grad_reduce_in_fp32=True`); Adam: fp32
-master + two moments (12 bytes, or 8 when the params are fp32 and serve as master), / DP with the distributed
-optimizer; the teacher copy with `avsd.teacher_storage: device` (frozen: θ₀ + swap buffer, 2*P*b; EMA: P*4 + P*b);
+Resident in every phase: weights P*b; Megatron DDP's grad buffer P*4 (`grad_reduce_in_fp32=True`; both buffers
+with the distributed optimizer's alignment padding, `shapes.ddp_buffer_elements`); Adam: fp32 master + two moments
+(12 bytes, or 8 when the params are fp32 and serve as master), / DP with the distributed optimizer; the teacher copy with `avsd.teacher_storage: device` (frozen: θ₀ + swap buffer, 2*P*b; EMA: P*4 + P*b);
 CUDA context + NCCL; a sleeping vLLM's residue (or, with rollout.sync_every > 1, the awake engine's whole
 `gpu_memory_utilization` share: it never sleeps); an `engine: hf` rollout model (the whole model, no TP).
 
@@ -61,7 +61,13 @@ from typing import Any
 from avsd_megatron.convert.qwen3_config import Qwen3Dims, padded_vocab_size
 from avsd_megatron.training.config import ConfigError, TrainConfig
 from avsd_megatron.training.plan.hardware import Assumptions, GPUSpec
-from avsd_megatron.training.plan.shapes import ModelSource, forward_flops, rank_parameters, total_parameters
+from avsd_megatron.training.plan.shapes import (
+    ModelSource,
+    ddp_buffer_elements,
+    forward_flops,
+    rank_parameters,
+    total_parameters,
+)
 
 __all__ = ["PHASES", "TIME_PHASES", "Estimate", "PhaseMemory", "estimate", "scaling_rows"]
 
@@ -243,14 +249,15 @@ def estimate(cfg: TrainConfig, source: ModelSource, gpu: GPUSpec, *, nodes: int 
     per_stage: dict[str, list[PhaseMemory]] = {p: [] for p in PHASES}
     for s, rank in enumerate(stages):
         params = rank.count
+        buffer = ddp_buffer_elements(rank, dp, distributed_optimizer=cfg.optim.distributed_optimizer)
         last, inflight = s == pp - 1, min(micro, pp - s)
-        opt_bytes = (8 if b == 4 else 12) * params / (dp if cfg.optim.distributed_optimizer else 1)
+        opt_bytes = (8 if b == 4 else 12) * (buffer / dp if cfg.optim.distributed_optimizer else params)
         teacher_dev = 0.0
         if cfg.avsd.teacher != "live" and cfg.avsd.teacher_storage == "device":
             teacher_dev = params * (b + (4 if cfg.avsd.teacher == "ema" else b))
         base = {
-            "weights": _gib(params * b),
-            "grad_buffer": _gib(params * 4),
+            "weights": _gib(buffer * b),
+            "grad_buffer": _gib(buffer * 4),
             "optimizer": _gib(opt_bytes),
             "teacher_copy": _gib(teacher_dev),
             "context_nccl": a.cuda_context_gib + a.nccl_gib,

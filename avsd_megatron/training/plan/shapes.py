@@ -14,6 +14,7 @@ token 2H(Q + 2K) + 2QH + 6HF, causal attention 4Q(position + 1), and 2HV per pos
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -21,7 +22,7 @@ from pathlib import Path
 from avsd_megatron.convert.qwen3_config import Qwen3Dims, padded_vocab_size
 
 __all__ = ["QWEN3_SIZES", "TINY", "ModelSource", "RankParameters", "forward_flops", "model_dims", "rank_parameters",
-           "total_parameters"]
+           "ddp_buffer_elements", "total_parameters"]
 
 _COMMON = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151_936, head_dim=128,
                num_key_value_heads=8, rms_norm_eps=1e-6, rope_theta=1_000_000.0, max_position_embeddings=40_960,
@@ -101,7 +102,8 @@ def rank_parameters(dims: Qwen3Dims, tp: int, pp: int, stage: int = 0) -> RankPa
 
     Embedding and output layer are vocab-sharded over the padded vocabulary; QKV, fc1 [gate; up] column-sharded;
     proj and fc2 row-sharded; the RMSNorm weights (input, q/k norms over head_dim, pre-MLP, final) replicated. A
-    tied model (0.6B/1.7B/4B) has no output layer at PP1; at PP > 1 the last stage holds its own copy of the
+    tied model (0.6B/1.7B/4B) has no output layer at PP1; names are the local spec's (the TE spec keeps the two
+    pre-norm weights inside linear_qkv / linear_fc1 as `layer_norm_weight`: same sizes); at PP > 1 the last stage holds its own copy of the
     embedding as the output weight (Megatron's `shared_embedding` path), kept equal by an all-reduce.
     """
     dims.check_parallel(tp, pp)
@@ -118,10 +120,10 @@ def rank_parameters(dims: Qwen3Dims, tp: int, pp: int, stage: int = 0) -> RankPa
         p = f"decoder.layers.{i}."
         tensors += [
             (p + "input_layernorm.weight", h),
+            (p + "self_attention.linear_proj.weight", h * (q // tp)),  # `Attention.__init__` builds proj first
             (p + "self_attention.linear_qkv.weight", (q + 2 * kv) // tp * h),
             (p + "self_attention.q_layernorm.weight", d),
             (p + "self_attention.k_layernorm.weight", d),
-            (p + "self_attention.linear_proj.weight", h * (q // tp)),
             (p + "pre_mlp_layernorm.weight", h),
             (p + "mlp.linear_fc1.weight", 2 * f // tp * h),
             (p + "mlp.linear_fc2.weight", h * (f // tp)),
@@ -131,6 +133,23 @@ def rank_parameters(dims: Qwen3Dims, tp: int, pp: int, stage: int = 0) -> RankPa
         if not dims.tie_word_embeddings or pp > 1:
             tensors.append(("output_layer.weight", vocab // tp * h))
     return RankParameters(tuple(tensors))
+
+
+def ddp_buffer_elements(rank: RankParameters, dp: int, *, distributed_optimizer: bool) -> int:
+    """Elements of Megatron DDP's contiguous param / grad buffer for `rank` (one bucket: no overlapped reduce).
+
+    With the distributed optimizer every parameter starts on a 64-element boundary and the bucket end is padded to a
+    multiple of lcm(DP, 128) (megatron/core/optimizer/param_layout.py:24-42, `pad_param_start` /
+    `pad_bucket_end`; parameters are laid out in reverse order, param_and_grad_buffer.py); without it the buffer
+    is the parameters exactly.
+    """
+    if not distributed_optimizer:
+        return rank.count
+    end = 0
+    for _, numel in reversed(rank.tensors):
+        end = -(-end // 64) * 64 + numel
+    divisor = math.lcm(dp, 128)
+    return -(-end // divisor) * divisor
 
 
 def total_parameters(dims: Qwen3Dims, *, padded_for_tp: int | None = None) -> int:
