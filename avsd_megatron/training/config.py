@@ -32,7 +32,7 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -57,6 +57,7 @@ __all__ = [
     "OptimConfig",
     "ParallelConfig",
     "TrainConfig",
+    "apply_overrides",
     "dump_config",
     "from_dict",
     "load_config",
@@ -507,6 +508,30 @@ def to_dict(cfg: Any) -> Any:
     if isinstance(cfg, Mapping):
         return {k: to_dict(v) for k, v in cfg.items()}
     return cfg
+
+
+def apply_overrides(cfg: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
+    """`cfg` with each 'a.b.c=value' set (value parsed as YAML), re-validated. Raises ConfigError on a bad item.
+
+    The trainer's `--set` (`python -m avsd_megatron train`), also used by `plan` and the NeMo-Run recipes.
+    """
+    import yaml
+
+    data: dict[str, Any] = to_dict(cfg)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. optim.lr=1e-5")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a config section")
+            node = node[part]
+        if leaf not in node:
+            raise ConfigError(f"--set {item!r}: unknown key {key!r}")
+        node[leaf] = yaml.safe_load(raw)
+    return from_dict(data, source="--set")
 
 
 def dump_config(cfg: TrainConfig, path: str | Path) -> Path:

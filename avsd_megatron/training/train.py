@@ -22,7 +22,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from avsd_megatron.training.config import ConfigError, TrainConfig, from_dict, load_config, to_dict
+from avsd_megatron.training.config import TrainConfig, apply_overrides, load_config, to_dict
 
 __all__ = ["apply_overrides", "config_keys", "main", "parse_args"]
 
@@ -59,27 +59,6 @@ def config_keys(node: Any = None, prefix: str = "") -> list[tuple[str, Any]]:
         else:
             keys.append((f"{prefix}{f.name}", to_dict(value)))
     return keys
-
-
-def apply_overrides(cfg: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
-    """`cfg` with each 'a.b.c=value' set (value parsed as YAML), re-validated. Raises ConfigError on a bad item."""
-    import yaml
-
-    data: dict[str, Any] = to_dict(cfg)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. optim.lr=1e-5")
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            if not isinstance(node.get(part), dict):
-                raise ConfigError(f"--set {item!r}: {part!r} is not a config section")
-            node = node[part]
-        if leaf not in node:
-            raise ConfigError(f"--set {item!r}: unknown key {key!r}")
-        node[leaf] = yaml.safe_load(raw)
-    return from_dict(data, source="--set")
 
 
 def _init_distributed() -> None:

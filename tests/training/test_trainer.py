@@ -480,3 +480,16 @@ def test_trainer_code_task_on_two_ranks_agrees_and_sums_feedback(hf_dir, tmp_pat
         assert rows[0] == rows[1] and len(rows[0]) == 8  # one replica: identical teacher rows on both shards
     else:
         assert len(rows[0]) == len(rows[1]) == 4  # two replicas: half of the step's completions each
+
+
+@pytest.mark.integration
+def test_trainer_writes_the_plan_and_its_checkpoint_size_matches_the_disk(cli_run):
+    """Rank 0 writes the planner's table and JSON next to config.yaml; the plan's checkpoint bytes are the tensor
+    bytes of the real checkpoint (model + distributed Adam: master and moments of the padded bucket), the rest of
+    the .distcp file being the pickled objects (< 1 MiB)."""
+    assert "GPU memory per rank" in (cli_run / "plan.txt").read_text()
+    plan = json.loads((cli_run / "plan.json").read_text())
+    assert plan["layout"]["dp"] == 1 and plan["model"]["origin"] == "config.json"
+    distcp = sum(p.stat().st_size for p in (cli_run / "checkpoints" / "step_00000002").glob("*.distcp"))
+    planned = plan["checkpoint"]["per_checkpoint_bytes"]
+    assert planned <= distcp <= planned + 2**20

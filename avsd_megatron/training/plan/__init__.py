@@ -23,8 +23,8 @@ Importing this package imports neither Megatron nor torch.distributed: recipes c
 """
 
 from avsd_megatron.training.plan.estimate import PHASES, TIME_PHASES, Estimate, PhaseMemory, estimate, scaling_rows
-from avsd_megatron.training.plan.hardware import GPUS, Assumptions, GPUSpec, parse_assumptions
-from avsd_megatron.training.plan.report import format_table, parse_time_limit, plan_run
+from avsd_megatron.training.plan.hardware import GPUS, Assumptions, GPUSpec, gpu_for_device, parse_assumptions
+from avsd_megatron.training.plan.report import format_table, parse_time_limit, plan_run, write_plan
 from avsd_megatron.training.plan.shapes import (
     QWEN3_SIZES,
     ModelSource,
@@ -50,6 +50,7 @@ __all__ = [
     "ddp_buffer_elements",
     "estimate",
     "forward_flops",
+    "gpu_for_device",
     "format_table",
     "model_dims",
     "parse_assumptions",
@@ -58,4 +59,5 @@ __all__ = [
     "rank_parameters",
     "scaling_rows",
     "total_parameters",
+    "write_plan",
 ]

@@ -1,7 +1,7 @@
 """`python -m avsd_megatron plan --config FILE [--nodes N] [--gpus-per-node 8] [--gpu h100-80gb] [--set k=v ...]
 [--model Qwen3-8B] [--assume NAME=VALUE ...] [--time-limit HH:MM:SS] [--json]`: the plan of a run, before submitting.
 
-`--set` is the trainer's (`training.train.apply_overrides`). Exit status 0 when every phase fits, 1 when one does not
+`--set` is the trainer's (`training.config.apply_overrides`). Exit status 0 when every phase fits, 1 when one does not
 (the table says which, with the numbers), 2 on a bad argument or config.
 """
 
@@ -12,7 +12,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from avsd_megatron.training.config import ConfigError, load_config
+from avsd_megatron.training.config import ConfigError, apply_overrides, load_config
 from avsd_megatron.training.plan.hardware import GPUS, parse_assumptions
 from avsd_megatron.training.plan.report import format_table, plan_run
 from avsd_megatron.training.plan.shapes import QWEN3_SIZES, TINY
@@ -42,8 +42,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from avsd_megatron.training.train import apply_overrides
-
     args = parse_args(argv)
     try:
         cfg = apply_overrides(load_config(args.config), args.overrides)

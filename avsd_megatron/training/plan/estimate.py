@@ -32,8 +32,11 @@ Host per node: ranks/node x (process overhead + the pinned teacher copies: copy 
 tensor rounded up to a power of two by torch's pinned CachingHostAllocator, ATen/core/CachingHostAllocator.h:345
 `c10::llvm::PowerOf2Ceil(size)`), plus the checkpoint staging of the node's shards.
 
-Checkpoint disk: the padded model in model.dtype + the optimizer state (fp32 master + moments), x keep_last (all
-kept when null: max_steps / save_every + 1).
+Checkpoint disk: the model's tensors in model.dtype (padded vocab) + the optimizer state: with the distributed
+optimizer ('dp_reshardable') fp32 master and both moments of the padded DDP bucket (12 bytes per element, the master
+saved even for fp32 params), else fp32 copies + moments (12 bytes; 8 for fp32 params); x the checkpoints kept
+(keep_last, or all when null: max_steps / save_every, + 1 for a final save off the cadence). Not counted: the
+pickled objects (optimizer settings, layers' extra state; < 1 MiB) and hf_assets (the tokenizer files).
 
 Time per step (seconds; each rank of a DP replica runs the same work; replicas in parallel):
 * rollout: per engine (TP ranks, R_e = prompts per DP rank * n sequences, in waves of min(max_num_seqs, KV
@@ -316,8 +319,13 @@ def estimate(cfg: TrainConfig, source: ModelSource, gpu: GPUSpec, *, nodes: int 
         pinned = sum(_pow2_ceil(numel * copy_bytes) + _pow2_ceil(numel * b) for _, numel in worst.tensors)
     ranks_here = min(gpus_per_node, world)
     opt_full = 8 if b == 4 else 12
-    ckpt_rank = worst.count * b / dp + worst.count * opt_full / dp  # dp_reshardable: DP ranks split the state
-    ckpt_total = total_parameters(dims, padded_for_tp=tp) * (b + opt_full)
+    # On disk: the model once (DP replicas write it once) + the optimizer state. The distributed optimizer
+    # ('dp_reshardable') saves the fp32 master ('param', even when it is the fp32 parameter itself) and both moments
+    # of the whole padded bucket; the plain optimizer its fp32 copies (bf16) and moments.
+    opt_disk = [12 * ddp_buffer_elements(r, dp, distributed_optimizer=True) if cfg.optim.distributed_optimizer
+                else opt_full * r.count for r in stages]
+    ckpt_total = tp * sum(r.count * b + o for r, o in zip(stages, opt_disk))
+    ckpt_rank = max(r.count * b + o for r, o in zip(stages, opt_disk)) / dp  # written in parallel by DP ranks
     host_total = ranks_here * (a.host_process_gib + _gib(pinned)) + _gib(ranks_here * ckpt_rank)
     host = {"process_gib": ranks_here * a.host_process_gib, "pinned_teacher_gib": _gib(ranks_here * pinned),
             "pinned_teacher_unrounded_gib": _gib(ranks_here * (worst.count * (b + (4 if cfg.avsd.teacher == "ema"
@@ -328,7 +336,7 @@ def estimate(cfg: TrainConfig, source: ModelSource, gpu: GPUSpec, *, nodes: int 
     saves = (cfg.max_steps // save_every if save_every else 0) + (0 if save_every and not cfg.max_steps % save_every
                                                                     else 1)
     kept = min(cfg.checkpoint.keep_last, saves) if cfg.checkpoint.keep_last else saves
-    checkpoint = {"per_checkpoint_gib": _gib(ckpt_total), "kept": kept, "keep_last_gib": _gib(ckpt_total) * kept,
+    checkpoint = {"per_checkpoint_gib": _gib(ckpt_total), "per_checkpoint_bytes": int(ckpt_total), "kept": kept, "keep_last_gib": _gib(ckpt_total) * kept,
                   "saves": saves}
 
     # time per step

@@ -14,7 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Assumptions", "GPUS", "GPUSpec", "parse_assumptions"]
+__all__ = ["Assumptions", "GPUS", "GPUSpec", "gpu_for_device", "parse_assumptions"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,15 @@ GPUS: dict[str, GPUSpec] = {
     "b200-180gb": GPUSpec("b200-180gb", memory_gib=178.0, bf16_tflops=2250.0, hbm_gbps=8000.0, nvlink_gbps=900.0,
                           ib_gbps=50.0, pcie_gbps=64.0, host_gib_per_node=3700.0),  # DGX B200: 4 TB
 }
+
+
+def gpu_for_device(device_name: str, memory_gib: float) -> str | None:
+    """The `GPUS` key of a CUDA device (`torch.cuda.get_device_name()`, total memory), or None if unknown."""
+    family = next((key for key in GPUS if key.split("-")[0] in device_name.lower()), None)
+    if family is None:
+        return None
+    same = [key for key in GPUS if key.split("-")[0] == family.split("-")[0]]
+    return min(same, key=lambda key: abs(GPUS[key].memory_gib - memory_gib))
 
 
 @dataclass(frozen=True)

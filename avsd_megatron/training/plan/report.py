@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 from avsd_megatron.training.config import ConfigError, TrainConfig
 from avsd_megatron.training.plan.estimate import PHASES, TIME_PHASES, Estimate, estimate, scaling_rows
-from avsd_megatron.training.plan.hardware import GPUS, Assumptions
+from avsd_megatron.training.plan.hardware import GPUS, Assumptions, gpu_for_device
 from avsd_megatron.training.plan.shapes import model_dims
 
-__all__ = ["format_table", "parse_time_limit", "plan_run"]
+__all__ = ["format_table", "parse_time_limit", "plan_run", "write_plan"]
+
+DEFAULT_GPU = "h100-80gb"
+PLAN_TEXT, PLAN_JSON = "plan.txt", "plan.json"
 
 
 def parse_time_limit(text: str | None) -> float | None:
@@ -132,3 +139,33 @@ def format_table(est: Estimate) -> str:
     lines += ["", "Modelled, not measured: hardware figures and efficiencies are inputs (plan --assume NAME=VALUE; "
                   "avsd_megatron/training/plan/hardware.py)."]
     return "\n".join(lines)
+
+
+def write_plan(cfg: TrainConfig, out_dir: str | Path, *, world_size: int) -> str:
+    """The trainer's start-up plan (rank 0): this run's layout on this machine's GPU type, written as plan.txt and
+    plan.json into `out_dir` (next to config.yaml); returns the text to print.
+
+    GPUs per node: torchrun's LOCAL_WORLD_SIZE (else the world); the GPU type: the CUDA device when `GPUS` knows it,
+    else h100-80gb, said in the first line. Planning is informational here (the run is already placed): an error
+    is written and returned as the plan's text instead of stopping the run.
+    """
+    import torch
+
+    gpu, where = DEFAULT_GPU, "no CUDA device: planned as on h100-80gb"
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        known = gpu_for_device(props.name, props.total_memory / 2**30)
+        gpu, where = (known, f"device {props.name}") if known else (DEFAULT_GPU, f"unknown device {props.name}: "
+                                                                    "planned as on h100-80gb")
+    gpus_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    out = Path(out_dir)
+    try:
+        est = plan_run(cfg, nodes=max(1, world_size // gpus_per_node), gpus_per_node=gpus_per_node, gpu=gpu)
+    except (ConfigError, ValueError) as err:
+        text = f"plan: not available for this run ({where}): {err}"
+        (out / PLAN_TEXT).write_text(text + "\n", encoding="utf-8")
+        return text
+    text = f"[{where}]\n{format_table(est)}"
+    (out / PLAN_TEXT).write_text(text + "\n", encoding="utf-8")
+    (out / PLAN_JSON).write_text(json.dumps(est.to_json(), indent=1) + "\n", encoding="utf-8")
+    return text
