@@ -19,6 +19,12 @@ wait for each other, Slurm jobs get `afterok` dependencies). `steps=[...]` picks
 | `evaluate`    | `python -m avsd_megatron evaluate --hf <workdir>/hf/latest` | no evaluate module or no eval_data=  |
 |               | `--data <eval_data> --out <workdir>/eval.json`             | (dropped with a printed message)     |
 
+Before anything is built, the planner (`training.plan`, as `python -m avsd_megatron plan`) runs on the train step's
+exact config (the recipe's YAML with the step's --set items) for `gpu=` (default h100-80gb) and prints its table:
+GPU memory per phase, host memory, checkpoint disk, step and run time (Slurm: against `time=`), scaling. A layout
+that does not fit in some phase raises ConfigError naming the phases and numbers; `allow_no_fit=true` submits it
+anyway. Shapes come from hf_path's config.json, or `Recipe.plan_model` when it is not there yet.
+
 Layout of `workdir`: `megatron_init/` (converted start weights), `train/` (the trainer's output_dir: metrics,
 generations, `checkpoints/step_*`), `hf/step_*` + `hf/latest` (HF exports), `eval.json`, and for Slurm `nemo_run/`
 (job scripts and logs). On Slurm, workdir and hf_path must be on a filesystem every node mounts (`container_mounts`),
@@ -48,6 +54,7 @@ import dataclasses
 import importlib.util
 import shlex
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Optional
 
 try:
@@ -57,7 +64,8 @@ except ImportError as exc:  # the launch extra is optional for everything else i
         "avsd_megatron.pipelines.recipes needs NeMo-Run: pip install -e '.[launch]' (nemo-run 0.11.x with leptonai<0.47)"
     ) from exc
 
-from avsd_megatron.training.config import ConfigError, ParallelConfig, load_config
+from avsd_megatron.training.config import ConfigError, ParallelConfig, apply_overrides, load_config
+from avsd_megatron.training.plan import Estimate, format_table, plan_run
 
 __all__ = ["PRESETS", "RECIPES", "STEPS", "Layout", "Recipe", "build_tasks", "launch", "qwen3_4b", "qwen3_8b",
            "tiny_cpu"]
@@ -121,6 +129,8 @@ class Recipe:
     """Default `evaluate --data` jsonl (problem, answer); empty = the user passes eval_data= or evaluate is skipped."""
     eval_args: tuple[str, ...] = ()
     """Default extra `python -m avsd_megatron evaluate` arguments (the user's eval_args= come after them)."""
+    plan_model: str = ""
+    """Shapes the planner uses when hf_path has no config.json yet (a `training.plan.QWEN3_SIZES` key or 'tiny')."""
 
 
 def _layouts(*layouts: Layout) -> dict[int, Layout]:
@@ -135,20 +145,20 @@ RECIPES = {
         "qwen3_8b", "examples/configs/qwen3_8b.yaml", "models/Qwen3-8B", "bf16",
         _layouts(Layout(1, tp=2, pp=1, micro_batch_size=4), Layout(2, tp=2, pp=1, micro_batch_size=4),
                  Layout(4, tp=2, pp=1, micro_batch_size=2)),
-        eval_args=QWEN3_EVAL_ARGS,
+        eval_args=QWEN3_EVAL_ARGS, plan_model="Qwen3-8B",
     ),
     "qwen3_4b": Recipe(  # the paper's math setting (qwen3_8b.yaml) with the 4B weights and layouts
         "qwen3_4b", "examples/configs/qwen3_8b.yaml", "models/Qwen3-4B", "bf16",
         _layouts(Layout(1, tp=1, pp=1, micro_batch_size=4), Layout(2, tp=1, pp=1, micro_batch_size=2),
                  Layout(4, tp=1, pp=1, micro_batch_size=1)),
-        eval_args=QWEN3_EVAL_ARGS,
+        eval_args=QWEN3_EVAL_ARGS, plan_model="Qwen3-4B",
     ),
     "tiny_cpu": Recipe(
         "tiny_cpu", "examples/configs/tiny_cpu.yaml", "{workdir}/hf_init", "fp32",
         _layouts(Layout(1, tp=1, pp=1, micro_batch_size=2, gpus_per_node=2)),
         steps=("tiny_init", "convert_in", "train", "convert_out", "evaluate"),
         eval_data="avsd_megatron/data/assets/tiny_math/heldout.jsonl",
-        eval_args=("--limit", "4", "--k", "1", "--max-new-tokens", "16"),
+        eval_args=("--limit", "4", "--k", "1", "--max-new-tokens", "16"), plan_model="tiny",
     ),
 }
 PRESETS = {name: recipe.layouts for name, recipe in RECIPES.items()}
@@ -206,13 +216,17 @@ def _convert_in(plan: Plan) -> run.Script:
     ))
 
 
-def _train(plan: Plan) -> run.Script:
+def _train_overrides(plan: Plan) -> list[str]:
+    """The train step's --set items: paths, the preset's layout, then the user's (later items win)."""
     overrides = [f"output_dir={plan.train_dir}", f"model.hf_path={plan.hf_path}", *plan.layout.train_overrides()]
     if plan.megatron_checkpoint:
         overrides.append(f"model.megatron_checkpoint={plan.megatron_checkpoint}")
-    overrides += plan.train_overrides  # the user's win: later --set items override earlier ones
+    return overrides + list(plan.train_overrides)
+
+
+def _train(plan: Plan) -> run.Script:
     return run.Script(path="avsd_megatron", m=True, entrypoint="python",
-                      args=["train", "--config", plan.recipe.config, "--no-progress", "--set", *overrides])
+                      args=["train", "--config", plan.recipe.config, "--no-progress", "--set", *_train_overrides(plan)])
 
 
 def _convert_out(plan: Plan) -> run.Script:
@@ -344,6 +358,16 @@ def make_plan(
     return plan, tuple(s for s in STEPS if s in chosen)  # always in pipeline order
 
 
+def plan_layout(plan: Plan, *, gpu: str = "h100-80gb", time_limit: str | None = None) -> Estimate:
+    """The planner's estimate of the train step exactly as it will run (`training.plan.plan_run` on the recipe's
+    config with the train step's --set items), shapes from hf_path's config.json or else `Recipe.plan_model`."""
+    cfg = apply_overrides(load_config(plan.recipe.config), _train_overrides(plan))
+    has_config = (Path(plan.hf_path) / "config.json").is_file()
+    return plan_run(cfg, nodes=plan.layout.nodes, gpus_per_node=plan.layout.gpus_per_node, gpu=gpu,
+                    model=None if has_config or not plan.recipe.plan_model else plan.recipe.plan_model,
+                    time_limit=time_limit)
+
+
 def build_tasks(
     recipe: Recipe,
     *,
@@ -352,10 +376,27 @@ def build_tasks(
     nproc_per_node: Optional[int] = None,
     slurm: SlurmSettings | None = None,
     env: Optional[dict[str, str]] = None,
+    gpu: str = "h100-80gb",
+    allow_no_fit: bool = False,
     **plan_kwargs: Any,
 ) -> list[tuple[str, run.Script, Any]]:
-    """(step name, task, executor) per step, in pipeline order: what `launch` adds to one `run.Experiment`."""
+    """(step name, task, executor) per step, in pipeline order: what `launch` adds to one `run.Experiment`.
+
+    With a train step, the planner runs first and prints its table (GPU type `gpu`; Slurm: checked against the
+    time limit); a layout that does not fit raises ConfigError naming the phases, unless `allow_no_fit`."""
     plan, steps = make_plan(recipe, nodes=nodes, gpus_per_node=nproc_per_node, **plan_kwargs)
+    if "train" in steps:
+        estimate = plan_layout(plan, gpu=gpu, time_limit=slurm.time if executor == "slurm" and slurm else None)
+        print(format_table(estimate))
+        if not estimate.fits:
+            failures = "; ".join(estimate.failures())
+            if not allow_no_fit:
+                raise ConfigError(f"the plan says this layout does not fit on {gpu}: {failures}; change the "
+                                  "layout (nodes=, train_overrides=[...]) or pass allow_no_fit=true to submit anyway")
+            print(f"warning: allow_no_fit=true: submitting a layout the plan says does not fit: {failures}")
+        if estimate.run["fits_time_limit"] is False:
+            print(f"warning: the plan's run time {estimate.run['hours']} h exceeds the time limit {slurm.time}; "
+                  "checkpoint.resume=auto continues in the next job")
     skip = None
     if "evaluate" in steps and importlib.util.find_spec(EVAL_MODULE) is None:
         skip = f"{EVAL_MODULE} is not in this checkout"
@@ -447,20 +488,23 @@ def _entrypoint(recipe_name: str):
         ssh_host: str = "",
         ssh_user: str = "",
         env: Optional[dict[str, str]] = None,
+        gpu: str = "h100-80gb",
+        allow_no_fit: bool = False,
     ) -> None:
         launch(ctx, recipe_name, executor=executor, nodes=nodes, nproc_per_node=nproc_per_node, workdir=workdir,
                hf_path=hf_path, megatron_checkpoint=megatron_checkpoint, steps=steps,
                train_overrides=train_overrides, eval_data=eval_data, eval_args=eval_args, account=account,
                partition=partition,
                container_image=container_image, container_mounts=container_mounts or [], time=time,
-               ssh_host=ssh_host, ssh_user=ssh_user, env=env or {})
+               ssh_host=ssh_host, ssh_user=ssh_user, env=env or {}, gpu=gpu, allow_no_fit=allow_no_fit)
 
     recipe = RECIPES[recipe_name]
     entry.__name__ = entry.__qualname__ = recipe_name
     entry.__doc__ = (
         f"AVSD recipe {recipe_name}: steps {' -> '.join(recipe.steps)} ({recipe.config}).\n\n"
         "executor=local|slurm; nodes= picks the parallelism preset; train_overrides=[...] are the trainer's --set "
-        "items; see avsd_megatron/pipelines/recipes.py."
+        "items; gpu= is the GPU type the planner checks the layout on (allow_no_fit=true submits a layout it "
+        "refuses); see avsd_megatron/pipelines/recipes.py."
     )
     return run.cli.entrypoint(entry, namespace="avsd", type="experiment")
 
