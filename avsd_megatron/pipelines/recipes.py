@@ -67,8 +67,8 @@ except ImportError as exc:  # the launch extra is optional for everything else i
 from avsd_megatron.training.config import ConfigError, ParallelConfig, apply_overrides, load_config
 from avsd_megatron.training.plan import Estimate, format_table, plan_run
 
-__all__ = ["PRESETS", "RECIPES", "STEPS", "Layout", "Recipe", "build_tasks", "launch", "qwen3_4b", "qwen3_8b",
-           "tiny_cpu"]
+__all__ = ["PRESETS", "RECIPES", "STEPS", "Layout", "Recipe", "build_tasks", "launch", "plan_layout",
+           "presets_markdown", "qwen3_4b", "qwen3_8b", "tiny_cpu"]
 
 STEPS = ("tiny_init", "convert_in", "train", "convert_out", "evaluate")
 EVAL_MODULE = "avsd_megatron.pipelines.evaluate"
@@ -366,6 +366,22 @@ def plan_layout(plan: Plan, *, gpu: str = "h100-80gb", time_limit: str | None = 
     return plan_run(cfg, nodes=plan.layout.nodes, gpus_per_node=plan.layout.gpus_per_node, gpu=gpu,
                     model=None if has_config or not plan.recipe.plan_model else plan.recipe.plan_model,
                     time_limit=time_limit)
+
+
+def presets_markdown(gpu: str = "h100-80gb") -> str:
+    """The presets with the planner's predicted peak GPU memory and step time (README "Launch with NeMo-Run")."""
+    lines = ["| recipe | nodes × GPUs | TP | PP | DP | micro-batch | micro-batches/step | predicted peak GiB/GPU "
+             f"({gpu}) | predicted step (s) | predicted run (h) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, recipe in RECIPES.items():
+        if name == "tiny_cpu":
+            continue
+        for nodes, layout in recipe.layouts.items():
+            plan, _ = make_plan(recipe, nodes=nodes, workdir=f"outputs/avsd/{name}")
+            est = plan_layout(plan, gpu=gpu)
+            lines.append(f"| {name} | {nodes} × {layout.gpus_per_node} | {est.tp} | {est.pp} | {est.dp} | "
+                         f"{est.micro_batch_size} | {est.num_microbatches} | {est.peak_gib:.1f} ({est.peak_phase}) | "
+                         f"{est.step_seconds['total']:.0f} | {est.run['hours']:.1f} |")
+    return "\n".join(lines)
 
 
 def build_tasks(

@@ -138,6 +138,14 @@ def test_recipes_presets_fit_by_the_plan(name, tmp_path):
             recipe.layouts[nodes].tp, recipe.layouts[nodes].dp, recipe.layouts[nodes].micro_batch_size)
 
 
+def test_readme_presets_table_is_the_planners():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index("-->", text.index("<!-- plan:presets")) + 3
+    expected = recipes.presets_markdown()
+    assert text[start:text.index("<!-- /plan:presets -->")].strip() == expected, (
+        f"README's presets table is stale; it should read:\n{expected}")
+
+
 def test_recipes_slurm_dryrun_renders_sbatch(tmp_path):
     result = _run_cli([
         sys.executable, "examples/avsd_qwen3_8b.py", "executor=slurm", "nodes=2", "account=avsd_acct",

@@ -298,3 +298,20 @@ def test_memory_model_responds_to_each_switch():
         4 * base.phases["rollout"].components["optimizer"], rel=1e-3)  # DP 4 no longer shards it
     h200 = plan_run(cfg, gpu="h200-141gb", scaling=False)
     assert h200.phases["rollout"].components["vllm_engine"] > base.phases["rollout"].components["vllm_engine"]
+
+
+def _readme_block(marker: str) -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index(f"<!-- {marker}")
+    start = text.index("-->", start) + 3
+    return text[start:text.index("<!-- /", start)].strip()
+
+
+@pytest.mark.parametrize(("marker", "overrides"), [("plan:scaling qwen3_8b", ()),
+                                                   ("plan:scaling qwen3_4b", ("model.hf_path=Qwen3-4B", "parallel.tp=1"))])
+def test_readme_scaling_tables_are_the_planners(marker, overrides):
+    from avsd_megatron.training.config import apply_overrides
+    from avsd_megatron.training.plan import scaling_markdown
+
+    expected = scaling_markdown(plan_run(apply_overrides(load_config(QWEN3_8B_YAML), overrides)).scaling)
+    assert _readme_block(marker) == expected, f"README block {marker!r} is stale; it should read:\n{expected}"

@@ -24,7 +24,7 @@ Importing this package imports neither Megatron nor torch.distributed: recipes c
 
 from avsd_megatron.training.plan.estimate import PHASES, TIME_PHASES, Estimate, PhaseMemory, estimate, scaling_rows
 from avsd_megatron.training.plan.hardware import GPUS, Assumptions, GPUSpec, gpu_for_device, parse_assumptions
-from avsd_megatron.training.plan.report import format_table, parse_time_limit, plan_run, write_plan
+from avsd_megatron.training.plan.report import format_table, parse_time_limit, plan_run, scaling_markdown, write_plan
 from avsd_megatron.training.plan.shapes import (
     QWEN3_SIZES,
     ModelSource,
@@ -57,6 +57,7 @@ __all__ = [
     "parse_time_limit",
     "plan_run",
     "rank_parameters",
+    "scaling_markdown",
     "scaling_rows",
     "total_parameters",
     "write_plan",

@@ -11,7 +11,7 @@ from avsd_megatron.training.plan.estimate import PHASES, TIME_PHASES, Estimate, 
 from avsd_megatron.training.plan.hardware import GPUS, Assumptions, gpu_for_device
 from avsd_megatron.training.plan.shapes import model_dims
 
-__all__ = ["format_table", "parse_time_limit", "plan_run", "write_plan"]
+__all__ = ["format_table", "parse_time_limit", "plan_run", "scaling_markdown", "write_plan"]
 
 DEFAULT_GPU = "h100-80gb"
 PLAN_TEXT, PLAN_JSON = "plan.txt", "plan.json"
@@ -69,6 +69,22 @@ def _row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def scaling_markdown(rows: list[dict]) -> str:
+    """The scaling rows (`estimate.scaling_rows`) as a markdown table (the CLI's and the README's)."""
+    lines = [_row(["mode", "nodes", "DP", "prompts/step", "micro-batch", "peak GiB", "step (s)", "prompts/h",
+                   "efficiency", "limited by"]), _row(["---"] * 10)]
+    for row in rows:
+        if not row["feasible"]:
+            lines.append(_row([row["mode"], str(row["nodes"]), str(row.get("dp", "")), str(row["prompts_per_step"]),
+                               "-", "-", "-", "-", "-", row["reason"]]))
+            continue
+        lines.append(_row([row["mode"], str(row["nodes"]), str(row["dp"]), str(row["prompts_per_step"]),
+                           str(row["micro_batch_size"]), f"{row['peak_gib']:.1f}" + ("" if row["fits"] else " (no fit)"),
+                           f"{row['step_s']:.1f}", f"{row['prompts_per_hour']:.0f}", f"{row['efficiency']:.0%}",
+                           row["limiting_phase"]]))
+    return "\n".join(lines)
+
+
 def format_table(est: Estimate) -> str:
     """The human-readable plan: layout, GPU memory per phase and component, host, disk, time, scaling."""
     p = est.params
@@ -122,20 +138,7 @@ def format_table(est: Estimate) -> str:
     lines.append(f"run: {run['max_steps']} steps = {run['hours']:.1f} h (with start-up){limit}")
     if est.scaling:
         lines += ["", f"scaling at TP {est.tp} PP {est.pp} ({est.gpus_per_node} GPUs per node; strong: prompts/step "
-                      "fixed, weak: prompts/step x nodes):",
-                  _row(["mode", "nodes", "DP", "prompts/step", "micro-batch", "peak GiB", "step (s)",
-                        "prompts/h", "efficiency", "limited by"]),
-                  _row(["---"] * 10)]
-        for row in est.scaling:
-            if not row["feasible"]:
-                lines.append(_row([row["mode"], str(row["nodes"]), str(row.get("dp", "")),
-                                   str(row["prompts_per_step"]), "-", "-", "-", "-", "-", row["reason"]]))
-                continue
-            lines.append(_row([row["mode"], str(row["nodes"]), str(row["dp"]), str(row["prompts_per_step"]),
-                               str(row["micro_batch_size"]),
-                               f"{row['peak_gib']:.1f}" + ("" if row["fits"] else " (no fit)"),
-                               f"{row['step_s']:.1f}", f"{row['prompts_per_hour']:.0f}",
-                               f"{row['efficiency']:.0%}", row["limiting_phase"]]))
+                      "fixed, weak: prompts/step x nodes):", scaling_markdown(est.scaling)]
     lines += ["", "Modelled, not measured: hardware figures and efficiencies are inputs (plan --assume NAME=VALUE; "
                   "avsd_megatron/training/plan/hardware.py)."]
     return "\n".join(lines)
