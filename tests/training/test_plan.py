@@ -126,7 +126,11 @@ def sharding_rank(tp: int, dtypes: tuple[str, ...]) -> dict:
 
     from avsd_megatron.testing import init_megatron
     from avsd_megatron.training.checkpointing import _torch_optimizers
-    from avsd_megatron.training.megatron_model import build_gpt_model, build_optimizer, wrap_ddp
+    from avsd_megatron.training.megatron_model import (
+        build_gpt_model,
+        build_optimizer,
+        wrap_ddp,
+    )
 
     init_megatron(tp, 1)
     out: dict = {}
@@ -307,8 +311,10 @@ def _readme_block(marker: str) -> str:
     return text[start:text.index("<!-- /", start)].strip()
 
 
-@pytest.mark.parametrize(("marker", "overrides"), [("plan:scaling qwen3_8b", ()),
-                                                   ("plan:scaling qwen3_4b", ("model.hf_path=Qwen3-4B", "parallel.tp=1"))])
+@pytest.mark.parametrize(("marker", "overrides"), [
+    ("plan:scaling qwen3_8b", ()),
+    ("plan:scaling qwen3_4b", ("model.hf_path=Qwen3-4B", "parallel.tp=1")),
+])
 def test_readme_scaling_tables_are_the_planners(marker, overrides):
     from avsd_megatron.training.config import apply_overrides
     from avsd_megatron.training.plan import scaling_markdown

@@ -22,9 +22,28 @@ fields (`plan --assume NAME=VALUE`). Memory uses the length caps (the worst micr
 Importing this package imports neither Megatron nor torch.distributed: recipes call it on a login node.
 """
 
-from avsd_megatron.training.plan.estimate import PHASES, TIME_PHASES, Estimate, PhaseMemory, estimate, scaling_rows
-from avsd_megatron.training.plan.hardware import GPUS, Assumptions, GPUSpec, gpu_for_device, parse_assumptions
-from avsd_megatron.training.plan.report import format_table, parse_time_limit, plan_run, scaling_markdown, write_plan
+from avsd_megatron.training.plan.estimate import (
+    PHASES,
+    TIME_PHASES,
+    Estimate,
+    PhaseMemory,
+    estimate,
+    scaling_rows,
+)
+from avsd_megatron.training.plan.hardware import (
+    GPUS,
+    Assumptions,
+    GPUSpec,
+    gpu_for_device,
+    parse_assumptions,
+)
+from avsd_megatron.training.plan.report import (
+    format_table,
+    parse_time_limit,
+    plan_run,
+    scaling_markdown,
+    write_plan,
+)
 from avsd_megatron.training.plan.shapes import (
     QWEN3_SIZES,
     ModelSource,
@@ -49,9 +68,9 @@ __all__ = [
     "RankParameters",
     "ddp_buffer_elements",
     "estimate",
+    "format_table",
     "forward_flops",
     "gpu_for_device",
-    "format_table",
     "model_dims",
     "parse_assumptions",
     "parse_time_limit",

@@ -7,7 +7,8 @@ C = rollout.max_new_tokens, R = micro_batch_size * rollout.n rows per micro-batc
 
 Resident in every phase: weights P*b; Megatron DDP's grad buffer P*4 (`grad_reduce_in_fp32=True`; both buffers
 with the distributed optimizer's alignment padding, `shapes.ddp_buffer_elements`); Adam: fp32 master + two moments
-(12 bytes, or 8 when the params are fp32 and serve as master), / DP with the distributed optimizer; the teacher copy with `avsd.teacher_storage: device` (frozen: θ₀ + swap buffer, 2*P*b; EMA: P*4 + P*b);
+(12 bytes, or 8 when the params are fp32 and serve as master), / DP with the distributed optimizer; the teacher
+copy with `avsd.teacher_storage: device` (frozen: θ₀ + swap buffer, 2*P*b; EMA: P*4 + P*b);
 CUDA context + NCCL; a sleeping vLLM's residue (or, with rollout.sync_every > 1, the awake engine's whole
 `gpu_memory_utilization` share: it never sleeps); an `engine: hf` rollout model (the whole model, no TP).
 
@@ -61,7 +62,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from avsd_megatron.convert.qwen3_config import Qwen3Dims, padded_vocab_size
+from avsd_megatron.convert.qwen3_config import padded_vocab_size
 from avsd_megatron.training.config import ConfigError, TrainConfig
 from avsd_megatron.training.plan.hardware import Assumptions, GPUSpec
 from avsd_megatron.training.plan.shapes import (
@@ -72,7 +73,8 @@ from avsd_megatron.training.plan.shapes import (
     total_parameters,
 )
 
-__all__ = ["PHASES", "TIME_PHASES", "Estimate", "PhaseMemory", "estimate", "scaling_rows"]
+__all__ = ["PHASES", "TIME_PHASES", "Estimate", "PhaseMemory", "compute_seconds", "estimate", "optimizer_seconds",
+           "scaling_rows", "swap_seconds"]
 
 GIB = float(2**30)
 PHASES = ("rollout", "teacher_scoring", "student_update", "weight_sync", "checkpoint")
@@ -161,7 +163,7 @@ class Estimate:
         return out
 
     def to_json(self) -> dict[str, Any]:
-        r = lambda x: round(x, 3)  # noqa: E731
+        r = lambda x: round(x, 3)
         return {
             "model": {"name": self.source.name, "origin": self.source.origin, **self.params},
             "gpu": dataclasses.asdict(self.gpu),
@@ -195,6 +197,28 @@ def _gib(nbytes: float) -> float:
 
 def _pow2_ceil(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+def compute_seconds(flops: float, gpus: int, gpu: GPUSpec, mfu: float, *, pp: int = 1, micro: int = 1) -> float:
+    """FLOPs of one DP replica spread over its `gpus` at `mfu` of peak, times the 1F1B bubble (1 + (PP-1)/m)."""
+    return flops / (gpus * gpu.bf16_tflops * 1e12 * mfu) * (1 + (pp - 1) / micro)
+
+
+def swap_seconds(rank_param_bytes: float, gpu: GPUSpec, a: Assumptions, *, teacher: str, storage: str) -> float:
+    """The teacher swap of one scoring pass: θ -> swap buffer, teacher -> θ, swap buffer -> θ (3 copies of the
+    rank's weights; `hook.teacher_kinds`), over PCIe (storage cpu) or HBM read + write (device); 0 for live."""
+    if teacher == "live":
+        return 0.0
+    if storage == "cpu":
+        return 3 * rank_param_bytes / (gpu.pcie_gbps * 1e9 * a.pcie_efficiency)
+    return 2 * 3 * rank_param_bytes / (gpu.hbm_gbps * 1e9 * a.hbm_efficiency)
+
+
+def optimizer_seconds(shard_params: float, param_bytes: int, state_bytes: int, gpu: GPUSpec, a: Assumptions
+                      ) -> float:
+    """Adam over this rank's shard, HBM-bound: master + moments read and written, the fp32 grad read, the param
+    written."""
+    return shard_params * (2 * state_bytes + 4 + param_bytes) / (gpu.hbm_gbps * 1e9 * a.hbm_efficiency)
 
 
 def estimate(cfg: TrainConfig, source: ModelSource, gpu: GPUSpec, *, nodes: int = 1, gpus_per_node: int = 8,
@@ -336,7 +360,8 @@ def estimate(cfg: TrainConfig, source: ModelSource, gpu: GPUSpec, *, nodes: int 
     saves = (cfg.max_steps // save_every if save_every else 0) + (0 if save_every and not cfg.max_steps % save_every
                                                                     else 1)
     kept = min(cfg.checkpoint.keep_last, saves) if cfg.checkpoint.keep_last else saves
-    checkpoint = {"per_checkpoint_gib": _gib(ckpt_total), "per_checkpoint_bytes": int(ckpt_total), "kept": kept, "keep_last_gib": _gib(ckpt_total) * kept,
+    checkpoint = {"per_checkpoint_gib": _gib(ckpt_total), "per_checkpoint_bytes": int(ckpt_total), "kept": kept,
+                  "keep_last_gib": _gib(ckpt_total) * kept,
                   "saves": saves}
 
     # time per step
@@ -362,23 +387,16 @@ def estimate(cfg: TrainConfig, source: ModelSource, gpu: GPUSpec, *, nodes: int 
     steps["rollout"] = prefill + waves * compl_t * decode_step
     rollout_info.update(decode_batch=batch, decode_waves=waves, decode_step_ms=decode_step * 1e3,
                         decode_hbm_bound=float(decode_mem >= decode_flops))
-    bubble = 1 + (pp - 1) / micro
     gpus_replica = tp * pp
     rows_t, len_int, compl_int = views * rows, round(len_t), round(compl_t)
     score_flops = micro * forward_flops(dims, rows_t, len_int, rows_t * compl_int)
-    swap_bytes = 3 * worst.count * b
-    if cfg.avsd.teacher == "live":
-        swap = 0.0
-    elif cfg.avsd.teacher_storage == "cpu":
-        swap = swap_bytes / (gpu.pcie_gbps * 1e9 * a.pcie_efficiency)
-    else:
-        swap = 2 * swap_bytes / (gpu.hbm_gbps * 1e9 * a.hbm_efficiency)
-    steps["teacher_scoring"] = score_flops / (gpus_replica * peak * a.mfu_scoring) * bubble + swap
+    swap = swap_seconds(worst.count * b, gpu, a, teacher=cfg.avsd.teacher, storage=cfg.avsd.teacher_storage)
+    steps["teacher_scoring"] = compute_seconds(score_flops, gpus_replica, gpu, a.mfu_scoring, pp=pp, micro=micro) + swap
     passes = 4 if cfg.model.recompute == "full" else 3
     update_flops = micro * passes * forward_flops(dims, rows, len_int, rows * compl_int)
     shard = worst.count / (dp if cfg.optim.distributed_optimizer else 1)
-    optimizer_step = shard * (2 * opt_full + 4 + b) / (gpu.hbm_gbps * 1e9 * a.hbm_efficiency)
-    steps["student_update"] = update_flops / (gpus_replica * peak * a.mfu_update) * bubble + optimizer_step
+    steps["student_update"] = (compute_seconds(update_flops, gpus_replica, gpu, a.mfu_update, pp=pp, micro=micro)
+                               + optimizer_seconds(shard, b, opt_full, gpu, a))
     dp_in_node = tp * pp * dp <= gpus_per_node
     dp_bw = (gpu.nvlink_gbps if dp_in_node else gpu.ib_gbps) * 1e9 * a.collective_efficiency
     ring = (dp - 1) / dp

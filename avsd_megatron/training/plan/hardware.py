@@ -14,7 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Assumptions", "GPUS", "GPUSpec", "gpu_for_device", "parse_assumptions"]
+__all__ = ["GPUS", "Assumptions", "GPUSpec", "gpu_for_device", "parse_assumptions"]
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,13 @@ import os
 from pathlib import Path
 
 from avsd_megatron.training.config import ConfigError, TrainConfig
-from avsd_megatron.training.plan.estimate import PHASES, TIME_PHASES, Estimate, estimate, scaling_rows
+from avsd_megatron.training.plan.estimate import (
+    PHASES,
+    TIME_PHASES,
+    Estimate,
+    estimate,
+    scaling_rows,
+)
 from avsd_megatron.training.plan.hardware import GPUS, Assumptions, gpu_for_device
 from avsd_megatron.training.plan.shapes import model_dims
 
@@ -79,7 +85,8 @@ def scaling_markdown(rows: list[dict]) -> str:
                                "-", "-", "-", "-", "-", row["reason"]]))
             continue
         lines.append(_row([row["mode"], str(row["nodes"]), str(row["dp"]), str(row["prompts_per_step"]),
-                           str(row["micro_batch_size"]), f"{row['peak_gib']:.1f}" + ("" if row["fits"] else " (no fit)"),
+                           str(row["micro_batch_size"]),
+                           f"{row['peak_gib']:.1f}" + ("" if row["fits"] else " (no fit)"),
                            f"{row['step_s']:.1f}", f"{row['prompts_per_hour']:.0f}", f"{row['efficiency']:.0%}",
                            row["limiting_phase"]]))
     return "\n".join(lines)

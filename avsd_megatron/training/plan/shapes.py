@@ -21,8 +21,17 @@ from pathlib import Path
 
 from avsd_megatron.convert.qwen3_config import Qwen3Dims, padded_vocab_size
 
-__all__ = ["QWEN3_SIZES", "TINY", "ModelSource", "RankParameters", "forward_flops", "model_dims", "rank_parameters",
-           "ddp_buffer_elements", "total_parameters"]
+__all__ = [
+    "QWEN3_SIZES",
+    "TINY",
+    "ModelSource",
+    "RankParameters",
+    "ddp_buffer_elements",
+    "forward_flops",
+    "model_dims",
+    "rank_parameters",
+    "total_parameters",
+]
 
 _COMMON = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151_936, head_dim=128,
                num_key_value_heads=8, rms_norm_eps=1e-6, rope_theta=1_000_000.0, max_position_embeddings=40_960,
@@ -102,9 +111,10 @@ def rank_parameters(dims: Qwen3Dims, tp: int, pp: int, stage: int = 0) -> RankPa
 
     Embedding and output layer are vocab-sharded over the padded vocabulary; QKV, fc1 [gate; up] column-sharded;
     proj and fc2 row-sharded; the RMSNorm weights (input, q/k norms over head_dim, pre-MLP, final) replicated. A
-    tied model (0.6B/1.7B/4B) has no output layer at PP1; names are the local spec's (the TE spec keeps the two
-    pre-norm weights inside linear_qkv / linear_fc1 as `layer_norm_weight`: same sizes); at PP > 1 the last stage holds its own copy of the
-    embedding as the output weight (Megatron's `shared_embedding` path), kept equal by an all-reduce.
+    tied model (0.6B/1.7B/4B) has no output layer at PP1; at PP > 1 the last stage holds its own copy of the
+    embedding as the output weight (Megatron's `shared_embedding` path), kept equal by an all-reduce. Names are
+    the local spec's; the TE spec keeps the two pre-norm weights inside linear_qkv / linear_fc1 as
+    `layer_norm_weight` (same sizes).
     """
     dims.check_parallel(tp, pp)
     if not 0 <= stage < pp:
