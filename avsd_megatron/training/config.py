@@ -22,8 +22,9 @@ positions instead of right padding, and rollouts seeded per request instead of b
 YAML: `load_config(path)` builds a `TrainConfig` from a mapping of these sections (every key optional, defaults
 fill the rest); an unknown key, a value of the wrong type or a failed check raises `ConfigError` naming the file
 and the dotted field. `to_dict(cfg)` gives plain dicts/lists back (`dump_config` writes them), and
-`load_config(dump_config(cfg))` == cfg. The dataclasses are plain, with defaults, so NeMo-Run can wrap them
-(`run.Config(TrainConfig, optim=run.Config(OptimConfig, lr=1e-5))`).
+`load_config(dump_config(cfg))` == cfg. `apply_overrides(cfg, ['optim.lr=1e-5'])` is the `--set` of `train`, `plan`
+and the recipes (values parsed as YAML, then the whole config re-validated). The dataclasses are plain, with
+defaults, so NeMo-Run can wrap them (`run.Config(TrainConfig, optim=run.Config(OptimConfig, lr=1e-5))`).
 """
 
 from __future__ import annotations

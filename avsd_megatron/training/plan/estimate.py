@@ -18,13 +18,15 @@ Transient, per phase:
   it must hold max_model_len tokens. `engine: hf`: the KV cache of the rank's batch.
 * teacher_scoring: forward only over M*R rows of L tokens: one layer's input/output and largest intermediate at a
   time (nothing kept across layers), and on the last stage the [M*R*C, V/tp] bf16 completion logits of a whole
-  micro-batch (`teacher_chunk_tokens` = None in training) plus the kernels' fp32 chunk.
+  micro-batch (`teacher_chunk_tokens` = None in training) plus the kernels' fp32 chunk, and the teacher outputs of
+  every micro-batch of the step, kept for the update (sampled loss: [M, N] fp32; candidate: the top-k union's ids
+  and M log-probs per candidate; full_vocab: [M, N, H] hidden states).
 * student_update: stored activations of R rows * L tokens per layer, times the micro-batches in flight on this
   stage (1F1B: min(micro-batches, PP - stage)). recompute=full keeps only each layer's input (2H bytes/token) plus
   one layer recomputed with its gradients; none/selective keep per layer and token 2 bytes x (4H + [(Q + 2K) +
   (Q + K) + 2Q + 3F] / TP) (norm inputs, QKV before/after QK-norm and RoPE, attention output, SwiGLU input and
   output; flash attention keeps no S^2 scores, so selective = none here). Last stage: [R*C, V/tp] bf16 logits and
-  their gradient plus the fp32 chunk.
+  their gradient plus the fp32 chunk, and the step's teacher outputs.
 * weight_sync: the woken vLLM weights (whole model / TP) plus the largest tensor gathered over TP for export.
 * checkpoint: nothing on the GPU (dist_checkpointing copies to host); host staging of the rank's shard.
 An allocator-slack share is added on the tensors (not on vLLM's own pool).
@@ -53,6 +55,10 @@ Time per step (seconds; each rank of a DP replica runs the same work; replicas i
   the per-GPU InfiniBand link otherwise.
 * weight_sync: TP all-gather of the weights + the copy into vLLM (HBM) + a fixed overhead, / rollout.sync_every.
 * checkpoint: the node's shards / checkpoint_write_gbps, / save_every (save_every 0: once per run).
+
+Not modelled: sequence / context parallelism and virtual pipeline stages (the trainer has no switch for them), the
+code task's sandbox runs (`views` phase), and student prompts shorter than the teacher prompts (both rows are taken
+at prompts.max_prompt_tokens: an upper bound for the student row).
 """
 
 from __future__ import annotations
@@ -304,7 +310,18 @@ def estimate(cfg: TrainConfig, source: ModelSource, gpu: GPUSpec, *, nodes: int 
         def chunk(tokens: int) -> float:  # the kernels' fp32 working rows: upcast logits, exp, gradient
             return _gib(3 * 4 * min(LOGPROB_CHUNK_ELEMENTS, tokens * vocab_local))
 
+        # what the scoring pass hands to the update, for every micro-batch of the step (last stage)
+        tokens_step = micro * rows * completion
+        if cfg.avsd.loss == "sampled":
+            outputs = tokens_step * views * 4  # [M, N] fp32 view log-probs
+        elif cfg.avsd.loss == "candidate":
+            union = views * cfg.avsd.topk + 1  # ids [N, Kc] int64 + mask + [M, N, Kc] fp32 log-probs
+            outputs = tokens_step * union * (8 + 1 + 4 * views)
+        else:
+            outputs = tokens_step * views * h * b  # final hidden states [M, N, H]
         if last:
+            transient["teacher_scoring"]["teacher_outputs"] = _gib(outputs)
+            transient["student_update"]["teacher_outputs"] = _gib(outputs)
             t_out = views * rows * completion
             transient["teacher_scoring"]["logits"] = _gib(t_out * vocab_local * b) + chunk(t_out)
         # student update
