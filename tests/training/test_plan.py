@@ -1,10 +1,11 @@
 """Tests for the planner (`avsd_megatron.training.plan`): its figures against real objects where they exist here.
 
-Run: .venv/bin/python -m pytest -q tests/training/test_plan.py                        (all; two 2-rank launches)
+Run: .venv/bin/python -m pytest -q tests/training/test_plan.py                        (all; three 2-rank launches)
      .venv/bin/python -m pytest -q tests/training/test_plan.py -m "not integration"   (in-process only, seconds)
 
 Calibration (integration, 2 gloo ranks each, real Megatron-Core on CPU through the trainer's own builders):
-* TP2: every rank's parameter tensors (names and sizes, tied and untied embeddings) equal `rank_parameters`.
+* TP2 and PP2: every rank's parameter tensors (names and sizes, tied and untied embeddings; at PP2 the last stage
+  holds its own output weight even when tied) equal `rank_parameters`.
 * DP2 with the distributed optimizer, fp32 and bf16 params: DDP's param and grad buffers equal
   `ddp_buffer_elements` times the dtype, the optimizer's own bytes after one Adam step (fp32 master shards +
   moments) are what the plan's `optimizer` component says, and a TP1 forward counted by torch's FLOP counter has
@@ -95,6 +96,15 @@ def test_forward_flops_equals_gpu_step_formula(rows, length, outputs, layers):
         rows, length, outputs, layers)
 
 
+def test_gpu_for_device_maps_cuda_names():
+    from avsd_megatron.training.plan import gpu_for_device
+
+    assert gpu_for_device("NVIDIA H100 80GB HBM3", 79.2) == "h100-80gb"
+    assert gpu_for_device("NVIDIA H200", 139.8) == "h200-141gb"
+    assert gpu_for_device("NVIDIA A100-SXM4-80GB", 79.1) == "a100-80gb"
+    assert gpu_for_device("Tesla V100-SXM2-32GB", 31.7) is None
+
+
 def test_ddp_buffer_padding_follows_megatron_rule():
     rank = rank_parameters(model_dims("tiny").dims, 1, 1)
     assert ddp_buffer_elements(rank, 2, distributed_optimizer=False) == rank.count
@@ -111,15 +121,15 @@ def _tiny_hf_config(tied: bool) -> dict:
     return dict(json.loads(path.read_text()), tie_word_embeddings=tied)
 
 
-def _tiny_cfg(tp: int, dtype: str) -> dict:
+def _tiny_cfg(tp: int, dtype: str, pp: int = 1) -> dict:
     data = to_dict(load_config(TINY_YAML))
-    data["parallel"]["tp"] = tp
+    data["parallel"].update(tp=tp, pp=pp)
     data["model"].update(dtype=dtype, layer_spec="local", recompute="none")
     data["optim"]["distributed_optimizer"] = True
     return data
 
 
-def sharding_rank(tp: int, dtypes: tuple[str, ...]) -> dict:
+def sharding_rank(tp: int, dtypes: tuple[str, ...], pp: int = 1) -> dict:
     """Build the trainer's GPTModel / DDP / optimizer for each (tied, dtype) and report what was allocated."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -132,14 +142,17 @@ def sharding_rank(tp: int, dtypes: tuple[str, ...]) -> dict:
         wrap_ddp,
     )
 
-    init_megatron(tp, 1)
+    init_megatron(tp, pp)
     out: dict = {}
     for tied in (True, False):
         for dtype in dtypes:
-            cfg = from_dict(_tiny_cfg(tp, dtype))
+            cfg = from_dict(_tiny_cfg(tp, dtype, pp))
             gpt = build_gpt_model(cfg, _tiny_hf_config(tied), on_cpu=True)
             key = f"{'tied' if tied else 'untied'}-{dtype}"
             record: dict = {"params": [(n, p.numel()) for n, p in gpt.named_parameters()]}
+            if pp > 1:
+                out[key] = record  # stage shapes only: no DDP / optimizer across stages here
+                continue
             if tp == 1 and tied and dtype == "float32":
                 tokens = torch.randint(0, 512, (2, 40))
                 positions = torch.arange(40).expand(2, 40)
@@ -166,14 +179,24 @@ def sharding_rank(tp: int, dtypes: tuple[str, ...]) -> dict:
 
 
 @pytest.mark.integration
-def test_rank_parameters_equal_real_gpt_model_at_tp2():
-    results = run_on_ranks(sharding_rank, 2, 2, ("float32",), timeout=300)
+def test_rank_parameters_equal_real_gpt_model_at_tp2_and_pp2():
+    tp2 = run_on_ranks(sharding_rank, 2, 2, ("float32",), timeout=300)
+    pp2 = run_on_ranks(sharding_rank, 2, 1, ("float32",), 2, timeout=300)
     for tied in (True, False):
-        dims = model_dims("tiny").dims
-        dims = dataclasses.replace(dims, tie_word_embeddings=tied)
-        planned = list(rank_parameters(dims, 2, 1).tensors)
-        for rank in results:
-            assert rank[f"{'tied' if tied else 'untied'}-float32"]["params"] == planned
+        dims = dataclasses.replace(model_dims("tiny").dims, tie_word_embeddings=tied)
+        key = f"{'tied' if tied else 'untied'}-float32"
+        for rank in tp2:
+            assert rank[key]["params"] == list(rank_parameters(dims, 2, 1).tensors)
+        for stage, rank in enumerate(pp2):  # the last stage's own output weight also when tied
+            assert rank[key]["params"] == list(rank_parameters(dims, 1, 2, stage).tensors)
+
+
+def test_pipeline_stages_partition_the_model():
+    for name in ("Qwen3-8B", "Qwen3-4B"):
+        dims = model_dims(name).dims
+        stages = sum(rank_parameters(dims, 1, 4, s).count for s in range(4))
+        extra = dims.vocab_size * dims.hidden_size if dims.tie_word_embeddings else 0  # the last stage's copy
+        assert stages == total_parameters(dims, padded_for_tp=1) + extra
 
 
 @pytest.mark.integration

@@ -10,7 +10,7 @@ it is submitted (`python -m avsd_megatron plan --config FILE`, `plan_run(cfg, ..
 | `cli`         | `python -m avsd_megatron plan`                                                             |
 
 Measured vs modelled. Checked against real objects on CPU (tests/training/test_plan.py, test_trainer.py): the
-parameter tensors and counts of every rank (a real `GPTModel` at TP1 and TP2), the distributed optimizer's fp32
+parameter tensors and counts of every rank (a real `GPTModel` at TP1, TP2 and PP2), the distributed optimizer's fp32
 shard and DDP's fp32 grad buffer (DP2), the checkpoint's size on disk (a trainer checkpoint), the FLOP formula
 (`benchmarks/gpu_step.py`'s and torch's FLOP counter on a real forward), the published Qwen3 parameter counts.
 Modelled, not measured (no GPU run here yet): activation and logit sizes (from the tensors the code keeps, see

@@ -126,7 +126,7 @@ def rank_parameters(dims: Qwen3Dims, tp: int, pp: int, stage: int = 0) -> RankPa
     tensors: list[tuple[str, int]] = []
     if stage == 0:
         tensors.append(("embedding.word_embeddings.weight", vocab // tp * h))
-    for i in range(stage * per_stage, (stage + 1) * per_stage):
+    for i in range(per_stage):  # numbered within the stage, as `named_parameters()` names them
         p = f"decoder.layers.{i}."
         tensors += [
             (p + "input_layernorm.weight", h),
