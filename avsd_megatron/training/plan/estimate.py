@@ -365,8 +365,9 @@ def estimate(cfg: TrainConfig, source: ModelSource, gpu: GPUSpec, *, nodes: int 
     # of the whole padded bucket; the plain optimizer its fp32 copies (bf16) and moments.
     opt_disk = [12 * ddp_buffer_elements(r, dp, distributed_optimizer=True) if cfg.optim.distributed_optimizer
                 else opt_full * r.count for r in stages]
-    ckpt_total = tp * sum(r.count * b + o for r, o in zip(stages, opt_disk))
-    ckpt_rank = max(r.count * b + o for r, o in zip(stages, opt_disk)) / dp  # written in parallel by DP ranks
+    ckpt_total = tp * sum(r.count * b + o for r, o in zip(stages, opt_disk, strict=True))
+    # written in parallel by the DP ranks
+    ckpt_rank = max(r.count * b + o for r, o in zip(stages, opt_disk, strict=True)) / dp
     host_total = ranks_here * (a.host_process_gib + _gib(pinned)) + _gib(ranks_here * ckpt_rank)
     host = {"process_gib": ranks_here * a.host_process_gib, "pinned_teacher_gib": _gib(ranks_here * pinned),
             "pinned_teacher_unrounded_gib": _gib(ranks_here * (worst.count * (b + (4 if cfg.avsd.teacher == "ema"
