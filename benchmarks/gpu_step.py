@@ -25,7 +25,11 @@ model TFLOP/s per GPU and MFU against `--peak-tflops` (H100/H200 SXM dense bf16:
 counted analytically, dense matmuls only: per layer and token 2H(Q + 2K) + 2QH + 6HF (qkv, proj, SwiGLU MLP) plus
 causal attention 4Q * (position + 1), plus 2HV per position that runs the output layer; training = 3 x forward
 (no recomputation counted), scoring = 1 x forward. Embedding lookups, norms, softmax and the AVSD kernels are not
-counted.
+counted. The planner (`avsd_megatron.training.plan`, `forward_flops`) uses the same count; tests/training/test_plan.py
+checks that the two agree.
+
+Next to the measurement the script prints the planner's modelled times for the same shape (`--gpu` picks the GPU type
+of its hardware model); `--predict` prints only those, without a GPU (`--dp` = the data-parallel size to assume).
 """
 
 from __future__ import annotations
@@ -66,7 +70,40 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (median reported)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of one GPU, TFLOP/s")
     parser.add_argument("--seed", type=int, default=1234)
+    # the planner's prediction
+    parser.add_argument("--gpu", default="h100-80gb", help="GPU type of the planner's hardware model")
+    parser.add_argument("--predict", action="store_true", help="print the planner's modelled phase times and exit")
+    parser.add_argument("--dp", type=int, default=1, help="--predict: data-parallel size to assume")
     return parser.parse_args()
+
+
+def predicted(args: argparse.Namespace, dp: int) -> dict[str, float]:
+    """The planner's time model (`training.plan.estimate`) for this benchmark's shape: seconds per phase."""
+    import dataclasses
+
+    from avsd_megatron.training.plan import GPUS, Assumptions, model_dims, rank_parameters
+    from avsd_megatron.training.plan import forward_flops as plan_flops
+    from avsd_megatron.training.plan.estimate import compute_seconds, optimizer_seconds, swap_seconds
+
+    a, gpu = Assumptions(), GPUS[args.gpu]
+    dims = dataclasses.replace(model_dims("Qwen3-8B").dims, num_layers=args.layers)
+    gpus, rows, micro = args.tp * args.pp, args.micro_batch_size, args.micro_batches
+    n = rows * args.completion
+    rank = max(rank_parameters(dims, args.tp, args.pp, s).count for s in range(args.pp))
+    score = plan_flops(dims, args.views * rows, args.teacher_prompt + args.completion, args.views * n)
+    update = 3 * plan_flops(dims, rows, args.student_prompt + args.completion, n)
+    return {
+        "score_teachers": compute_seconds(micro * score, gpus, gpu, a.mfu_scoring, pp=args.pp, micro=micro)
+        + swap_seconds(2 * rank, gpu, a, teacher="frozen", storage=args.teacher_storage),
+        "update_student": compute_seconds(micro * update, gpus, gpu, a.mfu_update, pp=args.pp, micro=micro),
+        "optimizer": optimizer_seconds(rank / dp, 2, 12, gpu, a),
+    }
+
+
+def _predicted_line(args: argparse.Namespace, dp: int) -> str:
+    times = predicted(args, dp)
+    return (f"planner (modelled, {args.gpu}, DP {dp}): " + ", ".join(f"{k} {v:.3f}" for k, v in times.items())
+            + f"; AVSD step {sum(times.values()):.3f} s")
 
 
 def init_distributed(args: argparse.Namespace):
@@ -305,12 +342,16 @@ def measure(args: argparse.Namespace) -> None:
         print(f"| {name} | {r['step_s']:.3f} | {r['trained_tps']:,.0f} | {r['processed_tps']:,.0f} | "
               f"{r['tflops_per_gpu']:.1f} | {r['tflops_per_gpu'] / args.peak_tflops:.1%} | "
               f"{r['peak_gib']:.1f} | {phases} |")
+    print(_predicted_line(args, dp_size))
     ratio = results["avsd"]["step_s"] / results["ce"]["step_s"]
     print(f"AVSD step / CE step time: {ratio:.2f}x (same trained tokens; AVSD adds the M-view scoring pass)")
 
 
 def main() -> None:
     args = parse_args()  # first, so that --help works anywhere
+    if args.predict:
+        print(_predicted_line(args, args.dp))
+        return
     if not torch.cuda.is_available():
         raise SystemExit(
             "benchmarks/gpu_step.py measures GPU throughput and needs CUDA; none is available here. "

@@ -28,8 +28,9 @@ default (avsd.train_pad_tokens, avsd.detach_gate, avsd.single_view_clip; `signal
 YAML: `load_config(path)` builds a `TrainConfig` from a mapping of these sections (every key optional, defaults
 fill the rest); an unknown key, a value of the wrong type or a failed check raises `ConfigError` naming the file
 and the dotted field. `to_dict(cfg)` gives plain dicts/lists back (`dump_config` writes them), and
-`load_config(dump_config(cfg))` == cfg. The dataclasses are plain, with defaults, so NeMo-Run can wrap them
-(`run.Config(TrainConfig, optim=run.Config(OptimConfig, lr=1e-5))`).
+`load_config(dump_config(cfg))` == cfg. `apply_overrides(cfg, ['optim.lr=1e-5'])` is the `--set` of `train`, `plan`
+and the recipes (values parsed as YAML, then the whole config re-validated). The dataclasses are plain, with
+defaults, so NeMo-Run can wrap them (`run.Config(TrainConfig, optim=run.Config(OptimConfig, lr=1e-5))`).
 """
 
 from __future__ import annotations
@@ -617,6 +618,30 @@ def to_dict(cfg: Any) -> Any:
     if isinstance(cfg, Mapping):
         return {k: to_dict(v) for k, v in cfg.items()}
     return cfg
+
+
+def apply_overrides(cfg: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
+    """`cfg` with each 'a.b.c=value' set (value parsed as YAML), re-validated. Raises ConfigError on a bad item.
+
+    The trainer's `--set` (`python -m avsd_megatron train`), also used by `plan` and the NeMo-Run recipes.
+    """
+    import yaml
+
+    data: dict[str, Any] = to_dict(cfg)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. optim.lr=1e-5")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a config section")
+            node = node[part]
+        if leaf not in node:
+            raise ConfigError(f"--set {item!r}: unknown key {key!r}")
+        node[leaf] = yaml.safe_load(raw)
+    return from_dict(data, source="--set")
 
 
 def dump_config(cfg: TrainConfig, path: str | Path) -> Path:

@@ -50,7 +50,8 @@ One step (`train_step`), per rank:
 - metrics (rank 0, `metrics_log`) every `logging.log_every` steps; every `logging.generations_every` steps the
   problems, prompts and completions of DP rank 0's slice; a checkpoint every `checkpoint.save_every` steps (its
   time is reported as `time/checkpoint` in the next step's record), and one at the end of `train()`. Rank 0 also
-  writes the resolved config (overrides applied) to <output_dir>/config.yaml at construction.
+  writes the resolved config (overrides applied) to <output_dir>/config.yaml at construction, and prints the
+  planner's table for this layout (`training.plan.write_plan`: plan.txt and plan.json next to it).
 
 Metrics per record: loss, grad_norm, num_tokens, lr, the kernels' `mv_*` means (`step.reduce_metrics`, over DP),
 rollout/completion_len_mean, rollout/stop_rate, data/cursor, data/prompts_skipped, time/<phase> and time/total;
@@ -106,6 +107,7 @@ from avsd_megatron.training.config import ConfigError, TrainConfig, dump_config,
 from avsd_megatron.training.megatron_model import DTYPES, build_gpt_model, build_optimizer, initial_checkpoint, wrap_ddp
 from avsd_megatron.training.metrics_log import MetricsLog, PhaseTimer
 from avsd_megatron.training.notices import notice
+from avsd_megatron.training.plan import write_plan
 from avsd_megatron.training.preflight import check_prompts_encode, check_teacher_storage_fits, load_checked_tokenizer
 from avsd_megatron.training.tasks import TASKS, TeacherRows
 
@@ -263,6 +265,7 @@ class Trainer:
                                        tensorboard=cfg.logging.tensorboard)
         if self.rank == 0:
             dump_config(cfg, Path(cfg.output_dir) / "config.yaml")  # the run's resolved config, --set included
+            print(write_plan(cfg, cfg.output_dir, world_size=dist.get_world_size()), flush=True)  # plan.txt/.json
         self.sync_weights()  # the engine starts from model.hf_path; the model may hold resumed weights
 
     # -- the loop ----------------------------------------------------------------------------------------------------
