@@ -74,7 +74,6 @@ import dataclasses
 import importlib.util
 import math
 import shlex
-from pathlib import Path
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
