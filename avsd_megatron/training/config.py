@@ -190,6 +190,13 @@ class AVSDConfig:
     epistemic_tau: float = 0.0
     """τ_e of the epistemic-preservation term (`--epistemic_tau` with `--use_epistemic_preservation`); 0 = off,
     as in every released script. Needs mode='avsd'."""
+    teacher_chunk_tokens: int | None = 1024
+    """Scoring pass: completion tokens c per teacher output-layer chunk (`AVSDLossConfig.teacher_chunk_tokens`).
+    The pass holds the teacher logits of one chunk at a time, [M, c, V/tp] in the model dtype: at Qwen3-8B, TP2
+    (V/tp = 75,968), M = 3, bf16 that is 3 * 1024 * 75,968 * 2 B = 0.43 GiB per chunk, where one piece for a
+    micro-batch of N = 16k completion tokens would be [M, N, V/tp] = 7 GiB. Each chunk costs one TP collective
+    (two for loss='candidate'); results do not depend on it. None = the whole micro-batch at once. No reference
+    counterpart (the reference materialises full logits per view)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.views, str) or not isinstance(self.views, (tuple, list)):
@@ -220,6 +227,8 @@ class AVSDConfig:
             _finite(f"avsd.{name}", getattr(self, name))
             _at_least(f"avsd.{name}", getattr(self, name), 0.0)
         _at_least("avsd.topk", self.topk, 1)
+        if self.teacher_chunk_tokens is not None:
+            _at_least("avsd.teacher_chunk_tokens", self.teacher_chunk_tokens, 1)
         if self.mode == "single" and len(views) != 1:
             raise ConfigError(f"avsd.mode='single' needs exactly one view, avsd.views={views!r}")
         if self.epistemic_tau and self.mode != "avsd":
@@ -236,8 +245,9 @@ class AVSDConfig:
 
     def loss_config(self, temperature: float, vocab_size: int | None = None, **overrides: Any) -> AVSDLossConfig:
         """The `loss.AVSDLossConfig` of this objective; temperature = rollout.temperature (τ), vocab_size = the
-        real (unpadded) vocabulary. `overrides` set the loss's execution knobs (chunk sizes)."""
-        return AVSDLossConfig(
+        real (unpadded) vocabulary. `overrides` set the loss's other execution knobs (logprob_chunk_size) or
+        replace this section's (teacher_chunk_tokens)."""
+        fields: dict[str, Any] = dict(
             temperature=temperature,
             vocab_size=vocab_size,
             loss=self.loss,
@@ -252,8 +262,9 @@ class AVSDConfig:
             weight_mode=self.weight_mode,
             eta=self.eta,
             detach_target=self.detach_target,
-            **overrides,
+            teacher_chunk_tokens=self.teacher_chunk_tokens,
         )
+        return AVSDLossConfig(**(fields | overrides))
 
     def teacher_config(self) -> TeacherConfig:
         """The `teacher_kinds.TeacherConfig` of this objective."""

@@ -203,8 +203,9 @@ def test_config_sandbox_section_builds_the_sandbox_config():
 
 
 def test_config_builds_the_loss_and_teacher_configs():
-    avsd = AVSDConfig(loss="candidate", topk=8, beta=0.25, token_clip=0.0, teacher="ema", ema_decay=0.99)
-    loss = avsd.loss_config(temperature=0.7, vocab_size=151_669, teacher_chunk_tokens=256)
+    avsd = AVSDConfig(loss="candidate", topk=8, beta=0.25, token_clip=0.0, teacher="ema", ema_decay=0.99,
+                      teacher_chunk_tokens=256)
+    loss = avsd.loss_config(temperature=0.7, vocab_size=151_669)
     assert loss == AVSDLossConfig(
         temperature=0.7,
         vocab_size=151_669,
@@ -225,6 +226,68 @@ def test_config_builds_the_loss_and_teacher_configs():
     assert avsd.teacher_config() == TeacherConfig(kind="ema", ema_decay=0.99, storage="cpu")
     shared = {f.name for f in dataclasses.fields(AVSDLossConfig)} & {f.name for f in dataclasses.fields(AVSDConfig)}
     assert all(getattr(loss, name) == getattr(avsd, name) for name in shared)
+    assert avsd.loss_config(temperature=0.7, teacher_chunk_tokens=None, logprob_chunk_size=8).teacher_chunk_tokens is None
+
+
+def test_config_teacher_chunk_tokens_is_bounded_by_default_and_checked():
+    assert AVSDConfig().teacher_chunk_tokens == 1024
+    assert AVSDConfig().loss_config(temperature=0.7).teacher_chunk_tokens == 1024
+    assert from_dict({"avsd": {"teacher_chunk_tokens": None}}).avsd.teacher_chunk_tokens is None
+    with pytest.raises(ConfigError, match=r"avsd.teacher_chunk_tokens=0 must be >= 1"):
+        from_dict({"avsd": {"teacher_chunk_tokens": 0}})
+
+
+class _RecordingOutputLayer(torch.nn.Module):
+    """A vocab-parallel output layer at TP 1 (ColumnParallelLinear's call signature); records the rows per call."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight)
+        self.rows_per_call: list[int] = []
+
+    def forward(self, x, weight=None, runtime_gather_output=None):
+        self.rows_per_call.append(x.shape[0])
+        return x @ (self.weight if weight is None else weight).t(), None
+
+
+@pytest.mark.parametrize("loss", ["sampled", "candidate"])
+def test_config_teacher_chunk_tokens_reaches_the_scoring_pass_and_chunked_equals_unchunked(loss):
+    """avsd.teacher_chunk_tokens -> loss_config -> TeacherScoringStep: the output layer runs on [M * c] rows per
+    call, and the teacher outputs equal the one-piece pass (the kernels' own chunk invariance is tested in
+    tests/hook/test_avsd_step.py::test_scoring_pass_chunked_output_layer_equals_unchunked on Megatron)."""
+    from avsd_megatron.hook.batch import build_avsd_batch
+    from avsd_megatron.hook.scoring import TeacherScoringStep
+
+    vocab, hidden, views = 50, 8, 3
+    gen = torch.Generator().manual_seed(0)
+    rand = lambda n: torch.randint(1, vocab, (n,), generator=gen).tolist()  # noqa: E731
+    batch = build_avsd_batch([rand(3), rand(2)], [[rand(4), rand(5), rand(2)], [rand(3), rand(6), rand(4)]],
+                             [rand(5), rand(4)], view_names=["a", "b", "c"], micro_batch_size=2, pad_id=0,
+                             vocab_size=vocab)
+    micro_batch = batch.micro_batches[0]  # N = 9 completion tokens
+    seq, rows = micro_batch.teacher.tokens.shape[1], micro_batch.teacher.tokens.shape[0]
+    hidden_states = torch.randn(seq, rows, hidden, generator=gen, dtype=torch.float64)
+    weight = torch.randn(vocab, hidden, generator=gen, dtype=torch.float64)
+
+    def outputs(chunk):
+        avsd = AVSDConfig(loss=loss, topk=4, teacher_chunk_tokens=chunk)
+        layer = _RecordingOutputLayer(weight.clone())
+        step = TeacherScoringStep(avsd.loss_config(temperature=0.7, vocab_size=vocab), tp_group=None,
+                                  copy_output_weight=False)
+        out = step._process(hidden_states=hidden_states, output_layer=layer, output_weight=None,
+                            context=micro_batch, scale_logits=None)
+        return out, layer.rows_per_call
+
+    whole, whole_calls = outputs(None)
+    chunked, chunked_calls = outputs(4)
+    assert micro_batch.num_tokens == 9
+    assert whole_calls == [views * 9] and chunked_calls == [views * 4, views * 4, views * 1]
+    if loss == "sampled":
+        torch.testing.assert_close(chunked.view_logprobs, whole.view_logprobs, rtol=0, atol=1e-12)
+    else:
+        a, b = chunked.candidates, whole.candidates
+        assert torch.equal(a.ids, b.ids) and torch.equal(a.mask, b.mask)
+        torch.testing.assert_close(a.view_logprobs, b.view_logprobs, rtol=0, atol=1e-12)
 
 
 def test_config_parallel_sizes():
