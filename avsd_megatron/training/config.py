@@ -553,9 +553,26 @@ def _kind(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
+def _plain(value: Any, where: str, source: str) -> Any:
+    """A copy of `value` as plain YAML data (None, bool, int, float, str, lists, string-keyed mappings)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{where}[{i}]", source) for i, v in enumerate(value)]
+    if isinstance(value, Mapping):
+        for key in value:
+            if not isinstance(key, str):
+                raise ConfigError(f"{source}: {where} keys must be strings, got {_kind(key)}")
+        return {key: _plain(item, f"{where}.{key}", source) for key, item in value.items()}
+    raise ConfigError(f"{source}: {where} must be plain data (null, bool, number, string, list, mapping), "
+                      f"got {_kind(value)}")
+
+
 def _convert(tp: Any, value: Any, where: str, source: str) -> Any:
     """Check / convert one YAML value against a field's type hint."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:  # free-form values (rollout.vllm.engine_args): plain YAML data, checked by their consumer
+        return _plain(value, where, source)
     if origin in (typing.Union, types.UnionType):
         if value is None:
             if type(None) in args:
@@ -571,6 +588,16 @@ def _convert(tp: Any, value: Any, where: str, source: str) -> Any:
         if value not in args:
             raise ConfigError(f"{source}: {where}={value!r} is not one of {args}")
         return value
+    if origin is dict:  # dict[str, X]: a mapping of string keys; each value converted as X
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{source}: {where} must be a mapping, got {_kind(value)}")
+        key_type, value_type = args
+        if key_type is not str:
+            raise TypeError(f"config field {where} has an unsupported key type {key_type!r}")  # a bug here
+        for key in value:
+            if not isinstance(key, str):
+                raise ConfigError(f"{source}: {where} keys must be strings, got {_kind(key)}")
+        return {key: _convert(value_type, item, f"{where}.{key}", source) for key, item in value.items()}
     if origin is tuple:
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
             raise ConfigError(f"{source}: {where} must be a list, got {_kind(value)}")

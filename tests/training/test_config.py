@@ -178,6 +178,12 @@ def test_config_bad_choice_names_the_dotted_field(tmp_path):
         ("sandbox:\n  wall_time_s: 0\n", r"sandbox.wall_time_s=0.0 must be > 0"),
         ("sandbox:\n  unsafe_subprocess: 1\n", r"sandbox.unsafe_subprocess must be true or false"),
         ("- a\n- b\n", r"the top level must be a mapping of TrainConfig fields"),
+        ("rollout:\n  vllm:\n    engine_args: [a]\n", r"rollout.vllm.engine_args must be a mapping, got list"),
+        ("rollout:\n  vllm:\n    engine_args: {1: a}\n", r"rollout.vllm.engine_args keys must be strings"),
+        ("rollout:\n  vllm:\n    engine_args: {c: {2: a}}\n", r"rollout.vllm.engine_args.c keys must be strings"),
+        ("rollout:\n  vllm:\n    engine_args: {seed: 3}\n", r"rollout.vllm.engine_args.seed is set by the adapter"),
+        ("rollout:\n  vllm:\n    engine_args: {enable_prefix_caching: false}\n",
+         r"rollout.vllm.engine_args.enable_prefix_caching has its own field: set rollout.vllm.enable_prefix_caching"),
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(tmp_path, text, match):
@@ -185,6 +191,21 @@ def test_config_rejects_bad_values_naming_the_field(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match) as err:
         load_config(path)
     assert str(err.value).startswith(f"{path}: ")
+
+
+def test_config_dict_field_takes_nested_plain_data_and_round_trips(tmp_path):
+    """dict[str, Any] fields (rollout.vllm.engine_args): nested mappings, lists and nulls pass through as plain data
+    and survive dump -> load."""
+    engine_args = {
+        "speculative_config": {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4},
+        "kv_cache_dtype": "fp8", "override_generation_config": None, "served_model_name": ["a", "b"],
+    }
+    cfg = from_dict({"rollout": {"vllm": {"engine_args": engine_args}}})
+    assert cfg.rollout.vllm.engine_args == engine_args
+    assert RolloutConfig().vllm.engine_args == {}
+    assert load_config(dump_config(cfg, tmp_path / "c.yaml")) == cfg
+    with pytest.raises(ConfigError, match=r"rollout.vllm.engine_args.x\[0\] must be plain data .* got object"):
+        from_dict({"rollout": {"vllm": {"engine_args": {"x": [object()]}}}})
 
 
 def test_config_code_task_with_code_views(tmp_path):
@@ -226,7 +247,8 @@ def test_config_builds_the_loss_and_teacher_configs():
     assert avsd.teacher_config() == TeacherConfig(kind="ema", ema_decay=0.99, storage="cpu")
     shared = {f.name for f in dataclasses.fields(AVSDLossConfig)} & {f.name for f in dataclasses.fields(AVSDConfig)}
     assert all(getattr(loss, name) == getattr(avsd, name) for name in shared)
-    assert avsd.loss_config(temperature=0.7, teacher_chunk_tokens=None, logprob_chunk_size=8).teacher_chunk_tokens is None
+    overridden = avsd.loss_config(temperature=0.7, teacher_chunk_tokens=None, logprob_chunk_size=8)
+    assert (overridden.teacher_chunk_tokens, overridden.logprob_chunk_size) == (None, 8)
 
 
 def test_config_teacher_chunk_tokens_is_bounded_by_default_and_checked():
@@ -260,7 +282,7 @@ def test_config_teacher_chunk_tokens_reaches_the_scoring_pass_and_chunked_equals
 
     vocab, hidden, views = 50, 8, 3
     gen = torch.Generator().manual_seed(0)
-    rand = lambda n: torch.randint(1, vocab, (n,), generator=gen).tolist()  # noqa: E731
+    rand = lambda n: torch.randint(1, vocab, (n,), generator=gen).tolist()
     batch = build_avsd_batch([rand(3), rand(2)], [[rand(4), rand(5), rand(2)], [rand(3), rand(6), rand(4)]],
                              [rand(5), rand(4)], view_names=["a", "b", "c"], micro_batch_size=2, pad_id=0,
                              vocab_size=vocab)
