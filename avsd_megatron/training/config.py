@@ -8,8 +8,8 @@ positions instead of right padding, and rollouts seeded per request instead of b
 
 | section      | dataclass          | concern                                                       |
 |--------------|--------------------|---------------------------------------------------------------|
-| `model`      | `ModelConfig`      | where the weights come from, dtype, Megatron layer spec       |
-| `parallel`   | `ParallelConfig`   | TP, PP (DP is derived from the world size)                    |
+| `model`      | `ModelConfig`      | weights, dtype, layer spec, recompute, fused kernels          |
+| `parallel`   | `ParallelConfig`   | TP, PP, SP (DP is derived from the world size), DDP overlap   |
 | `rollout`    | `rollout.config.RolloutConfig` | engine, sampling, weight sync; `rollout.vllm`: `VLLMConfig` |
 | `avsd`       | `AVSDConfig`       | views, target mode, gate, teacher kind, loss and normaliser   |
 | `optim`      | `OptimConfig`      | AdamW, clipping, LR schedule, seed                            |
@@ -67,6 +67,7 @@ DTYPES = ("bfloat16", "float16", "float32")
 LAYER_SPECS = ("local", "te")
 RECOMPUTE = ("none", "selective", "full")
 LR_DECAYS = ("linear", "constant", "cosine")
+SWAPPING_TEACHERS = ("frozen", "ema")  # teacher kinds whose weights are copied into the model for scoring
 PAPER_MODEL = "Qwen/Qwen3-8B"
 PAPER_DATASET = "siyanzhao/Openthoughts_math_30k_opsd"
 
@@ -110,7 +111,34 @@ class ModelConfig:
     layer_spec: Literal["local", "te"] = "te"
     """Megatron layer spec: 'te' (Transformer Engine, GPU) or 'local' (plain PyTorch; CPU and tests)."""
     recompute: Literal["none", "selective", "full"] = "full"
-    """Activation recomputation (the reference: HF gradient checkpointing, i.e. every layer = 'full')."""
+    """Activation recomputation: 'full' recomputes every layer (uniform, 1 layer per checkpoint), 'selective'
+    only the attention core (Megatron's default selective set), 'none' keeps every activation. The default DEVIATES
+    from Megatron-Bridge's Qwen3 recipes (recompute_granularity=None, i.e. 'none', in
+    recipes/qwen/qwen3.py qwen3_8b_pretrain_config), which train without a colocated rollout engine; AVSD keeps the
+    reference's HF gradient checkpointing ('full') because vLLM holds rollout.vllm.gpu_memory_utilization of the
+    GPU next to training. `benchmarks/gpu_step.py --recompute` measures the three."""
+    bias_activation_fusion: bool | None = None
+    """Megatron's fused SwiGLU (`fusions/fused_bias_swiglu.py`, torch.compile'd: megatron/core/jit.py:21; used by
+    transformer/mlp.py:276). None = on where CUDA and triton are present (Megatron-Bridge's Qwen provider turns it
+    on); True = required (an error names what is missing); False = off. Off on CPU."""
+    apply_rope_fusion: bool | None = None
+    """Transformer Engine's fused RoPE (models/common/embeddings/rope_utils.py:21,316; TransformerConfig refuses
+    it without TE, transformer_config.py:2183). None = on where CUDA and TE are present (Megatron-Bridge's Qwen
+    provider turns it on); True = required; False = off."""
+    masked_softmax_fusion: bool | None = None
+    """Fused causal softmax. Read only by the local spec's attention (transformer/dot_product_attention.py:104 ->
+    fusions/fused_softmax.py, Apex's `scaled_upper_triang_masked_softmax_cuda`; Megatron itself falls back to torch
+    softmax outside the kernel's shapes, fused_softmax.py:238); the TE spec's attention is TE's fused attention,
+    which this flag does not change. None = on where its provider is present (TE for the TE spec, the Apex
+    extension for the local spec; Megatron-Bridge's Qwen3Bridge sets masked_softmax_fusion=True); True = required;
+    False = off."""
+    gradient_accumulation_fusion: bool | None = None
+    """Weight-gradient GEMM accumulating straight into DDP's fp32 main_grad. TE's linears take it natively
+    (extensions/transformer_engine.py:1037), but the output layer is Megatron's ColumnParallelLinear, which needs
+    Apex's `fused_weight_gradient_mlp_cuda` and raises without it (tensor_parallel/layers.py:49,1070). None = on
+    where CUDA, that extension (and TE, for the TE spec) are present; True = required; False = off.
+    persist_layer_norm is not a field: it selects Apex's persistent LayerNorm kernel (fusions/fused_layer_norm.py:99)
+    and Qwen3 uses RMSNorm (TE's, or torch's, which refuses the flag: transformer/torch_norm.py:48)."""
 
     def __post_init__(self) -> None:
         if not self.hf_path:
@@ -128,10 +156,36 @@ class ParallelConfig:
     """Tensor-parallel size (also the vLLM engine's TP: one engine per Megatron TP group)."""
     pp: int = 1
     """Pipeline-parallel size."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs tp > 1 and model.layer_spec='te': the torch norms of the local spec
+    refuse it, transformer/torch_norm.py:50): norms and dropout run on S/tp positions, TP all-reduces become
+    reduce-scatter + all-gather; the trainer pads every row to a multiple of tp (`build_avsd_batch`'s
+    pad_to_multiple_of). Default off, as in Megatron-Bridge's Qwen3-8B recipe (sequence_parallel=False at TP4,
+    recipes/qwen/qwen3.py)."""
+    overlap_grad_reduce: bool = True
+    """DDP: start each gradient bucket's all-reduce / reduce-scatter during the backward pass (the trainer then
+    hands Megatron's schedule `model.no_sync`, so only the last micro-batch's backward launches it). On, as in
+    Megatron-Bridge's recipes (recipes/common.py _pretrain_common ddp). It does not race with the teacher swap:
+    the swap touches parameters, the overlap grad buffers, and `finalize_model_grads` waits for every bucket
+    before the optimizer step."""
+    overlap_param_gather: bool = False
+    """DDP + distributed optimizer: defer the post-step parameter all-gather into the next forward pass (Bridge
+    turns it on). Refused with a swapping teacher (avsd.teacher='frozen' / 'ema'): the swap would save and
+    restore parameters whose all-gather has not happened yet. Needs optim.distributed_optimizer."""
+    grad_reduce_in_fp32: bool = True
+    """DDP: keep and reduce gradients in fp32 (Megatron-Bridge's default, recipes/common.py; megatron-core's own
+    default is False, distributed_data_parallel_config.py:15)."""
+    ddp_bucket_size: int | None = None
+    """DDP: parameters per communication bucket; None = megatron-core's default max(40M, 1M * dp)
+    (distributed_data_parallel_config.py:48), which Megatron-Bridge's recipes keep."""
 
     def __post_init__(self) -> None:
         _at_least("parallel.tp", self.tp, 1)
         _at_least("parallel.pp", self.pp, 1)
+        if self.sequence_parallel and self.tp < 2:
+            raise ConfigError(f"parallel.sequence_parallel=True needs parallel.tp > 1 (parallel.tp={self.tp})")
+        if self.ddp_bucket_size is not None:
+            _at_least("parallel.ddp_bucket_size", self.ddp_bucket_size, 1)
 
     def data_parallel_size(self, world_size: int) -> int:
         """dp = world_size / (tp * pp) (derived; there is no dp field to set)."""
@@ -447,6 +501,20 @@ class TrainConfig:
             raise ConfigError(
                 f"prompts_per_step={self.prompts_per_step} is not a multiple of micro_batch_size="
                 f"{self.micro_batch_size}"
+            )
+        if self.parallel.overlap_param_gather:
+            if not self.optim.distributed_optimizer:
+                raise ConfigError("parallel.overlap_param_gather=True needs optim.distributed_optimizer=True")
+            if self.avsd.teacher in SWAPPING_TEACHERS:
+                raise ConfigError(
+                    f"parallel.overlap_param_gather=True races with avsd.teacher={self.avsd.teacher!r}: the teacher "
+                    "swap would save and restore parameters whose deferred all-gather has not run yet; set "
+                    "parallel.overlap_param_gather=false (overlap_grad_reduce is safe)"
+                )
+        if self.parallel.sequence_parallel and self.model.layer_spec != "te":
+            raise ConfigError(
+                "parallel.sequence_parallel=True needs model.layer_spec='te' (the local spec's torch norms refuse "
+                "it: megatron/core/transformer/torch_norm.py:50)"
             )
         allowed = MATH_VIEWS if self.data.task == "math" else CODE_VIEWS
         if not set(self.avsd.views) <= set(allowed):

@@ -283,6 +283,7 @@ class Trainer:
             [list(c.token_ids) for c in rollout.completions],
             view_names=self.cfg.avsd.views, micro_batch_size=self.cfg.micro_batch_size * n,
             pad_id=self.tokenizer.pad_token_id, vocab_size=self.vocab_size, completion_masks=rows.masks,
+            pad_to_multiple_of=self.cfg.parallel.tp if self.cfg.parallel.sequence_parallel else 1,  # SP: S % tp == 0
         )
 
     def set_lr(self) -> float:
