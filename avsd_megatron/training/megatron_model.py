@@ -116,9 +116,10 @@ def ddp_config(cfg: TrainConfig) -> Any:
 
 def wrap_ddp(gpt: Any, cfg: TrainConfig) -> Any:
     """Float16Module (bf16/fp16) + Megatron DDP. With overlap_grad_reduce the schedule gets `model.no_sync`, as
-    Megatron-LM's training loop wires it: without it every micro-batch's backward would count as the last one
-    (distributed/param_and_grad_buffer.py:870) and launch the bucket reductions on partial gradients. The
-    parameter all-gather of overlap_param_gather runs from DDP's forward pre-hooks
+    Megatron-LM's training loop wires it, so only the last micro-batch's backward hooks count towards launching a
+    bucket's reduction (distributed/param_and_grad_buffer.py:870). Without it every micro-batch counts, which is
+    only right while the number of micro-batches never changes from the first step's (its counts become the
+    "golden" ones, :292). The parameter all-gather of overlap_param_gather runs from DDP's forward pre-hooks
     (distributed/distributed_data_parallel.py:394)."""
     from megatron.core.distributed import DistributedDataParallel
     from megatron.core.transformer.module import Float16Module

@@ -80,6 +80,7 @@ from avsd_megatron.training.checkpointing import CheckpointManager, adam_step_co
 from avsd_megatron.training.config import ConfigError, TrainConfig, dump_config, to_dict
 from avsd_megatron.training.megatron_model import DTYPES, build_gpt_model, build_optimizer, initial_checkpoint, wrap_ddp
 from avsd_megatron.training.metrics_log import MetricsLog, PhaseTimer
+from avsd_megatron.training.rollout_memory import RolloutOffload
 from avsd_megatron.training.tasks import TASKS, TeacherRows
 
 __all__ = ["PromptStream", "Rollout", "Trainer"]
@@ -202,6 +203,9 @@ class Trainer:
                              self.vocab_size), self.teacher, groups=self.megatron_groups)
 
         self.engine = engine if engine is not None else ENGINES[cfg.rollout.engine](cfg, on_cpu=self.on_cpu)
+        self.rollout_offload = RolloutOffload(self.model, self.optimizer, on_cpu=self.on_cpu,
+                                              grad_buffers=cfg.memory.offload_grad_buffers,
+                                              optimizer_states=cfg.memory.offload_optimizer_states)
         self.sampling = SamplingParams.from_config(cfg.rollout)
         self._after_generate = self.engine.sleep if cfg.rollout.sync_every == 1 else (lambda: None)
         self.prompt_report = PromptReport()
@@ -241,7 +245,7 @@ class Trainer:
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step (module docstring); returns its metrics."""
-        with self.timer("rollout"):
+        with self.timer("rollout"), self.rollout_offload():  # memory.*: training memory lent to the engine
             rollout = self.rollout()
         with self.timer("views"):
             rows = self.task.teacher_rows(rollout.examples, rollout.prompts, rollout.completions)
