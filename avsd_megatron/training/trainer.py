@@ -23,7 +23,9 @@ One step (`train_step`), per rank:
   seed `request_seed(rollout.seed, step)` on every rank (vLLM's TP engines generate together); the completions of
   the model-parallel group's first rank are then broadcast to the others, so every TP/PP rank of a DP replica
   trains on identical samples. With `rollout.sync_every` = 1 the engine sleeps after generating (colocated memory
-  goes back to training); with k > 1 it stays awake between syncs (its weights must survive);
+  goes back to training); with k > 1 it stays awake between syncs (its weights must survive). Around the rollout
+  `rollout_memory.RolloutOffload` frees DDP's grad buffers (`memory.offload_grad_buffers`) and moves the optimizer
+  states to host memory (`memory.offload_optimizer_states`), restored before the teacher scoring;
 - `task.teacher_rows()` (timed as `views`): each completion's M teacher prompts. Math: the example's view prompts.
   Code (`tasks.CodeTask`): the reference / hint prompts of the example, and a feedback prompt of the completion's
   own: its extracted program is run on the example's public tests in the sandbox (`sandbox` section; bubblewrap
