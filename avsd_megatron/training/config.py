@@ -389,7 +389,10 @@ class MemoryConfig:
     offload_grad_buffers: bool = True
     """Free DDP's gradient buffers during the rollout (megatron-core's `offload_grad_buffers` /
     `restore_grad_buffers`; 15 GiB per rank at Qwen3-8B / TP2 in fp32). Costs one reallocation and the zeroing
-    the next step does anyway; results are unchanged."""
+    the next step does anyway; results are unchanged. The engine is also built with the buffers (and, with
+    offload_optimizer_states, the main params) offloaded: vLLM refuses to start unless the free memory covers
+    rollout.vllm.gpu_memory_utilization x the GPU (vllm/v1/worker/utils.py:716 `request_memory` in 0.33.0), so
+    what is freed here is what a higher gpu_memory_utilization can count on."""
     offload_optimizer_states: bool = False
     """Also move the optimizer's fp32 main parameters and Adam moments to host memory during the rollout
     (megatron-core's `offload_to_cpu` / `restore_from_cpu`): 12 B per parameter shard, two PCIe copies per step.

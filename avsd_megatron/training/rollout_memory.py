@@ -15,7 +15,9 @@ Only megatron-core's own calls are used (0.19):
   forwards both, :2014,2019): the fp32 main parameters and Adam moments move to host memory and back (two PCIe copies
   per step, optional). Both only move CUDA tensors (`p.is_cuda`), so on CPU they are no-ops.
 
-The restore runs in a `finally`, so a failed rollout leaves training memory in place for the error handling.
+The restore runs in a `finally`, so a failed rollout leaves training memory in place for the error handling. The
+trainer also builds its rollout engine inside the context: vLLM sizes its budget against the free memory at start-up
+(vllm/v1/worker/utils.py:716 in 0.33.0), which must then match what is free during every later rollout.
 """
 
 from __future__ import annotations

@@ -204,10 +204,11 @@ class Trainer:
         self.avsd = AVSDStep(self.model, self.optimizer, cfg.avsd.loss_config(cfg.rollout.temperature,
                              self.vocab_size), self.teacher, groups=self.megatron_groups)
 
-        self.engine = engine if engine is not None else ENGINES[cfg.rollout.engine](cfg, on_cpu=self.on_cpu)
         self.rollout_offload = RolloutOffload(self.model, self.optimizer, on_cpu=self.on_cpu,
                                               grad_buffers=cfg.memory.offload_grad_buffers,
                                               optimizer_states=cfg.memory.offload_optimizer_states)
+        with self.rollout_offload():  # vLLM checks its budget against the free memory at construction
+            self.engine = engine if engine is not None else ENGINES[cfg.rollout.engine](cfg, on_cpu=self.on_cpu)
         self.sampling = SamplingParams.from_config(cfg.rollout)
         self._after_generate = self.engine.sleep if cfg.rollout.sync_every == 1 else (lambda: None)
         self.prompt_report = PromptReport()

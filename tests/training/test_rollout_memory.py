@@ -6,7 +6,8 @@ reference (parallel.overlap_grad_reduce=false, no offload), overlap on, grad-buf
 Losses, grad norms and the final parameters must be bit-identical to the reference: the offload only frees storage
 the next step zeroes anyway, and overlapped bucket reductions are the same reductions started earlier. With overlap
 the schedule must hold DDP's `no_sync`. During every offloaded rollout the grad buffers' storage must really be
-empty (and in the others, allocated). On CPU megatron-core's optimizer
+empty (and in the others, allocated), and so must they be while the engine is built (vLLM sizes its budget from the
+memory free at start-up). On CPU megatron-core's optimizer
 offload moves only CUDA tensors, so that part is a no-op here; `benchmarks/gpu_step.py` checks it on a GPU.
 
 Run: python -m pytest -q tests/training/test_rollout_memory.py
@@ -39,14 +40,29 @@ VARIANTS = {
 def variants_rank(cfg_datas: dict[str, dict]) -> dict[str, dict]:
     """Each variant: a fresh Trainer, 2 steps; the metrics, the gathered final parameters and the grad-buffer
     storage sizes seen by the engine during each rollout."""
+    import avsd_megatron.training.trainer as trainer_module
     from avsd_megatron.runtime import install
     from avsd_megatron.testing.full_state import gather_full_state
     from avsd_megatron.training.trainer import Trainer
 
     install()
     out = {}
+    build_hf = trainer_module.ENGINES["hf"]
     for name, data in cfg_datas.items():
-        trainer = Trainer(from_dict(data), progress=False)
+        at_build = []
+
+        def recording_build(cfg, *, on_cpu, _at_build=at_build):
+            import inspect
+
+            building = inspect.currentframe().f_back.f_locals["self"]  # the Trainer whose __init__ builds the engine
+            _at_build.append(sum(b.grad_data.untyped_storage().size() for b in building.model.buffers))
+            return build_hf(cfg, on_cpu=on_cpu)
+
+        trainer_module.ENGINES["hf"] = recording_build
+        try:
+            trainer = Trainer(from_dict(data), progress=False)
+        finally:
+            trainer_module.ENGINES["hf"] = build_hf
         seen = []
         generate = trainer.engine.generate
 
@@ -61,7 +77,8 @@ def variants_rank(cfg_datas: dict[str, dict]) -> dict[str, dict]:
         full = gather_full_state(trainer.model)
         buffer_bytes = sum(b.grad_data.numel() * b.grad_data.element_size() for b in trainer.model.buffers)
         out[name] = {"metrics": [{k: m[k] for k in ("loss", "grad_norm", "num_tokens")} for m in metrics],
-                     "params": full, "storage_during_rollout": seen, "buffer_bytes": buffer_bytes}
+                     "params": full, "storage_during_rollout": seen, "buffer_bytes": buffer_bytes,
+                     "storage_at_engine_build": at_build}
     return out
 
 
@@ -94,6 +111,8 @@ def test_offload_and_overlap_leave_the_step_bit_identical(tmp_path):
             assert got["params"].keys() == ref["params"].keys()
             for key, value in ref["params"].items():
                 assert torch.equal(got["params"][key], value), (name, key)
+        assert ref["storage_at_engine_build"] == [ref["buffer_bytes"]]
+        assert rank["offload_grads"]["storage_at_engine_build"] == [0]  # the engine is sized with them freed
         assert rank["offload_grads"]["storage_during_rollout"] == [0, 0]
         assert rank["offload_all"]["storage_during_rollout"] == [0, 0]
         assert rank["overlap"]["storage_during_rollout"] == [ref["buffer_bytes"]] * 2
