@@ -33,7 +33,9 @@ One step (`train_step`), per rank:
   the model-parallel group's first rank are then broadcast to the others, so every TP/PP rank of a DP replica
   trains on identical samples. After generating the engine sleeps (colocated memory goes back to training):
   discarding its weights when a sync follows this step, else (`rollout.sync_every` > 1) keeping them in host memory
-  (`sleep(keep_weights=True)`, vLLM's level 1) for the next rollout;
+  (`sleep(keep_weights=True)`, vLLM's level 1) for the next rollout. Around the rollout
+  `rollout_memory.RolloutOffload` frees DDP's grad buffers (`memory.offload_grad_buffers`) and moves the optimizer
+  states to host memory (`memory.offload_optimizer_states`), restored before the teacher scoring;
 - the algorithm's targets step (`algorithms.TARGETS[algorithm]`, chosen once). avsd: `task.teacher_rows()` (timed
   as `views`), then after `build_batch()` the teacher scoring pass (`score_teachers`); grpo: `task.rewards()` and
   group-normalised advantages (timed as `rewards`), then per-token advantages (`advantages`) and no teacher pass.
@@ -109,6 +111,7 @@ from avsd_megatron.training.metrics_log import MetricsLog, PhaseTimer
 from avsd_megatron.training.notices import notice
 from avsd_megatron.training.plan import write_plan
 from avsd_megatron.training.preflight import check_prompts_encode, check_teacher_storage_fits, load_checked_tokenizer
+from avsd_megatron.training.rollout_memory import RolloutOffload
 from avsd_megatron.training.tasks import TASKS, TeacherRows
 
 __all__ = ["PromptStream", "Rollout", "Trainer"]
@@ -247,7 +250,11 @@ class Trainer:
         self.avsd = AVSDStep(self.model, self.optimizer, cfg.loss_config(self.vocab_size), self.teacher,
                              groups=self.megatron_groups)
 
-        self.engine = engine if engine is not None else ENGINES[cfg.rollout.engine](cfg, on_cpu=self.on_cpu)
+        self.rollout_offload = RolloutOffload(self.model, self.optimizer, on_cpu=self.on_cpu,
+                                              grad_buffers=cfg.memory.offload_grad_buffers,
+                                              optimizer_states=cfg.memory.offload_optimizer_states)
+        with self.rollout_offload():  # vLLM checks its budget against the free memory at construction
+            self.engine = engine if engine is not None else ENGINES[cfg.rollout.engine](cfg, on_cpu=self.on_cpu)
         self.sampling = SamplingParams.from_config(cfg.rollout)
         self.targets = TARGETS[cfg.algorithm](
             self.task, cfg, score=self.score_teachers, prepare=self.avsd.zero_grads, dp_group=self.megatron_groups.dp,
@@ -286,7 +293,7 @@ class Trainer:
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step (module docstring); returns its metrics."""
-        with self.timer("rollout"):
+        with self.timer("rollout"), self.rollout_offload():  # memory.*: training memory lent to the engine
             rollout = self.rollout()
         with self.timer(self.targets.rows_phase):  # avsd: the views' teacher rows; grpo: rewards, advantages
             rows = self.targets.rows(rollout.examples, rollout.prompts, rollout.completions)
@@ -339,6 +346,7 @@ class Trainer:
             micro_batch_size=self.cfg.micro_batch_size * n,
             pad_id=self.tokenizer.pad_token_id, vocab_size=self.vocab_size, completion_masks=rows.masks,
             train_pad_tokens=self.cfg.avsd.train_pad_tokens,
+            pad_to_multiple_of=self.cfg.parallel.tp if self.cfg.parallel.sequence_parallel else 1,  # SP: S % tp == 0
         )
 
     def set_lr(self) -> float:

@@ -93,7 +93,7 @@ def test_forward_flops_equals_gpu_step_formula(rows, length, outputs, layers):
     gpu_step = _gpu_step()
     dims = model_dims("Qwen3-8B").dims
     assert forward_flops(dims, rows, length, outputs, num_layers=layers) == gpu_step.forward_flops(
-        rows, length, outputs, layers)
+        gpu_step.QWEN3_8B, rows, length, outputs, layers)
 
 
 def test_gpu_for_device_maps_cuda_names():
