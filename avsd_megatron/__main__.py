@@ -1,6 +1,7 @@
 """`python -m avsd_megatron COMMAND [ARGS]`: the project's command lines, one word each.
 
     train       AVSD training from a YAML config (`training.train`; one process or under torchrun)
+    plan        memory / time / disk per phase and scaling of a run, before submitting (`training.plan`)
     evaluate    math Avg@k / code pass@k of an HF checkpoint (`pipelines.evaluate`)
     main-job    the CPU pipeline on the bundled tiny model: SFT -> AVSD -> held-out table (`pipelines.main_job`)
     plot        training curves of run directories' metrics.jsonl, overlaid, as a PNG (`pipelines.plot`)
@@ -30,6 +31,7 @@ from typing import Any
 
 COMMANDS = {
     "train": ("avsd_megatron.training.train", "AVSD training from a YAML config (one process or under torchrun)"),
+    "plan": ("avsd_megatron.training.plan.cli", "memory, time and disk of a run per phase, and its scaling"),
     "evaluate": ("avsd_megatron.pipelines.evaluate", "math Avg@k / code pass@k of an HF checkpoint"),
     "main-job": ("avsd_megatron.pipelines.main_job", "the CPU pipeline on the bundled tiny model"),
     "plot": ("avsd_megatron.pipelines.plot", "training curves of runs' metrics.jsonl, overlaid, as a PNG"),

@@ -1,36 +1,56 @@
-"""Throughput and MFU of one AVSD step (teacher scoring + student update) vs a plain cross-entropy step, on GPUs.
+"""Throughput, MFU and memory of one AVSD step (teacher scoring + student update) per GPU-path switch, vs a plain
+cross-entropy step, on GPUs; a tiny CPU smoke mode runs the same code paths so CI catches breakage (no timing).
 
 Run (one GPU; Qwen3-8B-shaped layers, 4 of its 36 layers, full vocabulary):
     python benchmarks/gpu_step.py
-    python benchmarks/gpu_step.py --layers 8 --micro-batches 4 --teacher-storage device
-Several GPUs (TP x PP x DP = number of processes):
+    python benchmarks/gpu_step.py --layers 8 --micro-batches 4 --teacher-storage device --json out.json
+    python benchmarks/gpu_step.py --variants avsd,avsd/offload-all
+Several GPUs (TP x PP x DP = number of processes; the avsd/sp variant needs TP > 1):
     torchrun --nproc-per-node 8 benchmarks/gpu_step.py --tp 2 --pp 2 --layers 8
-Needs CUDA, megatron-core 0.19 and, for the intended numbers, Transformer Engine (the NGC PyTorch container); without
-TE it falls back to Megatron's local layer spec and says so. On a machine without CUDA it exits with a message.
+CPU smoke (2-layer toy shape, gloo, Megatron's local spec, the CPU-runnable variants, 1 step each):
+    python benchmarks/gpu_step.py --cpu-smoke
+Needs megatron-core 0.19; for the intended numbers also Transformer Engine and Apex (the NGC PyTorch container).
+Without CUDA (and without --cpu-smoke) it exits with a message.
 
-What is measured, on one model (bf16, DDP + distributed optimizer, Adam) in one run:
-* AVSD: `AVSDStep`'s phases timed one by one -- zero grads, `score_teachers` (frozen teacher swapped in from
-  `--teacher-storage`, one forward-only schedule over the M * B teacher rows, output layer at the M * N
-  completion positions only), `update_student` (forward + backward, output layer at the N completion positions),
-  `optimizer.step()`. Sampled-token loss, M = 3 views.
-* CE: the same student rows, Megatron's own `GPTModel(labels=...)` per-token cross-entropy (output layer at every
-  position), summed over the same completion tokens, same optimizer.
-Synthetic rows without padding: student prompt `--student-prompt` tokens, teacher prompts `--teacher-prompt` tokens
-(the privileged view makes them longer), completions `--completion` tokens; B = `--micro-batch-size` prompts per
-micro-batch, `--micro-batches` per step per DP rank.
+The model, DDP and optimizer are built by the trainer's own builders (`avsd_megatron.training.megatron_model`) from a
+`TrainConfig`, so every variant measures exactly what the trainer would run with those config fields:
 
-Reported per variant: step time (median of `--steps` after `--warmup`), trained completion tokens/s (the N tokens
-both variants learn from, summed over DP ranks), processed tokens/s (every row position, teacher rows included),
-model TFLOP/s per GPU and MFU against `--peak-tflops` (H100/H200 SXM dense bf16: 989), peak memory. FLOPs are
-counted analytically, dense matmuls only: per layer and token 2H(Q + 2K) + 2QH + 6HF (qkv, proj, SwiGLU MLP) plus
-causal attention 4Q * (position + 1), plus 2HV per position that runs the output layer; training = 3 x forward
-(no recomputation counted), scoring = 1 x forward. Embedding lookups, norms, softmax and the AVSD kernels are not
-counted.
+| variant              | config change from the base                                                            |
+|----------------------|----------------------------------------------------------------------------------------|
+| ce                   | the base model, Megatron's per-token CE on the student rows (output layer everywhere)    |
+| avsd                 | base: model.*_fusion auto (on where TE / Apex / triton are detected), model.recompute =  |
+|                      | --recompute, parallel.overlap_grad_reduce on, no offload, avsd.teacher_chunk_tokens 1024 |
+| avsd/no-fusions      | every model.*_fusion false                                                             |
+| avsd/recompute-*     | model.recompute selective / full                                                       |
+| avsd/no-overlap      | parallel.overlap_grad_reduce false                                                     |
+| avsd/sp              | parallel.sequence_parallel true (TP > 1 and the TE spec only)                          |
+| avsd/chunk-none      | avsd.teacher_chunk_tokens null (teacher logits [M, N, V/tp] in one piece)              |
+| avsd/offload-grads   | memory.offload_grad_buffers: DDP grad buffers freed across a stand-in rollout           |
+| avsd/offload-all     | also memory.offload_optimizer_states (main params + Adam moments to host and back)     |
+
+Per AVSD step, phases timed one by one: zero grads, `score_teachers` (frozen teacher swapped in from
+`--teacher-storage`, one forward-only schedule over the M * B teacher rows, output layer at the M * N completion
+positions), `update_student` (forward + backward at the N completion positions), `optimizer.step()`, and for the
+offload variants `offload` (the `RolloutOffload` context entered and left around an empty stand-in rollout: what
+the rollout gap costs). `swap` is the teacher swap (`teacher.scoring_weights()` entered and left) timed once more
+on its own; it is also inside score_teachers. Sampled-token loss, M = 3 views. Synthetic rows without padding:
+student prompt `--student-prompt` tokens, teacher prompts `--teacher-prompt`, completions `--completion`;
+B = `--micro-batch-size` prompts per micro-batch, `--micro-batches` per step per DP rank.
+
+Reported per variant: step time (median of `--steps` after `--warmup`; the offload phase included), trained
+completion tokens/s (summed over DP ranks), model TFLOP/s per GPU and MFU against `--peak-tflops` (H100/H200 SXM
+dense bf16: 989), peak memory, memory the offload frees (allocated before minus during), the last step's loss and
+its difference to the base `avsd` variant (0 = bit-identical; the offload variants must give 0 where the kernels are
+deterministic). FLOPs are counted analytically, dense matmuls only: per layer and token 2H(Q + 2K) + 2QH + 6HF (qkv,
+proj, SwiGLU MLP) plus causal attention 4Q * (position + 1), plus 2HV per position that runs the output layer;
+training = 3 x forward (recomputation not counted), scoring = 1 x forward.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import json
 import os
 import statistics
 import sys
@@ -40,17 +60,38 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo, for avsd_megatron
 
-QWEN3_8B = dict(hidden=4096, ffn=12288, heads=32, kv_heads=8, head_dim=128, vocab=151_936, rope_theta=1_000_000)
+QWEN3_8B = dict(hidden_size=4096, intermediate_size=12288, num_attention_heads=32, num_key_value_heads=8,
+                head_dim=128, vocab_size=151_936, rope_theta=1_000_000.0)
+TOY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+           vocab_size=256, rope_theta=1_000_000.0)
+FUSION_FIELDS = ("bias_activation_fusion", "apply_rope_fusion", "masked_softmax_fusion",
+                 "gradient_accumulation_fusion")
+VARIANTS = {
+    "ce": {},
+    "avsd": {},
+    "avsd/no-fusions": {"model": dict.fromkeys(FUSION_FIELDS, False)},
+    "avsd/recompute-selective": {"model": {"recompute": "selective"}},
+    "avsd/recompute-full": {"model": {"recompute": "full"}},
+    "avsd/no-overlap": {"parallel": {"overlap_grad_reduce": False}},
+    "avsd/sp": {"parallel": {"sequence_parallel": True}},
+    "avsd/chunk-none": {"avsd": {"teacher_chunk_tokens": None}},
+    "avsd/offload-grads": {"memory": {"offload_grad_buffers": True}},
+    "avsd/offload-all": {"memory": {"offload_grad_buffers": True, "offload_optimizer_states": True}},
+}
+CPU_VARIANTS = ("ce", "avsd", "avsd/no-overlap", "avsd/chunk-none", "avsd/offload-grads", "avsd/offload-all")
+"""What runs on CPU: no fused kernels (no CUDA), no sequence parallelism (the local spec's norms refuse it), no
+recomputation (Megatron's checkpoint saves the CUDA RNG state, tensor_parallel/random.py:528)."""
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     # model
     parser.add_argument("--layers", type=int, default=4, help="transformer layers (Qwen3-8B has 36)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (must divide --layers)")
-    parser.add_argument("--sequence-parallel", action="store_true", help="Megatron sequence parallelism (TP > 1)")
-    parser.add_argument("--local-spec", action="store_true", help="force Megatron's local layer spec (no TE)")
+    parser.add_argument("--local-spec", action="store_true", help="Megatron's local layer spec instead of TE's")
+    parser.add_argument("--recompute", choices=("none", "selective", "full"), default="none",
+                        help="model.recompute of the base variant (Megatron-Bridge's Qwen3 recipes: none)")
     # batch
     parser.add_argument("--micro-batch-size", type=int, default=2, help="B prompts per micro-batch")
     parser.add_argument("--micro-batches", type=int, default=2, help="micro-batches per step per DP rank")
@@ -61,120 +102,97 @@ def parse_args() -> argparse.Namespace:
     # AVSD
     parser.add_argument("--teacher-storage", choices=("cpu", "device"), default="cpu", help="where θ₀ lives")
     parser.add_argument("--temperature", type=float, default=0.7, help="rollout temperature τ")
+    # what to run
+    parser.add_argument("--variants", default=None,
+                        help=f"comma-separated subset of {', '.join(VARIANTS)}; default: every one that can run")
+    parser.add_argument("--cpu-smoke", action="store_true",
+                        help="toy shape on CPU with gloo: run the CPU-runnable variants once (no timing claims)")
+    parser.add_argument("--json", default=None, help="also write the results as JSON to this path")
     # timing
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (median reported)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (median reported)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of one GPU, TFLOP/s")
     parser.add_argument("--seed", type=int, default=1234)
-    return parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.cpu_smoke:  # toy sizes; keep whatever the caller set explicitly for the counts
+        args.layers, args.student_prompt, args.teacher_prompt, args.completion = 2, 8, 12, 8
+        args.warmup, args.steps = 0, 1
+    return args
 
 
-def init_distributed(args: argparse.Namespace):
-    """NCCL process group (torchrun's env, or a 1-process group) and Megatron's parallel_state."""
+def init_distributed(args: argparse.Namespace) -> None:
+    """NCCL (GPU) or gloo (--cpu-smoke) process group from torchrun's env, or a 1-process group; parallel_state."""
     import torch.distributed as dist
     from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     if "RANK" not in os.environ:  # plain `python benchmarks/gpu_step.py`: one process
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29517")
-    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl")
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp
-    )
-    model_parallel_cuda_manual_seed(args.seed)
-    torch.manual_seed(args.seed)
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29517")
+    if args.cpu_smoke:
+        from avsd_megatron.runtime import install
 
-
-def build(args: argparse.Namespace):
-    """Qwen3-8B-shaped GPTModel (bf16) in Float16Module + DDP, with Megatron's distributed Adam."""
-    import torch.nn.functional as F
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_layer_local_spec,
-        get_gpt_layer_with_transformer_engine_spec,
-    )
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.transformer import TransformerConfig
-    from megatron.core.transformer.module import Float16Module
-
-    try:
-        import transformer_engine  # noqa: F401
-
-        have_te = not args.local_spec
-    except ImportError:
-        have_te = False
-    try:  # Megatron's fused wgrad accumulation (output layer) needs APEX's extension, shipped in NGC containers
-        import fused_weight_gradient_mlp_cuda  # noqa: F401
-
-        grad_accum_fusion = have_te
-    except ImportError:
-        grad_accum_fusion = False
-    if have_te:
-        layer_spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True)
+        install()  # Megatron's CUDA-assuming calls -> CPU (avsd_megatron.runtime.megatron_cpu)
+        dist.init_process_group("gloo")
     else:
-        layer_spec = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
-    shape = QWEN3_8B
-    config = TransformerConfig(
-        num_layers=args.layers,
-        hidden_size=shape["hidden"],
-        ffn_hidden_size=shape["ffn"],
-        num_attention_heads=shape["heads"],
-        num_query_groups=shape["kv_heads"],
-        kv_channels=shape["head_dim"],
-        normalization="RMSNorm",
-        layernorm_epsilon=1e-6,
-        qk_layernorm=True,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        add_qkv_bias=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        bf16=True,
-        params_dtype=torch.bfloat16,
-        pipeline_dtype=torch.bfloat16,
-        tensor_model_parallel_size=args.tp,
-        pipeline_model_parallel_size=args.pp,
-        sequence_parallel=args.sequence_parallel,
-        gradient_accumulation_fusion=grad_accum_fusion,
-        calculate_per_token_loss=True,
-    )
-    config.finalize_model_grads_func = finalize_model_grads
-    from megatron.core import parallel_state
-
-    gpt = GPTModel(
-        config=config,
-        transformer_layer_spec=layer_spec,
-        vocab_size=shape["vocab"],  # 151,936 = 128 * 1187: divisible by TP 1, 2, 4, 8 without padding
-        max_sequence_length=args.teacher_prompt + args.completion,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        parallel_output=True,
-        share_embeddings_and_output_weights=False,
-        position_embedding_type="rope",
-        rotary_base=shape["rope_theta"],
-    ).cuda()
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True)
-    model = DistributedDataParallel(config, ddp_config, Float16Module(config, gpt))
-    opt_config = OptimizerConfig(optimizer="adam", lr=1e-6, bf16=True, use_distributed_optimizer=True, clip_grad=1.0)
-    optimizer = get_megatron_optimizer(opt_config, [model])
-    return model, optimizer, config, have_te
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl")
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)
 
 
-def synthetic_batch(args: argparse.Namespace, dp_rank: int):
-    """This DP rank's AVSDBatch of fixed-length random rows (no padding)."""
+def hf_config(args: argparse.Namespace) -> dict:
+    """A Qwen3 config.json dict: Qwen3-8B's layer shape (or the toy one) with --layers layers, untied."""
+    shape = TOY if args.cpu_smoke else QWEN3_8B
+    return dict(shape, model_type="qwen3", architectures=["Qwen3ForCausalLM"], num_hidden_layers=args.layers,
+                hidden_act="silu", rms_norm_eps=1e-6, max_position_embeddings=args.teacher_prompt + args.completion,
+                tie_word_embeddings=False, attention_bias=False, rope_scaling=None)
+
+
+def train_config(args: argparse.Namespace, changes: dict):
+    """The TrainConfig of the base variant with `changes` ({section: {field: value}}) applied."""
+    from avsd_megatron.training.config import from_dict
+
+    sections = {
+        "model": {"hf_path": "gpu_step", "dtype": "float32" if args.cpu_smoke else "bfloat16",
+                  "layer_spec": "local" if args.cpu_smoke or args.local_spec else "te",
+                  "recompute": args.recompute},
+        "parallel": {"tp": args.tp, "pp": args.pp, "overlap_grad_reduce": True},
+        "memory": {"offload_grad_buffers": False, "offload_optimizer_states": False},
+        "avsd": {"teacher_chunk_tokens": 1024, "teacher_storage": args.teacher_storage},
+        "optim": {"lr": 1e-6, "max_grad_norm": 1.0, "seed": args.seed},
+        "rollout": {"temperature": args.temperature},
+    }
+    for section, values in changes.items():
+        sections[section] = sections[section] | values
+    return from_dict(sections)
+
+
+def build(args: argparse.Namespace, cfg):
+    """GPTModel -> Float16Module -> DDP and the Megatron optimizer, as the trainer builds them; same seed each time."""
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from avsd_megatron.training.kernels import detect_providers
+    from avsd_megatron.training.megatron_model import build_gpt_model, build_optimizer, wrap_ddp
+
+    torch.manual_seed(args.seed)
+    model_parallel_cuda_manual_seed(args.seed)
+    providers = detect_providers()
+    gpt = build_gpt_model(cfg, hf_config(args), on_cpu=args.cpu_smoke, providers=providers)
+    model = wrap_ddp(gpt, cfg)
+    return model, build_optimizer(model, cfg), providers
+
+
+def synthetic_batch(args: argparse.Namespace, cfg, dp_rank: int):
+    """This DP rank's AVSDBatch of fixed-length random rows (no padding but the SP multiple)."""
     from avsd_megatron.hook.batch import build_avsd_batch
 
     gen = torch.Generator().manual_seed(args.seed + dp_rank)
-    vocab = QWEN3_8B["vocab"]
+    vocab = hf_config(args)["vocab_size"]
 
     def ids(n: int) -> list[int]:
         return torch.randint(0, vocab, (n,), generator=gen).tolist()
 
     num = args.micro_batch_size * args.micro_batches
-    return build_avsd_batch(
+    batch = build_avsd_batch(
         [ids(args.student_prompt) for _ in range(num)],
         [[ids(args.teacher_prompt) for _ in range(args.views)] for _ in range(num)],
         [ids(args.completion) for _ in range(num)],
@@ -182,8 +200,9 @@ def synthetic_batch(args: argparse.Namespace, dp_rank: int):
         micro_batch_size=args.micro_batch_size,
         pad_id=0,
         vocab_size=vocab,
-        pad_to_multiple_of=args.tp if args.sequence_parallel else 1,
-    ).to(torch.cuda.current_device())
+        pad_to_multiple_of=args.tp if cfg.parallel.sequence_parallel else 1,
+    )
+    return batch if args.cpu_smoke else batch.to(torch.cuda.current_device())
 
 
 def ce_forward_step(data_iterator, model):
@@ -204,124 +223,226 @@ def ce_forward_step(data_iterator, model):
     return per_token, loss_func
 
 
-def forward_flops(rows: int, length: int, output_positions: int, num_layers: int) -> float:
+def forward_flops(shape: dict, rows: int, length: int, output_positions: int, num_layers: int) -> float:
     """Dense forward FLOPs of `rows` causal rows of `length` tokens; the output layer at `output_positions`."""
-    s = QWEN3_8B
-    h, q, kv, f = s["hidden"], s["heads"] * s["head_dim"], s["kv_heads"] * s["head_dim"], s["ffn"]
+    h, f = shape["hidden_size"], shape["intermediate_size"]
+    q, kv = shape["num_attention_heads"] * shape["head_dim"], shape["num_key_value_heads"] * shape["head_dim"]
     per_token = 2 * h * (q + 2 * kv) + 2 * q * h + 6 * h * f
     attention = 4 * q * length * (length + 1) / 2  # sum over positions of 4 Q (position + 1)
-    return num_layers * rows * (length * per_token + attention) + output_positions * 2 * h * s["vocab"]
+    return num_layers * rows * (length * per_token + attention) + output_positions * 2 * h * shape["vocab_size"]
 
 
-def timed(fn) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
+def _sync(args: argparse.Namespace) -> None:
+    if not args.cpu_smoke:
+        torch.cuda.synchronize()
 
 
-def measure(args: argparse.Namespace) -> None:
-    """Build, run both variants, print the table on rank 0 (after `init_distributed`)."""
-    import torch.distributed as dist
+def _allocated(args: argparse.Namespace) -> int:
+    return 0 if args.cpu_smoke else torch.cuda.memory_allocated()
+
+
+def runnable(args: argparse.Namespace, providers: frozenset[str]) -> list[str]:
+    """The variants this machine and layout can run (--variants, else all of them)."""
+    if args.variants:
+        wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
+        unknown = sorted(set(wanted) - set(VARIANTS))
+        if unknown:
+            raise SystemExit(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+        return wanted
+    names = list(CPU_VARIANTS if args.cpu_smoke else VARIANTS)
+    if (args.tp < 2 or args.local_spec) and "avsd/sp" in names:
+        names.remove("avsd/sp")
+    return names
+
+
+def run_variant(args: argparse.Namespace, name: str) -> dict:
+    """Build the variant's model, run warmup + timed steps; its measurements (rank-local)."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from avsd_megatron.hook.loss import AVSDLossConfig
     from avsd_megatron.hook.step import AVSDStep, MegatronGroups
-    from avsd_megatron.hook.teacher_kinds import TeacherConfig, build_teacher
+    from avsd_megatron.hook.teacher_kinds import build_teacher
+    from avsd_megatron.training.rollout_memory import RolloutOffload
 
-    model, optimizer, config, have_te = build(args)
-    dp_size = parallel_state.get_data_parallel_world_size()
-    batch = synthetic_batch(args, parallel_state.get_data_parallel_rank())
-    teacher = build_teacher(TeacherConfig(kind="frozen", storage=args.teacher_storage), model.parameters(), model)
-    avsd = AVSDStep(
-        model, optimizer, AVSDLossConfig(temperature=args.temperature), teacher,
-        groups=MegatronGroups.from_parallel_state(),
-    )
+    cfg = train_config(args, VARIANTS[name])
+    model, optimizer, _ = build(args, cfg)
+    batch = synthetic_batch(args, cfg, parallel_state.get_data_parallel_rank())
+    teacher = build_teacher(cfg.avsd.teacher_config(), model.parameters(), model)
+    groups = MegatronGroups.from_parallel_state()
+    vocab = hf_config(args)["vocab_size"]
+    avsd = AVSDStep(model, optimizer, cfg.avsd.loss_config(args.temperature, vocab), teacher, groups=groups)
+    offload = RolloutOffload(model, optimizer, grad_buffers=cfg.memory.offload_grad_buffers,
+                             optimizer_states=cfg.memory.offload_optimizer_states, on_cpu=args.cpu_smoke)
+    offloads = cfg.memory.offload_grad_buffers or cfg.memory.offload_optimizer_states
     schedule = get_forward_backward_func()
+    freed: list[int] = []
 
-    def avsd_phases() -> dict[str, float]:
-        times = {"zero": timed(avsd.zero_grads)}
+    def timed(fn) -> float:
+        _sync(args)
+        start = time.perf_counter()
+        fn()
+        _sync(args)
+        return time.perf_counter() - start
+
+    def stand_in_rollout() -> None:
+        before = _allocated(args)
+        with offload():
+            _sync(args)
+            freed.append(before - _allocated(args))
+
+    def avsd_phases() -> tuple[dict[str, float], float | None]:
+        times = {}
+        if offloads:
+            times["offload"] = timed(stand_in_rollout)
+        times["zero"] = timed(avsd.zero_grads)
         box = {}
         times["score_teachers"] = timed(lambda: box.update(out=avsd.score_teachers(batch)))
-        times["update_student"] = timed(lambda: avsd.update_student(batch, box["out"]))
+        times["update_student"] = timed(lambda: box.update(res=avsd.update_student(batch, box["out"])))
         times["optimizer"] = timed(optimizer.step)
-        return times
+        return times, _loss(box["res"])
 
-    def ce_phases() -> dict[str, float]:
+    def ce_phases() -> tuple[dict[str, float], float | None]:
         times = {"zero": timed(avsd.zero_grads)}
-        times["update_student"] = timed(lambda: schedule(
+        box = {}
+        times["update_student"] = timed(lambda: box.update(res=schedule(
             forward_step_func=ce_forward_step, data_iterator=iter(batch.micro_batches), model=[model],
             num_microbatches=batch.num_microbatches, seq_length=batch.student_seq_length,
             micro_batch_size=batch.micro_batch_size, forward_only=False,
-        ))
+        )))
         times["optimizer"] = timed(optimizer.step)
-        return times
+        return times, None
 
-    rows_s, rows_t = args.micro_batch_size, args.views * args.micro_batch_size
-    len_s, len_t = batch.student_seq_length, batch.teacher_seq_length
-    n = args.micro_batch_size * args.completion  # completion tokens per micro-batch
-    student_fwd = forward_flops(rows_s, len_s, n, args.layers)
-    flops = {  # whole model, one DP replica, one step
-        "avsd": batch.num_microbatches * (forward_flops(rows_t, len_t, args.views * n, args.layers) + 3 * student_fwd),
-        "ce": batch.num_microbatches * 3 * forward_flops(rows_s, len_s, rows_s * len_s, args.layers),
-    }
-    processed = {
-        "avsd": batch.num_microbatches * (rows_t * len_t + rows_s * len_s),
-        "ce": batch.num_microbatches * rows_s * len_s,
-    }
-    trained = batch.num_microbatches * n
-    world = dist.get_world_size()
-
-    results = {}
-    for name, phases in (("ce", ce_phases), ("avsd", avsd_phases)):
+    phases = ce_phases if name == "ce" else avsd_phases
+    if not args.cpu_smoke:
         torch.cuda.reset_peak_memory_stats()
-        for _ in range(args.warmup):
-            phases()
-        runs = [phases() for _ in range(args.steps)]
-        step_s = statistics.median(sum(r.values()) for r in runs)
-        results[name] = dict(
-            step_s=step_s,
-            breakdown={k: statistics.median(r[k] for r in runs) for k in runs[0]},
-            trained_tps=trained * dp_size / step_s,
-            processed_tps=processed[name] * dp_size / step_s,
-            tflops_per_gpu=flops[name] * dp_size / step_s / world / 1e12,
-            peak_gib=torch.cuda.max_memory_allocated() / 2**30,
-        )
-
-    if dist.get_rank() != 0:
-        return
-    print(f"# AVSD step vs CE step: Qwen3-8B layers x {args.layers}, V = {QWEN3_8B['vocab']}, "
-          f"TP {args.tp} PP {args.pp} DP {dp_size}{' SP' if args.sequence_parallel else ''}, "
-          f"{'TE' if have_te else 'local (no TE)'} spec, {torch.cuda.get_device_name()}")
-    print(f"# per DP rank and step: {batch.num_microbatches} micro-batches x B = {args.micro_batch_size}; "
-          f"student rows {len_s} tokens, {args.views} teacher rows per prompt of {len_t} tokens, "
-          f"{args.completion} completion tokens; teacher storage {args.teacher_storage}")
-    print("| step | time (s) | trained tok/s | processed tok/s | TFLOP/s/GPU | MFU | peak mem (GiB) | phases (s) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, r in results.items():
-        phases = ", ".join(f"{k} {v:.3f}" for k, v in r["breakdown"].items())
-        print(f"| {name} | {r['step_s']:.3f} | {r['trained_tps']:,.0f} | {r['processed_tps']:,.0f} | "
-              f"{r['tflops_per_gpu']:.1f} | {r['tflops_per_gpu'] / args.peak_tflops:.1%} | "
-              f"{r['peak_gib']:.1f} | {phases} |")
-    ratio = results["avsd"]["step_s"] / results["ce"]["step_s"]
-    print(f"AVSD step / CE step time: {ratio:.2f}x (same trained tokens; AVSD adds the M-view scoring pass)")
+    for _ in range(args.warmup):
+        phases()
+    runs, losses = [], []
+    for _ in range(args.steps):
+        times, loss = phases()
+        runs.append(times)
+        losses.append(loss)
+    swap_s = None if name == "ce" else _swap_time(args, teacher)
+    result = dict(
+        step_s=statistics.median(sum(r.values()) for r in runs),
+        phases={k: statistics.median(r[k] for r in runs) for k in runs[0]},
+        swap_s=swap_s,
+        peak_gib=None if args.cpu_smoke else torch.cuda.max_memory_allocated() / 2**30,
+        freed_gib=(statistics.median(freed) / 2**30) if freed and not args.cpu_smoke else None,
+        last_loss=losses[-1],
+        num_microbatches=batch.num_microbatches,
+        seq=(batch.student_seq_length, batch.teacher_seq_length),
+    )
+    return result  # the model, optimizer and teacher die with this frame; measure() collects them
 
 
-def main() -> None:
-    args = parse_args()  # first, so that --help works anywhere
-    if not torch.cuda.is_available():
-        raise SystemExit(
-            "benchmarks/gpu_step.py measures GPU throughput and needs CUDA; none is available here. "
-            "The CPU tests (tests/hook/test_avsd_step.py) check the same step for correctness."
-        )
-    init_distributed(args)
-    measure(args)
+def _swap_time(args: argparse.Namespace, teacher) -> float:
+    """Seconds to swap the teacher's weights in and the student's back (`teacher.scoring_weights()`)."""
+    _sync(args)
+    start = time.perf_counter()
+    with teacher.scoring_weights():
+        _sync(args)
+    _sync(args)
+    return time.perf_counter() - start
+
+
+def _loss(per_microbatch) -> float | None:
+    """Sum of this rank's AVSD loss numerators over micro-batches (last stage; None elsewhere)."""
+    if not per_microbatch:
+        return None
+    total = 0.0
+    for item in per_microbatch:
+        value = item.get("avsd_loss") if isinstance(item, dict) else None
+        if value is None:
+            return None
+        total += float(value[0])
+    return total
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Run every variant; on rank 0 print the table (and write --json). Returns rank 0's results."""
+    import torch.distributed as dist
     from megatron.core import parallel_state
 
-    parallel_state.destroy_model_parallel()
-    torch.distributed.destroy_process_group()
+    from avsd_megatron.training.kernels import detect_providers
+
+    providers = detect_providers()
+    if "transformer_engine" not in providers and not args.local_spec:
+        args.local_spec = True  # the TE spec needs TE; the table's header says "local spec"
+        if dist.get_rank() == 0:
+            print("# Transformer Engine not found: Megatron's local layer spec is measured instead")
+    names = runnable(args, providers)
+    results = {}
+    for name in names:
+        results[name] = run_variant(args, name)
+        gc.collect()  # the closures of run_variant hold the variant's model in reference cycles
+        if not args.cpu_smoke:
+            torch.cuda.empty_cache()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    shape = TOY if args.cpu_smoke else QWEN3_8B
+    world = dist.get_world_size()
+    base_loss = results.get("avsd", {}).get("last_loss")
+    for name, r in results.items():
+        len_s, len_t = r["seq"]
+        rows_s, rows_t = args.micro_batch_size, args.views * args.micro_batch_size
+        n = args.micro_batch_size * args.completion
+        student_fwd = forward_flops(shape, rows_s, len_s, n, args.layers)
+        if name == "ce":
+            flops = r["num_microbatches"] * 3 * forward_flops(shape, rows_s, len_s, rows_s * len_s, args.layers)
+        else:
+            flops = r["num_microbatches"] * (
+                forward_flops(shape, rows_t, len_t, args.views * n, args.layers) + 3 * student_fwd)
+        r["trained_tps"] = r["num_microbatches"] * n * dp_size / r["step_s"]
+        r["tflops_per_gpu"] = flops * dp_size / r["step_s"] / world / 1e12
+        r["mfu"] = r["tflops_per_gpu"] / args.peak_tflops
+        r["loss_minus_base"] = (None if r["last_loss"] is None or base_loss is None
+                                else r["last_loss"] - base_loss)
+    if dist.get_rank() == 0:
+        print_table(args, results, providers, dp_size)
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump({"args": vars(args), "providers": sorted(providers), "results": results}, f, indent=1)
+    return results
+
+
+def print_table(args: argparse.Namespace, results: dict, providers: frozenset[str], dp_size: int) -> None:
+    device = "CPU (smoke: timings mean nothing)" if args.cpu_smoke else torch.cuda.get_device_name()
+    spec = "local" if args.cpu_smoke or args.local_spec else "TE"
+    print(f"# gpu_step: {'toy' if args.cpu_smoke else 'Qwen3-8B'} layers x {args.layers}, TP {args.tp} PP {args.pp} "
+          f"DP {dp_size}, {spec} spec, base recompute {args.recompute}, {device}; providers: "
+          f"{', '.join(sorted(providers)) or 'none'}")
+    print(f"# per DP rank and step: {args.micro_batches} micro-batches x B = {args.micro_batch_size}; student "
+          f"prompt {args.student_prompt}, {args.views} teacher prompts {args.teacher_prompt}, completion "
+          f"{args.completion} tokens; teacher storage {args.teacher_storage}")
+    print("| variant | step (s) | trained tok/s | TFLOP/s/GPU | MFU | peak (GiB) | offload frees (GiB) | swap (s) | "
+          "loss - avsd | phases (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+
+    def fmt(value, spec_: str) -> str:
+        return "-" if value is None else format(value, spec_)
+
+    for name, r in results.items():
+        phases = ", ".join(f"{k} {v:.3f}" for k, v in r["phases"].items())
+        print(f"| {name} | {r['step_s']:.3f} | {r['trained_tps']:,.0f} | {r['tflops_per_gpu']:.1f} | "
+              f"{r['mfu']:.1%} | {fmt(r['peak_gib'], '.1f')} | {fmt(r['freed_gib'], '.2f')} | "
+              f"{fmt(r['swap_s'], '.3f')} | {fmt(r['loss_minus_base'], '.3g')} | {phases} |")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)  # first, so that --help works anywhere
+    if not args.cpu_smoke and not torch.cuda.is_available():
+        raise SystemExit(
+            "benchmarks/gpu_step.py measures GPU throughput and needs CUDA; none is available here "
+            "(--cpu-smoke runs the CPU-runnable variants at a toy size)."
+        )
+    init_distributed(args)
+    try:
+        return measure(args)
+    finally:
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -22,6 +22,12 @@ wait for each other, Slurm jobs get `afterok` dependencies). `steps=[...]` picks
 | `evaluate`    | `python -m avsd_megatron evaluate --hf <workdir>/hf/latest` | no evaluate module or no eval_data=  |
 |               | `--data <eval_data> --out <workdir>/eval.json`             | (dropped with a printed message)     |
 
+Before anything is built, the planner (`training.plan`, as `python -m avsd_megatron plan`) runs on the train step's
+exact config (the recipe's YAML with the step's --set items) for `gpu=` (default h100-80gb) and prints its table:
+GPU memory per phase, host memory, checkpoint disk, step and run time (Slurm: against `time=`), scaling. A layout
+that does not fit in some phase raises ConfigError naming the phases and numbers; `allow_no_fit=true` submits it
+anyway. Shapes come from hf_path's config.json, or `Recipe.plan_model` when it is not there yet.
+
 Layout of `workdir`: `megatron_init/` (converted start weights), `train/` (the trainer's output_dir: metrics,
 generations, `checkpoints/step_*`), `hf/step_*` + `hf/latest` (HF exports), `eval.json`, and for Slurm `nemo_run/`
 (job scripts and logs). On Slurm, workdir and hf_path must be on a filesystem every node mounts (`container_mounts`),
@@ -68,8 +74,8 @@ import dataclasses
 import importlib.util
 import math
 import shlex
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Optional
 
 try:
@@ -83,9 +89,10 @@ from avsd_megatron.data.examples import LOCAL_FORMATS
 from avsd_megatron.pipelines.evaluate import parse_args as parse_eval_args
 from avsd_megatron.training.checkpointing import step_dir_name
 from avsd_megatron.training.config import ConfigError, ParallelConfig, TrainConfig, apply_overrides, load_config
+from avsd_megatron.training.plan import Estimate, format_table, plan_run
 
-__all__ = ["PRESETS", "RECIPES", "STEPS", "Layout", "Recipe", "build_tasks", "launch", "qwen3_4b", "qwen3_8b",
-           "tiny_cpu"]
+__all__ = ["PRESETS", "RECIPES", "STEPS", "Layout", "Recipe", "build_tasks", "launch", "plan_layout",
+           "presets_markdown", "qwen3_4b", "qwen3_8b", "tiny_cpu"]
 
 STEPS = ("tiny_init", "convert_in", "train", "convert_out", "evaluate")
 EVAL_MODULE = "avsd_megatron.pipelines.evaluate"
@@ -190,6 +197,8 @@ class Recipe:
     """Default extra `python -m avsd_megatron evaluate` arguments (the user's eval_args= come after them)."""
     work: WorkEstimate = WorkEstimate(seconds_per_step=40.0, seconds_per_checkpoint=300.0)
     """Wall-time estimates that size the Slurm jobs' time limits and the number of chained training jobs."""
+    plan_model: str = ""
+    """Shapes the planner uses when hf_path has no config.json yet (a `training.plan.QWEN3_SIZES` key or 'tiny')."""
 
 
 def _layouts(*layouts: Layout) -> dict[int, Layout]:
@@ -205,20 +214,21 @@ RECIPES = {
         "qwen3_8b", "examples/configs/qwen3_8b.yaml", "models/Qwen3-8B", "bf16",
         _layouts(Layout(1, tp=2, pp=1, micro_batch_size=4), Layout(2, tp=2, pp=1, micro_batch_size=4),
                  Layout(4, tp=2, pp=1, micro_batch_size=2)),
-        eval_args=QWEN3_EVAL_ARGS,
+        eval_args=QWEN3_EVAL_ARGS, plan_model="Qwen3-8B",
     ),
     "qwen3_4b": Recipe(  # the paper's math setting (qwen3_8b.yaml) with the 4B weights and layouts
         "qwen3_4b", "examples/configs/qwen3_8b.yaml", "models/Qwen3-4B", "bf16",
         _layouts(Layout(1, tp=1, pp=1, micro_batch_size=4), Layout(2, tp=1, pp=1, micro_batch_size=2),
                  Layout(4, tp=1, pp=1, micro_batch_size=1)),
         eval_args=QWEN3_EVAL_ARGS, work=WorkEstimate(seconds_per_step=25.0, seconds_per_checkpoint=150.0),
+        plan_model="Qwen3-4B",
     ),
     "tiny_cpu": Recipe(
         "tiny_cpu", "examples/configs/tiny_cpu.yaml", "{workdir}/hf_init", "fp32",
         _layouts(Layout(1, tp=1, pp=1, micro_batch_size=2, gpus_per_node=2)),
         steps=("tiny_init", "convert_in", "train", "convert_out", "evaluate"),
         eval_data="avsd_megatron/data/assets/tiny_math/heldout.jsonl",
-        eval_args=("--limit", "4", "--k", "1", "--max-new-tokens", "16"),
+        eval_args=("--limit", "4", "--k", "1", "--max-new-tokens", "16"), plan_model="tiny",
         work=WorkEstimate(seconds_per_step=10.0, seconds_per_checkpoint=5.0, startup_seconds=60.0,
                           eval_tokens_per_second_per_gpu=50.0),
     ),
@@ -287,14 +297,18 @@ def _convert_in(plan: Plan) -> run.Script:
     ))
 
 
-def _train(plan: Plan) -> run.Script:
+def _train_overrides(plan: Plan) -> list[str]:
+    """The train step's --set items: paths, the preset's layout, then the user's (later items win)."""
     overrides = [f"output_dir={plan.train_dir}", f"model.hf_path={plan.hf_path}", *plan.layout.train_overrides()]
     if plan.megatron_checkpoint:
         overrides.append(f"model.megatron_checkpoint={plan.megatron_checkpoint}")
     overrides += _data_overrides(plan.data)
-    overrides += plan.train_overrides  # the user's win: later --set items override earlier ones
+    return overrides + list(plan.train_overrides)  # the user's win: later --set items override earlier ones
+
+
+def _train(plan: Plan) -> run.Script:
     return run.Script(path="avsd_megatron", m=True, entrypoint="python",
-                      args=["train", "--config", plan.recipe.config, "--no-progress", "--set", *overrides])
+                      args=["train", "--config", plan.recipe.config, "--no-progress", "--set", *_train_overrides(plan)])
 
 
 def _data_overrides(data: tuple[str, ...]) -> list[str]:
@@ -530,6 +544,32 @@ def make_plan(
     return plan, tuple(s for s in STEPS if s in chosen)  # always in pipeline order
 
 
+def plan_layout(plan: Plan, *, gpu: str = "h100-80gb", time_limit: str | None = None) -> Estimate:
+    """The planner's estimate of the train step exactly as it will run (`training.plan.plan_run` on the recipe's
+    config with the train step's --set items), shapes from hf_path's config.json or else `Recipe.plan_model`."""
+    cfg = apply_overrides(load_config(plan.recipe.config), _train_overrides(plan))
+    has_config = (Path(plan.hf_path) / "config.json").is_file()
+    return plan_run(cfg, nodes=plan.layout.nodes, gpus_per_node=plan.layout.gpus_per_node, gpu=gpu,
+                    model=None if has_config or not plan.recipe.plan_model else plan.recipe.plan_model,
+                    time_limit=time_limit)
+
+
+def presets_markdown(gpu: str = "h100-80gb") -> str:
+    """The presets with the planner's predicted peak GPU memory and step time (README "Launch with NeMo-Run")."""
+    lines = ["| recipe | nodes × GPUs | TP | PP | DP | micro-batch | micro-batches/step | predicted peak GiB/GPU "
+             f"({gpu}) | predicted step (s) | predicted run (h) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, recipe in RECIPES.items():
+        if name == "tiny_cpu":
+            continue
+        for nodes, layout in recipe.layouts.items():
+            plan, _ = make_plan(recipe, nodes=nodes, workdir=f"outputs/avsd/{name}")
+            est = plan_layout(plan, gpu=gpu)
+            lines.append(f"| {name} | {nodes} × {layout.gpus_per_node} | {est.tp} | {est.pp} | {est.dp} | "
+                         f"{est.micro_batch_size} | {est.num_microbatches} | {est.peak_gib:.1f} ({est.peak_phase}) | "
+                         f"{est.step_seconds['total']:.0f} | {est.run['hours']:.1f} |")
+    return "\n".join(lines)
+
+
 def build_tasks(
     recipe: Recipe,
     *,
@@ -538,11 +578,28 @@ def build_tasks(
     nproc_per_node: Optional[int] = None,
     slurm: SlurmSettings | None = None,
     env: Optional[dict[str, str]] = None,
+    gpu: str = "h100-80gb",
+    allow_no_fit: bool = False,
     **plan_kwargs: Any,
 ) -> list[tuple[str, run.Script, Any]]:
     """(step name, task, executor) per job, in pipeline order: what `launch` adds to one `run.Experiment`. On Slurm
-    the training step may be several chained jobs (`train`, `train_2`, ...; `size_slurm_jobs`)."""
+    the training step may be several chained jobs (`train`, `train_2`, ...; `size_slurm_jobs`).
+
+    With a train step, the planner runs first and prints its table (GPU type `gpu`; Slurm: checked against the
+    time limit); a layout that does not fit raises ConfigError naming the phases, unless `allow_no_fit`."""
     plan, steps = make_plan(recipe, nodes=nodes, gpus_per_node=nproc_per_node, **plan_kwargs)
+    if "train" in steps:
+        estimate = plan_layout(plan, gpu=gpu, time_limit=slurm.time if executor == "slurm" and slurm else None)
+        print(format_table(estimate))
+        if not estimate.fits:
+            failures = "; ".join(estimate.failures())
+            if not allow_no_fit:
+                raise ConfigError(f"the plan says this layout does not fit on {gpu}: {failures}; change the "
+                                  "layout (nodes=, train_overrides=[...]) or pass allow_no_fit=true to submit anyway")
+            print(f"warning: allow_no_fit=true: submitting a layout the plan says does not fit: {failures}")
+        if estimate.run["fits_time_limit"] is False:
+            print(f"note: the plan's run time {estimate.run['hours']} h exceeds one job's limit {slurm.time}: the "
+                  "training is split over chained jobs that resume (checkpoint.resume=auto)")
     skip = None
     if "evaluate" in steps and importlib.util.find_spec(EVAL_MODULE) is None:
         skip = f"{EVAL_MODULE} is not in this checkout"
@@ -660,6 +717,8 @@ def _entrypoint(recipe_name: str):
         cache_dir: str = "",
         eval_problems: int = 0,
         env: Optional[dict[str, str]] = None,
+        gpu: str = "h100-80gb",
+        allow_no_fit: bool = False,
     ) -> None:
         launch(ctx, recipe_name, executor=executor, nodes=nodes, nproc_per_node=nproc_per_node, workdir=workdir,
                hf_path=hf_path, megatron_checkpoint=megatron_checkpoint, steps=steps,
@@ -667,7 +726,7 @@ def _entrypoint(recipe_name: str):
                partition=partition,
                container_image=container_image, container_mounts=container_mounts or [], time=time,
                ssh_host=ssh_host, ssh_user=ssh_user, socket_ifname=socket_ifname, data=data, cache_dir=cache_dir,
-               eval_problems=eval_problems, env=env or {})
+               eval_problems=eval_problems, env=env or {}, gpu=gpu, allow_no_fit=allow_no_fit)
 
     recipe = RECIPES[recipe_name]
     entry.__name__ = entry.__qualname__ = recipe_name
@@ -675,8 +734,8 @@ def _entrypoint(recipe_name: str):
         f"AVSD recipe {recipe_name}: steps {' -> '.join(recipe.steps)} ({recipe.config}).\n\n"
         "executor=local|slurm; nodes= picks the parallelism preset; data=[FILE.jsonl,...] the training rows (on Slurm: "
         "files on shared storage); train_overrides=[...] are the trainer's --set items; time= the longest job limit "
-        "(the work is split over chained jobs); socket_ifname= the nodes' interface; see "
-        "avsd_megatron/pipelines/recipes.py."
+        "(the work is split over chained jobs); socket_ifname= the nodes' interface; gpu= is the GPU type the planner "
+        "checks the layout on (allow_no_fit=true submits a layout it refuses); see avsd_megatron/pipelines/recipes.py."
     )
     return run.cli.entrypoint(entry, namespace="avsd", type="experiment")
 

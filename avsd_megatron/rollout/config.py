@@ -7,12 +7,33 @@ The `rollout:` section of a run config (`avsd_megatron.training.config.TrainConf
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["ENGINES", "RolloutConfig", "VLLMConfig"]
+__all__ = ["ADAPTER_ENGINE_ARGS", "ENGINES", "FIELD_ENGINE_ARGS", "RolloutConfig", "VLLMConfig"]
 
 ENGINES = ("vllm", "hf")
+ADAPTER_ENGINE_ARGS = {
+    "model": "the engine is built from model.hf_path",
+    "tokenizer": "the engine is built from model.hf_path",
+    "dtype": "it follows model.dtype",
+    "load_format": "the adapter builds the engine with dummy weights and streams the trainer's weights in",
+    "tensor_parallel_size": "vLLM TP = parallel.tp (one engine per Megatron TP group)",
+    "pipeline_parallel_size": "vLLM PP is 1 (one engine per Megatron TP group)",
+    "data_parallel_size": "every Megatron TP group runs its own engine (vLLM DP is 1)",
+    "distributed_executor_backend": "the colocated engine joins torchrun's process group (external_launcher)",
+    "enable_sleep_mode": "the adapter sleeps the engine between rollouts",
+    "disable_custom_all_reduce": "the adapter disables it (the engine shares the GPUs with Megatron's NCCL groups)",
+    "seed": "the engine seed is the engine index; sampling seeds come from rollout.seed",
+}
+"""vLLM EngineArgs keys `vllm_engine.vllm_engine_kwargs` sets itself, with the reason; refused in
+`rollout.vllm.engine_args`."""
+FIELD_ENGINE_ARGS = (
+    "gpu_memory_utilization", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "enforce_eager",
+    "enable_prefix_caching",
+)
+"""`VLLMConfig` fields passed to the engine under their own names; refused in `rollout.vllm.engine_args`."""
 
 
 def _choice(name: str, value: Any, choices: tuple) -> None:
@@ -47,6 +68,13 @@ class VLLMConfig:
     """Disable CUDA graphs (saves the graph memory that sleep does not free)."""
     enable_prefix_caching: bool = True
     """Share KV of identical prompt prefixes; the cache is reset after every weight sync."""
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    """Further `vllm.EngineArgs` keyword arguments, passed through to `vllm.LLM` unchanged (`LLM(**kwargs)` hands
+    its unknown keywords to EngineArgs, vllm/entrypoints/llm.py:222,335 in 0.33.0), e.g.
+    `{speculative_config: {method: ngram, num_speculative_tokens: 4, prompt_lookup_max: 4}}` or
+    `{kv_cache_dtype: fp8}`. Keys are checked against EngineArgs' dataclass fields when the engine is built
+    (`vllm_engine.check_engine_args`); the keys the adapter sets itself (`ADAPTER_ENGINE_ARGS`) and those with a
+    field of their own in this section (max_num_batched_tokens, enable_prefix_caching, ...) are refused here."""
 
     def __post_init__(self) -> None:
         if not (0.0 < self.gpu_memory_utilization < 1.0):
@@ -57,6 +85,16 @@ class VLLMConfig:
         _at_least("rollout.vllm.max_num_seqs", self.max_num_seqs, 1)
         if self.max_num_batched_tokens is not None:
             _at_least("rollout.vllm.max_num_batched_tokens", self.max_num_batched_tokens, 1)
+        if not isinstance(self.engine_args, Mapping):
+            raise ValueError(f"rollout.vllm.engine_args must be a mapping of EngineArgs keywords, got "
+                             f"{type(self.engine_args).__name__}")
+        for key in self.engine_args:
+            if not isinstance(key, str) or not key.isidentifier():
+                raise ValueError(f"rollout.vllm.engine_args: key {key!r} is not an EngineArgs field name")
+            if key in ADAPTER_ENGINE_ARGS:
+                raise ValueError(f"rollout.vllm.engine_args.{key} is set by the adapter: {ADAPTER_ENGINE_ARGS[key]}")
+            if key in FIELD_ENGINE_ARGS:
+                raise ValueError(f"rollout.vllm.engine_args.{key} has its own field: set rollout.vllm.{key}")
 
 
 @dataclass(frozen=True)

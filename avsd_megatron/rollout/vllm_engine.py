@@ -34,8 +34,10 @@ matmul precision; the engine restores all of them after building the LLM.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +55,8 @@ from avsd_megatron.rollout.engine import (
     request_seed,
 )
 
-__all__ = ["SUPPORTED_VLLM", "StandaloneVLLMEngine", "VLLMEngine", "import_vllm", "standalone_engine_kwargs",
-           "vllm_engine_kwargs"]
+__all__ = ["SUPPORTED_VLLM", "StandaloneVLLMEngine", "VLLMEngine", "check_engine_args", "import_vllm",
+           "standalone_engine_kwargs", "vllm_engine_kwargs"]
 
 SUPPORTED_VLLM = "0.33"
 """The vLLM minor version this adapter is written against (the RL-facing API changes between minors)."""
@@ -86,6 +88,22 @@ def import_vllm() -> Any:
     return vllm
 
 
+def check_engine_args(engine_args: Mapping[str, Any], engine_args_class: type) -> None:
+    """Check `rollout.vllm.engine_args`' keys against vLLM's `EngineArgs` dataclass (vllm/engine/arg_utils.py:489
+    in 0.33.0), whose fields are exactly what `LLM(**kwargs)` accepts beyond its named parameters.
+
+    Raises:
+        ValueError: a key that is not an EngineArgs field, naming `rollout.vllm.engine_args.<key>` and the closest
+            field names.
+    """
+    fields = {f.name for f in dataclasses.fields(engine_args_class) if f.init}
+    for key in engine_args:
+        if key not in fields:
+            close = difflib.get_close_matches(key, sorted(fields), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(f"rollout.vllm.engine_args.{key} is not a vLLM EngineArgs field{hint}")
+
+
 def vllm_engine_kwargs(
     model_dir: str | Path,
     cfg: RolloutConfig,
@@ -96,6 +114,7 @@ def vllm_engine_kwargs(
     max_prompt_tokens: int,
     dtype: str = "bfloat16",
     gpus_per_node: int | None = None,
+    engine_args_class: type | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments of `vllm.LLM` for this rank's colocated engine (pure; checked).
 
@@ -105,8 +124,14 @@ def vllm_engine_kwargs(
         tensor_parallel_size: = Megatron TP; must divide world_size (and fit in one node).
         rank / world_size: this process's global rank and the world size (torchrun's RANK / WORLD_SIZE).
         max_prompt_tokens: longest prompt; max_model_len must hold it plus cfg.max_new_tokens.
+        engine_args_class: vLLM's `EngineArgs`; when given, cfg.vllm.engine_args' keys are checked against its
+            fields (`check_engine_args`). None skips that check (the adapter passes `vllm.EngineArgs`).
+    Returns:
+        The adapter's keywords, then cfg.vllm.engine_args (their keys never overlap: `VLLMConfig` refuses the
+        adapter's keys and its own fields' names).
     Raises:
-        ValueError: a size that does not fit, naming the field and values.
+        ValueError: a size that does not fit, or an engine_args key that is not an EngineArgs field, naming the
+            field and values.
     """
     tp = tensor_parallel_size
     if tp < 1 or world_size % tp:
@@ -140,7 +165,9 @@ def vllm_engine_kwargs(
     )
     if cfg.vllm.max_num_batched_tokens is not None:
         kwargs["max_num_batched_tokens"] = cfg.vllm.max_num_batched_tokens
-    return kwargs
+    if engine_args_class is not None:
+        check_engine_args(cfg.vllm.engine_args, engine_args_class)
+    return kwargs | dict(cfg.vllm.engine_args)  # disjoint keys: VLLMConfig refuses the adapter's and its own
 
 
 def standalone_engine_kwargs(
@@ -241,6 +268,7 @@ class VLLMEngine:
             max_prompt_tokens=max_prompt_tokens,
             dtype=dtype,
             gpus_per_node=torch.cuda.device_count(),
+            engine_args_class=vllm.EngineArgs,  # exported lazily by vllm/__init__.py (0.33.0: line 18)
         )
         from avsd_megatron.convert.mapping import expected_hf_shapes
         from avsd_megatron.convert.qwen3_config import Qwen3Dims, read_hf_config

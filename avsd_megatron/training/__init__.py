@@ -11,6 +11,7 @@
 | `checkpointing`  | atomic keep-last-K distributed checkpoints with exact resume                            |
 | `metrics_log`    | metrics.jsonl, TensorBoard, generations, progress bar, phase timers                     |
 | `train`          | the CLI (`python -m avsd_megatron train`, under torchrun or as one process)              |
+| `plan/`          | the planner: GPU / host memory, disk and time per phase (`python -m avsd_megatron plan`) |
 """
 
 from avsd_megatron.training.checkpointing import CheckpointManager, find_latest

@@ -13,12 +13,13 @@ default (avsd.train_pad_tokens, avsd.detach_gate, avsd.single_view_clip; `signal
 
 | section      | dataclass          | concern                                                       |
 |--------------|--------------------|---------------------------------------------------------------|
-| `model`      | `ModelConfig`      | where the weights come from, dtype, Megatron layer spec       |
-| `parallel`   | `ParallelConfig`   | TP, PP (DP is derived from the world size)                    |
+| `model`      | `ModelConfig`      | weights, dtype, layer spec, recompute, fused kernels          |
+| `parallel`   | `ParallelConfig`   | TP, PP, SP (DP is derived from the world size), DDP overlap   |
 | `rollout`    | `rollout.config.RolloutConfig` | engine, sampling, weight sync; `rollout.vllm`: `VLLMConfig` |
 | `avsd`       | `AVSDConfig`       | views, target mode, gate, teacher kind, loss and normaliser   |
 | `grpo`       | `GRPOConfig`       | rewards and advantage scaling of the GRPO baseline (`algorithm: grpo`) |
 | `optim`      | `OptimConfig`      | AdamW, clipping, LR schedule, seed                            |
+| `memory`     | `MemoryConfig`     | what training frees while the rollout engine generates        |
 | `data`       | `data.DataConfig`  | training rows                                                 |
 | `prompts`    | `prompts.PromptConfig` | thinking on/off per side, prompt length cap               |
 | `sandbox`    | `CodeSandboxConfig` | how student code runs for the code feedback view (data.task=code) |
@@ -28,8 +29,9 @@ default (avsd.train_pad_tokens, avsd.detach_gate, avsd.single_view_clip; `signal
 YAML: `load_config(path)` builds a `TrainConfig` from a mapping of these sections (every key optional, defaults
 fill the rest); an unknown key, a value of the wrong type or a failed check raises `ConfigError` naming the file
 and the dotted field. `to_dict(cfg)` gives plain dicts/lists back (`dump_config` writes them), and
-`load_config(dump_config(cfg))` == cfg. The dataclasses are plain, with defaults, so NeMo-Run can wrap them
-(`run.Config(TrainConfig, optim=run.Config(OptimConfig, lr=1e-5))`).
+`load_config(dump_config(cfg))` == cfg. `apply_overrides(cfg, ['optim.lr=1e-5'])` is the `--set` of `train`, `plan`
+and the recipes (values parsed as YAML, then the whole config re-validated). The dataclasses are plain, with
+defaults, so NeMo-Run can wrap them (`run.Config(TrainConfig, optim=run.Config(OptimConfig, lr=1e-5))`).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ __all__ = [
     "ConfigError",
     "GRPOConfig",
     "LoggingConfig",
+    "MemoryConfig",
     "ModelConfig",
     "OptimConfig",
     "ParallelConfig",
@@ -77,6 +80,7 @@ DTYPES = ("bfloat16", "float16", "float32")
 LAYER_SPECS = ("local", "te")
 RECOMPUTE = ("none", "selective", "full")
 LR_DECAYS = ("linear", "constant", "cosine")
+SWAPPING_TEACHERS = ("frozen", "ema")  # teacher kinds whose weights are copied into the model for scoring
 PAPER_MODEL = "Qwen/Qwen3-8B"
 PAPER_DATASET = "siyanzhao/Openthoughts_math_30k_opsd"
 
@@ -121,7 +125,34 @@ class ModelConfig:
     layer_spec: Literal["local", "te"] = "te"
     """Megatron layer spec: 'te' (Transformer Engine, GPU) or 'local' (plain PyTorch; CPU and tests)."""
     recompute: Literal["none", "selective", "full"] = "full"
-    """Activation recomputation (the reference: HF gradient checkpointing, i.e. every layer = 'full')."""
+    """Activation recomputation: 'full' recomputes every layer (uniform, 1 layer per checkpoint), 'selective'
+    only the attention core (Megatron's default selective set), 'none' keeps every activation. The default DEVIATES
+    from Megatron-Bridge's Qwen3 recipes (recompute_granularity=None, i.e. 'none', in
+    recipes/qwen/qwen3.py qwen3_8b_pretrain_config), which train without a colocated rollout engine; AVSD keeps the
+    reference's HF gradient checkpointing ('full') because vLLM holds rollout.vllm.gpu_memory_utilization of the
+    GPU next to training. `benchmarks/gpu_step.py --recompute` measures the three."""
+    bias_activation_fusion: bool | None = None
+    """Megatron's fused SwiGLU (`fusions/fused_bias_swiglu.py`, torch.compile'd: megatron/core/jit.py:21; used by
+    transformer/mlp.py:276). None = on where CUDA and triton are present (Megatron-Bridge's Qwen provider turns it
+    on); True = required (an error names what is missing); False = off. Off on CPU."""
+    apply_rope_fusion: bool | None = None
+    """Transformer Engine's fused RoPE (models/common/embeddings/rope_utils.py:21,316; TransformerConfig refuses
+    it without TE, transformer_config.py:2183). None = on where CUDA and TE are present (Megatron-Bridge's Qwen
+    provider turns it on); True = required; False = off."""
+    masked_softmax_fusion: bool | None = None
+    """Fused causal softmax. Read only by the local spec's attention (transformer/dot_product_attention.py:104 ->
+    fusions/fused_softmax.py, Apex's `scaled_upper_triang_masked_softmax_cuda`; Megatron itself falls back to torch
+    softmax outside the kernel's shapes, fused_softmax.py:238); the TE spec's attention is TE's fused attention,
+    which this flag does not change. None = on where its provider is present (TE for the TE spec, the Apex
+    extension for the local spec; Megatron-Bridge's Qwen3Bridge sets masked_softmax_fusion=True); True = required;
+    False = off."""
+    gradient_accumulation_fusion: bool | None = None
+    """Weight-gradient GEMM accumulating straight into DDP's fp32 main_grad. TE's linears take it natively
+    (extensions/transformer_engine.py:1037), but the output layer is Megatron's ColumnParallelLinear, which needs
+    Apex's `fused_weight_gradient_mlp_cuda` and raises without it (tensor_parallel/layers.py:49,1070). None = on
+    where CUDA, that extension (and TE, for the TE spec) are present; True = required; False = off.
+    persist_layer_norm is not a field: it selects Apex's persistent LayerNorm kernel (fusions/fused_layer_norm.py:99)
+    and Qwen3 uses RMSNorm (TE's, or torch's, which refuses the flag: transformer/torch_norm.py:48)."""
 
     def __post_init__(self) -> None:
         if not self.hf_path:
@@ -139,10 +170,36 @@ class ParallelConfig:
     """Tensor-parallel size (also the vLLM engine's TP: one engine per Megatron TP group)."""
     pp: int = 1
     """Pipeline-parallel size."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs tp > 1 and model.layer_spec='te': the torch norms of the local spec
+    refuse it, transformer/torch_norm.py:50): norms and dropout run on S/tp positions, TP all-reduces become
+    reduce-scatter + all-gather; the trainer pads every row to a multiple of tp (`build_avsd_batch`'s
+    pad_to_multiple_of). Default off, as in Megatron-Bridge's Qwen3-8B recipe (sequence_parallel=False at TP4,
+    recipes/qwen/qwen3.py)."""
+    overlap_grad_reduce: bool = True
+    """DDP: start each gradient bucket's all-reduce / reduce-scatter during the backward pass (the trainer then
+    hands Megatron's schedule `model.no_sync`, so only the last micro-batch's backward launches it). On, as in
+    Megatron-Bridge's recipes (recipes/common.py _pretrain_common ddp). It does not race with the teacher swap:
+    the swap touches parameters, the overlap grad buffers, and `finalize_model_grads` waits for every bucket
+    before the optimizer step."""
+    overlap_param_gather: bool = False
+    """DDP + distributed optimizer: defer the post-step parameter all-gather into the next forward pass (Bridge
+    turns it on). Refused with a swapping teacher (avsd.teacher='frozen' / 'ema'): the swap would save and
+    restore parameters whose all-gather has not happened yet. Needs optim.distributed_optimizer."""
+    grad_reduce_in_fp32: bool = True
+    """DDP: keep and reduce gradients in fp32 (Megatron-Bridge's default, recipes/common.py; megatron-core's own
+    default is False, distributed_data_parallel_config.py:15)."""
+    ddp_bucket_size: int | None = None
+    """DDP: parameters per communication bucket; None = megatron-core's default max(40M, 1M * dp)
+    (distributed_data_parallel_config.py:48), which Megatron-Bridge's recipes keep."""
 
     def __post_init__(self) -> None:
         _at_least("parallel.tp", self.tp, 1)
         _at_least("parallel.pp", self.pp, 1)
+        if self.sequence_parallel and self.tp < 2:
+            raise ConfigError(f"parallel.sequence_parallel=True needs parallel.tp > 1 (parallel.tp={self.tp})")
+        if self.ddp_bucket_size is not None:
+            _at_least("parallel.ddp_bucket_size", self.ddp_bucket_size, 1)
 
     def data_parallel_size(self, world_size: int) -> int:
         """dp = world_size / (tp * pp) (derived; there is no dp field to set)."""
@@ -213,6 +270,13 @@ class AVSDConfig:
     """Keep completion tokens equal to the tokenizer's pad id in the loss. False is the reference (spec 3.5: valid =
     completion tokens != pad id; Qwen3's pad <|endoftext|> is also a stop token, so a completion can end with it);
     True DEVIATES."""
+    teacher_chunk_tokens: int | None = 1024
+    """Scoring pass: completion tokens c per teacher output-layer chunk (`AVSDLossConfig.teacher_chunk_tokens`).
+    The pass holds the teacher logits of one chunk at a time, [M, c, V/tp] in the model dtype: at Qwen3-8B, TP2
+    (V/tp = 75,968), M = 3, bf16 that is 3 * 1024 * 75,968 * 2 B = 0.43 GiB per chunk, where one piece for a
+    micro-batch of N = 16k completion tokens would be [M, N, V/tp] = 7 GiB. Each chunk costs one TP collective
+    (two for loss='candidate'); results do not depend on it. None = the whole micro-batch at once. No reference
+    counterpart (the reference materialises full logits per view)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.views, str) or not isinstance(self.views, (tuple, list)):
@@ -244,6 +308,8 @@ class AVSDConfig:
             _finite(f"avsd.{name}", getattr(self, name))
             _at_least(f"avsd.{name}", getattr(self, name), 0.0)
         _at_least("avsd.topk", self.topk, 1)
+        if self.teacher_chunk_tokens is not None:
+            _at_least("avsd.teacher_chunk_tokens", self.teacher_chunk_tokens, 1)
         if self.mode == "single" and len(views) != 1:
             raise ConfigError(f"avsd.mode='single' needs exactly one view, avsd.views={views!r}")
         if self.epistemic_tau and self.mode != "avsd":
@@ -260,8 +326,9 @@ class AVSDConfig:
 
     def loss_config(self, temperature: float, vocab_size: int | None = None, **overrides: Any) -> AVSDLossConfig:
         """The `loss.AVSDLossConfig` of this objective; temperature = rollout.temperature (τ), vocab_size = the
-        real (unpadded) vocabulary. `overrides` set the loss's execution knobs (chunk sizes)."""
-        return AVSDLossConfig(
+        real (unpadded) vocabulary. `overrides` set the loss's other execution knobs (logprob_chunk_size) or
+        replace this section's (teacher_chunk_tokens)."""
+        fields: dict[str, Any] = dict(
             temperature=temperature,
             vocab_size=vocab_size,
             loss=self.loss,
@@ -278,8 +345,10 @@ class AVSDConfig:
             detach_target=self.detach_target,
             detach_gate=self.detach_gate,
             single_view_clip=self.single_view_clip,
+            teacher_chunk_tokens=self.teacher_chunk_tokens,
             **overrides,
         )
+        return AVSDLossConfig(**(fields | overrides))
 
     def teacher_config(self) -> TeacherConfig:
         """The `teacher_kinds.TeacherConfig` of this objective."""
@@ -383,6 +452,23 @@ class OptimConfig:
         if self.lr_decay == "linear":
             return self.min_lr + (self.lr - self.min_lr) * (1.0 - progress)
         return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """Training memory handed to the colocated rollout engine while it generates (`rollout_memory`)."""
+
+    offload_grad_buffers: bool = True
+    """Free DDP's gradient buffers during the rollout (megatron-core's `offload_grad_buffers` /
+    `restore_grad_buffers`; 15 GiB per rank at Qwen3-8B / TP2 in fp32). Costs one reallocation and the zeroing
+    the next step does anyway; results are unchanged. The engine is also built with the buffers (and, with
+    offload_optimizer_states, the main params) offloaded: vLLM refuses to start unless the free memory covers
+    rollout.vllm.gpu_memory_utilization x the GPU (vllm/v1/worker/utils.py:716 `request_memory` in 0.33.0), so
+    what is freed here is what a higher gpu_memory_utilization can count on."""
+    offload_optimizer_states: bool = False
+    """Also move the optimizer's fp32 main parameters and Adam moments to host memory during the rollout
+    (megatron-core's `offload_to_cpu` / `restore_from_cpu`): 12 B per parameter shard, two PCIe copies per step.
+    Results are unchanged."""
 
 
 @dataclass(frozen=True)
@@ -505,6 +591,7 @@ class TrainConfig:
     avsd: AVSDConfig = field(default_factory=AVSDConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(sources=(PAPER_DATASET,), task="math"))
     """Training rows (the reference: the OPSD OpenThoughts math 30k set, train split)."""
     prompts: PromptConfig = field(default_factory=PromptConfig)
@@ -531,6 +618,20 @@ class TrainConfig:
             raise ConfigError(
                 f"prompts_per_step={self.prompts_per_step} is not a multiple of micro_batch_size="
                 f"{self.micro_batch_size}"
+            )
+        if self.parallel.overlap_param_gather:
+            if not self.optim.distributed_optimizer:
+                raise ConfigError("parallel.overlap_param_gather=True needs optim.distributed_optimizer=True")
+            if self.avsd.teacher in SWAPPING_TEACHERS:
+                raise ConfigError(
+                    f"parallel.overlap_param_gather=True races with avsd.teacher={self.avsd.teacher!r}: the teacher "
+                    "swap would save and restore parameters whose deferred all-gather has not run yet; set "
+                    "parallel.overlap_param_gather=false (overlap_grad_reduce is safe)"
+                )
+        if self.parallel.sequence_parallel and self.model.layer_spec != "te":
+            raise ConfigError(
+                "parallel.sequence_parallel=True needs model.layer_spec='te' (the local spec's torch norms refuse "
+                "it: megatron/core/transformer/torch_norm.py:50)"
             )
         allowed = MATH_VIEWS if self.data.task == "math" else CODE_VIEWS
         if not set(self.avsd.views) <= set(allowed):
@@ -619,6 +720,30 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
+def apply_overrides(cfg: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
+    """`cfg` with each 'a.b.c=value' set (value parsed as YAML), re-validated. Raises ConfigError on a bad item.
+
+    The trainer's `--set` (`python -m avsd_megatron train`), also used by `plan` and the NeMo-Run recipes.
+    """
+    import yaml
+
+    data: dict[str, Any] = to_dict(cfg)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. optim.lr=1e-5")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a config section")
+            node = node[part]
+        if leaf not in node:
+            raise ConfigError(f"--set {item!r}: unknown key {key!r}")
+        node[leaf] = yaml.safe_load(raw)
+    return from_dict(data, source="--set")
+
+
 def dump_config(cfg: TrainConfig, path: str | Path) -> Path:
     """Write `to_dict(cfg)` as YAML (sections in field order); returns the path."""
     import yaml
@@ -652,9 +777,26 @@ def _kind(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
+def _plain(value: Any, where: str, source: str) -> Any:
+    """A copy of `value` as plain YAML data (None, bool, int, float, str, lists, string-keyed mappings)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{where}[{i}]", source) for i, v in enumerate(value)]
+    if isinstance(value, Mapping):
+        for key in value:
+            if not isinstance(key, str):
+                raise ConfigError(f"{source}: {where} keys must be strings, got {_kind(key)}")
+        return {key: _plain(item, f"{where}.{key}", source) for key, item in value.items()}
+    raise ConfigError(f"{source}: {where} must be plain data (null, bool, number, string, list, mapping), "
+                      f"got {_kind(value)}")
+
+
 def _convert(tp: Any, value: Any, where: str, source: str) -> Any:
     """Check / convert one YAML value against a field's type hint."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:  # free-form values (rollout.vllm.engine_args): plain YAML data, checked by their consumer
+        return _plain(value, where, source)
     if origin in (typing.Union, types.UnionType):
         if value is None:
             if type(None) in args:
@@ -670,6 +812,16 @@ def _convert(tp: Any, value: Any, where: str, source: str) -> Any:
         if value not in args:
             raise ConfigError(f"{source}: {where}={value!r} is not one of {args}")
         return value
+    if origin is dict:  # dict[str, X]: a mapping of string keys; each value converted as X
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{source}: {where} must be a mapping, got {_kind(value)}")
+        key_type, value_type = args
+        if key_type is not str:
+            raise TypeError(f"config field {where} has an unsupported key type {key_type!r}")  # a bug here
+        for key in value:
+            if not isinstance(key, str):
+                raise ConfigError(f"{source}: {where} keys must be strings, got {_kind(key)}")
+        return {key: _convert(value_type, item, f"{where}.{key}", source) for key, item in value.items()}
     if origin is tuple:
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
             raise ConfigError(f"{source}: {where} must be a list, got {_kind(value)}")
@@ -699,25 +851,3 @@ def _convert(tp: Any, value: Any, where: str, source: str) -> Any:
             raise ConfigError(f"{source}: {where} must be a string, got {_kind(value)}")
         return value
     raise TypeError(f"config field {where} has an unsupported type {tp!r}")  # a bug in this module
-
-
-def apply_overrides(cfg: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
-    """`cfg` with each 'a.b.c=value' set (value parsed as YAML), re-validated. Raises ConfigError on a bad item.
-    (The train CLI's --set; the recipes resolve their overrides with it too.)"""
-    import yaml
-
-    data: dict[str, Any] = to_dict(cfg)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. optim.lr=1e-5")
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            if not isinstance(node.get(part), dict):
-                raise ConfigError(f"--set {item!r}: {part!r} is not a config section")
-            node = node[part]
-        if leaf not in node:
-            raise ConfigError(f"--set {item!r}: unknown key {key!r}")
-        node[leaf] = yaml.safe_load(raw)
-    return from_dict(data, source="--set")

@@ -6,7 +6,9 @@
     optimizer = build_optimizer(model, cfg)   # Megatron Adam (optionally the distributed optimizer)
 
 Modes come from `TrainConfig` fields, each read once here: `model.dtype`, `model.layer_spec` ('local' on CPU, 'te'
-on GPU), `model.recompute`, `optim.distributed_optimizer`. `calculate_per_token_loss=True` and
+on GPU), `model.recompute`, the `model.*_fusion` switches (`kernels.resolve_fusions`: on where their provider is
+detected), `parallel.sequence_parallel`, the DDP fields of `parallel` (overlap_grad_reduce, overlap_param_gather,
+grad_reduce_in_fp32, ddp_bucket_size) and `optim.distributed_optimizer`. `calculate_per_token_loss=True` and
 `finalize_model_grads_func` are always set (AVSDStep requires both). `on_cpu` adds the TransformerConfig switches
 CPU runs need (no fused kernels, CPU init, plain p2p; see `runtime.megatron_cpu` for the runtime patches).
 """
@@ -30,9 +32,13 @@ from avsd_megatron.convert import (
 )
 from avsd_megatron.convert.fingerprint import hf_fingerprint
 from avsd_megatron.training.config import TrainConfig
+from avsd_megatron.training.kernels import detect_providers, resolve_fusions
 from avsd_megatron.training.notices import notice
 
-__all__ = ["DTYPES", "build_gpt_model", "build_optimizer", "initial_checkpoint", "stale_init_reason", "wrap_ddp"]
+__all__ = [
+    "DTYPES", "build_gpt_model", "build_optimizer", "ddp_config", "initial_checkpoint", "stale_init_reason",
+    "transformer_overrides", "wrap_ddp",
+]
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 INIT_DIR = "megatron_init"
@@ -57,17 +63,30 @@ RECOMPUTE = {
 }
 
 
-def build_gpt_model(cfg: TrainConfig, hf_config: dict, *, on_cpu: bool) -> Any:
+def transformer_overrides(cfg: TrainConfig, *, on_cpu: bool, providers: frozenset[str] | None = None) -> dict:
+    """The TransformerConfig switches of `cfg` on this machine (`providers`: `kernels.detect_providers()`).
+
+    Raises:
+        ConfigError: a model.*_fusion field set to True whose provider is absent (on CPU: every one).
+    """
+    providers = detect_providers() if providers is None else providers
+    overrides = dict(calculate_per_token_loss=True, **RECOMPUTE[cfg.model.recompute])
+    overrides |= resolve_fusions(cfg.model, providers)
+    overrides["sequence_parallel"] = cfg.parallel.sequence_parallel
+    if on_cpu:
+        from megatron.core.transformer.enums import AttnBackend
+
+        overrides |= CPU_OVERRIDES | {"attention_backend": AttnBackend.local}
+    return overrides
+
+
+def build_gpt_model(cfg: TrainConfig, hf_config: dict, *, on_cpu: bool, providers: frozenset[str] | None = None) -> Any:
     """This rank's `GPTModel` (random init; load weights next) for `hf_config` at `cfg.parallel`'s TP/PP."""
     from megatron.core import parallel_state
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.models.gpt import GPTModel
 
-    overrides = dict(calculate_per_token_loss=True, **RECOMPUTE[cfg.model.recompute])
-    if on_cpu:
-        from megatron.core.transformer.enums import AttnBackend
-
-        overrides |= CPU_OVERRIDES | {"attention_backend": AttnBackend.local}
+    overrides = transformer_overrides(cfg, on_cpu=on_cpu, providers=providers)
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     config = qwen3_config_to_transformer_config(
         hf_config, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
@@ -93,15 +112,35 @@ def _layer_spec(name: str) -> Any:
     return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
 
 
+def ddp_config(cfg: TrainConfig) -> Any:
+    """Megatron's `DistributedDataParallelConfig` from `parallel`'s DDP fields and `optim.distributed_optimizer`."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    p = cfg.parallel
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=p.grad_reduce_in_fp32,
+        overlap_grad_reduce=p.overlap_grad_reduce,
+        overlap_param_gather=p.overlap_param_gather,
+        bucket_size=p.ddp_bucket_size,
+        use_distributed_optimizer=cfg.optim.distributed_optimizer,
+    )
+
+
 def wrap_ddp(gpt: Any, cfg: TrainConfig) -> Any:
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    """Float16Module (bf16/fp16) + Megatron DDP. With overlap_grad_reduce the schedule gets `model.no_sync`, as
+    Megatron-LM's training loop wires it, so only the last micro-batch's backward hooks count towards launching a
+    bucket's reduction (distributed/param_and_grad_buffer.py:870). Without it every micro-batch counts, which is
+    only right while the number of micro-batches never changes from the first step's (its counts become the
+    "golden" ones, :292). The parameter all-gather of overlap_param_gather runs from DDP's forward pre-hooks
+    (distributed/distributed_data_parallel.py:394)."""
+    from megatron.core.distributed import DistributedDataParallel
     from megatron.core.transformer.module import Float16Module
 
     module = gpt if cfg.model.dtype == "float32" else Float16Module(gpt.config, gpt)
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.optim.distributed_optimizer
-    )
-    return DistributedDataParallel(gpt.config, ddp_config, module)
+    model = DistributedDataParallel(gpt.config, ddp_config(cfg), module)
+    if cfg.parallel.overlap_grad_reduce:
+        gpt.config.no_sync_func = model.no_sync
+    return model
 
 
 def build_optimizer(model: Any, cfg: TrainConfig) -> Any:

@@ -33,7 +33,9 @@ One step (`train_step`), per rank:
   the model-parallel group's first rank are then broadcast to the others, so every TP/PP rank of a DP replica
   trains on identical samples. After generating the engine sleeps (colocated memory goes back to training):
   discarding its weights when a sync follows this step, else (`rollout.sync_every` > 1) keeping them in host memory
-  (`sleep(keep_weights=True)`, vLLM's level 1) for the next rollout;
+  (`sleep(keep_weights=True)`, vLLM's level 1) for the next rollout. Around the rollout
+  `rollout_memory.RolloutOffload` frees DDP's grad buffers (`memory.offload_grad_buffers`) and moves the optimizer
+  states to host memory (`memory.offload_optimizer_states`), restored before the teacher scoring;
 - the algorithm's targets step (`algorithms.TARGETS[algorithm]`, chosen once). avsd: `task.teacher_rows()` (timed
   as `views`), then after `build_batch()` the teacher scoring pass (`score_teachers`); grpo: `task.rewards()` and
   group-normalised advantages (timed as `rewards`), then per-token advantages (`advantages`) and no teacher pass.
@@ -50,7 +52,8 @@ One step (`train_step`), per rank:
 - metrics (rank 0, `metrics_log`) every `logging.log_every` steps; every `logging.generations_every` steps the
   problems, prompts and completions of DP rank 0's slice; a checkpoint every `checkpoint.save_every` steps (its
   time is reported as `time/checkpoint` in the next step's record), and one at the end of `train()`. Rank 0 also
-  writes the resolved config (overrides applied) to <output_dir>/config.yaml at construction.
+  writes the resolved config (overrides applied) to <output_dir>/config.yaml at construction, and prints the
+  planner's table for this layout (`training.plan.write_plan`: plan.txt and plan.json next to it).
 
 Metrics per record: loss, grad_norm, num_tokens, lr, the kernels' `mv_*` means (`step.reduce_metrics`, over DP),
 rollout/completion_len_mean, rollout/stop_rate, data/cursor, data/prompts_skipped, time/<phase> and time/total;
@@ -106,7 +109,9 @@ from avsd_megatron.training.config import ConfigError, TrainConfig, dump_config,
 from avsd_megatron.training.megatron_model import DTYPES, build_gpt_model, build_optimizer, initial_checkpoint, wrap_ddp
 from avsd_megatron.training.metrics_log import MetricsLog, PhaseTimer
 from avsd_megatron.training.notices import notice
+from avsd_megatron.training.plan import write_plan
 from avsd_megatron.training.preflight import check_prompts_encode, check_teacher_storage_fits, load_checked_tokenizer
+from avsd_megatron.training.rollout_memory import RolloutOffload
 from avsd_megatron.training.tasks import TASKS, TeacherRows
 
 __all__ = ["PromptStream", "Rollout", "Trainer"]
@@ -245,7 +250,11 @@ class Trainer:
         self.avsd = AVSDStep(self.model, self.optimizer, cfg.loss_config(self.vocab_size), self.teacher,
                              groups=self.megatron_groups)
 
-        self.engine = engine if engine is not None else ENGINES[cfg.rollout.engine](cfg, on_cpu=self.on_cpu)
+        self.rollout_offload = RolloutOffload(self.model, self.optimizer, on_cpu=self.on_cpu,
+                                              grad_buffers=cfg.memory.offload_grad_buffers,
+                                              optimizer_states=cfg.memory.offload_optimizer_states)
+        with self.rollout_offload():  # vLLM checks its budget against the free memory at construction
+            self.engine = engine if engine is not None else ENGINES[cfg.rollout.engine](cfg, on_cpu=self.on_cpu)
         self.sampling = SamplingParams.from_config(cfg.rollout)
         self.targets = TARGETS[cfg.algorithm](
             self.task, cfg, score=self.score_teachers, prepare=self.avsd.zero_grads, dp_group=self.megatron_groups.dp,
@@ -263,6 +272,7 @@ class Trainer:
                                        tensorboard=cfg.logging.tensorboard)
         if self.rank == 0:
             dump_config(cfg, Path(cfg.output_dir) / "config.yaml")  # the run's resolved config, --set included
+            print(write_plan(cfg, cfg.output_dir, world_size=dist.get_world_size()), flush=True)  # plan.txt/.json
         self.sync_weights()  # the engine starts from model.hf_path; the model may hold resumed weights
 
     # -- the loop ----------------------------------------------------------------------------------------------------
@@ -283,7 +293,7 @@ class Trainer:
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step (module docstring); returns its metrics."""
-        with self.timer("rollout"):
+        with self.timer("rollout"), self.rollout_offload():  # memory.*: training memory lent to the engine
             rollout = self.rollout()
         with self.timer(self.targets.rows_phase):  # avsd: the views' teacher rows; grpo: rewards, advantages
             rows = self.targets.rows(rollout.examples, rollout.prompts, rollout.completions)
@@ -336,6 +346,7 @@ class Trainer:
             micro_batch_size=self.cfg.micro_batch_size * n,
             pad_id=self.tokenizer.pad_token_id, vocab_size=self.vocab_size, completion_masks=rows.masks,
             train_pad_tokens=self.cfg.avsd.train_pad_tokens,
+            pad_to_multiple_of=self.cfg.parallel.tp if self.cfg.parallel.sequence_parallel else 1,  # SP: S % tp == 0
         )
 
     def set_lr(self) -> float:

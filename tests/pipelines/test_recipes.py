@@ -116,6 +116,37 @@ def test_recipes_evaluate_dropped_with_a_message_when_missing(tmp_path, monkeypa
 # Slurm dry run
 
 
+def test_recipes_plan_refuses_a_layout_that_does_not_fit_unless_allowed(tmp_path, capsys):
+    recipe = recipes.RECIPES["qwen3_8b"]
+    kwargs = dict(nodes=1, workdir=str(tmp_path), steps=("train",), train_overrides=("parallel.tp=1",))
+    with pytest.raises(ConfigError, match=r"does not fit on h100-80gb: rollout: needs [\d.]+ GiB of 79.6 GiB"):
+        recipes.build_tasks(recipe, **kwargs)
+    assert "DOES NOT FIT" in capsys.readouterr().out  # the table is printed before refusing
+    tasks = recipes.build_tasks(recipe, allow_no_fit=True, **kwargs)
+    assert [name for name, *_ in tasks] == ["train"] and "allow_no_fit=true" in capsys.readouterr().out
+    # the same layout on H200s fits
+    assert [name for name, *_ in recipes.build_tasks(recipe, gpu="h200-141gb", **kwargs)] == ["train"]
+
+
+@pytest.mark.parametrize("name", sorted(recipes.RECIPES))
+def test_recipes_presets_fit_by_the_plan(name, tmp_path):
+    recipe = recipes.RECIPES[name]
+    for nodes in recipe.layouts:
+        plan, _ = recipes.make_plan(recipe, nodes=nodes, workdir=str(tmp_path))
+        estimate = recipes.plan_layout(plan)
+        assert estimate.fits, (nodes, estimate.failures())
+        assert (estimate.tp, estimate.dp, estimate.micro_batch_size) == (
+            recipe.layouts[nodes].tp, recipe.layouts[nodes].dp, recipe.layouts[nodes].micro_batch_size)
+
+
+def test_readme_presets_table_is_the_planners():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index("-->", text.index("<!-- plan:presets")) + 3
+    expected = recipes.presets_markdown()
+    assert text[start:text.index("<!-- /plan:presets -->")].strip() == expected, (
+        f"README's presets table is stale; it should read:\n{expected}")
+
+
 def test_recipes_slurm_dryrun_renders_sbatch(tmp_path):
     result = _run_cli([
         sys.executable, "examples/avsd_qwen3_8b.py", "executor=slurm", "nodes=2", "account=avsd_acct",

@@ -5,6 +5,7 @@ engine runs only in the GPU smoke test at the end (skipped without CUDA and vLLM
 Run: python -m pytest -q tests/rollout/test_rollout_vllm.py
 """
 
+import dataclasses
 import importlib.util
 import os
 import random
@@ -17,12 +18,18 @@ import torch
 from avsd_megatron.convert.mapping import expected_hf_shapes
 from avsd_megatron.convert.qwen3_config import Qwen3Dims, read_hf_config
 from avsd_megatron.data import tiny
-from avsd_megatron.rollout.config import RolloutConfig, VLLMConfig
+from avsd_megatron.rollout.config import (
+    ADAPTER_ENGINE_ARGS,
+    FIELD_ENGINE_ARGS,
+    RolloutConfig,
+    VLLMConfig,
+)
 from avsd_megatron.rollout.engine import Completion, SamplingParams, request_seed
 from avsd_megatron.rollout.vllm_engine import (
     SUPPORTED_VLLM,
     StandaloneVLLMEngine,
     VLLMEngine,
+    check_engine_args,
     import_vllm,
     standalone_engine_kwargs,
     vllm_engine_kwargs,
@@ -89,6 +96,64 @@ def test_vllm_engine_kwargs_reject_sizes_that_do_not_fit(args, match):
         vllm_engine_kwargs("/ckpt", RolloutConfig(), **full)
 
 
+@dataclasses.dataclass
+class _FakeEngineArgs:
+    """A stand-in for vllm.EngineArgs (a dataclass; its init fields are the accepted keywords)."""
+
+    model: str = ""
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    kv_cache_dtype: str = "auto"
+    speculative_config: dict | None = None
+    async_scheduling: bool | None = None
+    internal: int = dataclasses.field(default=0, init=False)
+
+
+def test_vllm_engine_args_pass_through_after_the_adapters_keywords():
+    extra = {"speculative_config": {"method": "ngram", "num_speculative_tokens": 4}, "kv_cache_dtype": "fp8"}
+    cfg = RolloutConfig(max_new_tokens=4096, vllm=VLLMConfig(engine_args=extra))
+    sizes = ENGINE_ARGS | dict(max_prompt_tokens=12288)
+    kwargs = vllm_engine_kwargs("/ckpt", cfg, **sizes, engine_args_class=_FakeEngineArgs)
+    plain = vllm_engine_kwargs("/ckpt", RolloutConfig(max_new_tokens=4096), **sizes)
+    assert kwargs == plain | extra and list(kwargs)[-2:] == list(extra)
+
+
+def test_vllm_engine_args_refused_keys_are_the_keys_the_adapter_sets():
+    """ADAPTER_ENGINE_ARGS + the section's own fields = what vllm_engine_kwargs sets, plus data_parallel_size (the
+    one refused key the adapter leaves at vLLM's default of 1)."""
+    cfg = RolloutConfig(vllm=VLLMConfig(max_num_batched_tokens=8192))
+    kwargs = vllm_engine_kwargs("/ckpt", cfg, tensor_parallel_size=1, rank=0, world_size=1, max_prompt_tokens=12)
+    assert set(ADAPTER_ENGINE_ARGS) | set(FIELD_ENGINE_ARGS) == set(kwargs) | {"data_parallel_size"}
+    for key in ADAPTER_ENGINE_ARGS:
+        with pytest.raises(ValueError, match=rf"^rollout.vllm.engine_args.{key} is set by the adapter: "):
+            VLLMConfig(engine_args={key: 1})
+    for key in FIELD_ENGINE_ARGS:
+        with pytest.raises(ValueError, match=rf"^rollout.vllm.engine_args.{key} has its own field: set "
+                                             rf"rollout.vllm.{key}$"):
+            VLLMConfig(engine_args={key: 1})
+
+
+def test_vllm_engine_args_unknown_to_engine_args_are_refused_with_a_suggestion():
+    with pytest.raises(ValueError, match=r"^rollout.vllm.engine_args.kv_cache_dtyp is not a vLLM EngineArgs field; "
+                                         r"did you mean kv_cache_dtype\?$"):
+        check_engine_args({"kv_cache_dtyp": "fp8"}, _FakeEngineArgs)
+    with pytest.raises(ValueError, match=r"engine_args.internal is not a vLLM EngineArgs field"):  # init=False
+        check_engine_args({"internal": 1}, _FakeEngineArgs)
+    check_engine_args({"async_scheduling": True}, _FakeEngineArgs)
+    cfg = RolloutConfig(vllm=VLLMConfig(engine_args={"zzz": 1}))
+    with pytest.raises(ValueError, match=r"rollout.vllm.engine_args.zzz is not a vLLM EngineArgs field$"):
+        vllm_engine_kwargs("/ckpt", cfg, **ENGINE_ARGS, engine_args_class=_FakeEngineArgs)
+    assert vllm_engine_kwargs("/ckpt", cfg, **ENGINE_ARGS)["zzz"] == 1  # no class given: no field check
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+def test_vllm_engine_args_real_engine_args_has_the_adapters_keywords():
+    from vllm.engine.arg_utils import EngineArgs
+
+    kwargs = vllm_engine_kwargs("/ckpt", RolloutConfig(vllm=VLLMConfig(max_num_batched_tokens=64)), **ENGINE_ARGS)
+    check_engine_args({**kwargs, "speculative_config": None, "data_parallel_size": 1}, EngineArgs)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Fake vllm: records calls, checks argument shapes, returns deterministic outputs
 
@@ -136,7 +201,8 @@ class _FakeLLM:
 @pytest.fixture
 def fake_vllm(monkeypatch):
     module = types.SimpleNamespace(
-        __version__=f"{SUPPORTED_VLLM}.0", LLM=_FakeLLM, SamplingParams=lambda **kw: types.SimpleNamespace(**kw)
+        __version__=f"{SUPPORTED_VLLM}.0", LLM=_FakeLLM, SamplingParams=lambda **kw: types.SimpleNamespace(**kw),
+        EngineArgs=_FakeEngineArgs,
     )
     monkeypatch.setitem(sys.modules, "vllm", module)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -182,6 +248,17 @@ def test_vllm_engine_call_sequence(fake_vllm):
     engine.wake_up()
     with pytest.raises(RuntimeError, match="discarded"):
         engine.generate([[1]], params, seed=0)
+
+
+def test_vllm_engine_checks_engine_args_against_vllms_engine_args_before_building(fake_vllm):
+    _FakeLLM.calls.clear()
+    bad = RolloutConfig(max_new_tokens=64, vllm=VLLMConfig(engine_args={"kv_cache_dtyp": "fp8"}))
+    with pytest.raises(ValueError, match=r"rollout.vllm.engine_args.kv_cache_dtyp is not a vLLM EngineArgs field"):
+        VLLMEngine(tiny.TINY_CONFIG_DIR, bad, **ENGINE_ARGS)
+    assert _FakeLLM.calls == []  # refused before the LLM was built
+    good = RolloutConfig(max_new_tokens=64, vllm=VLLMConfig(engine_args={"kv_cache_dtype": "fp8"}))
+    VLLMEngine(tiny.TINY_CONFIG_DIR, good, **ENGINE_ARGS)
+    assert _FakeLLM.calls[0][1]["kv_cache_dtype"] == "fp8"
 
 
 def test_vllm_engine_weight_stream_is_checked(fake_vllm):

@@ -178,6 +178,12 @@ def test_config_bad_choice_names_the_dotted_field(tmp_path):
         ("sandbox:\n  wall_time_s: 0\n", r"sandbox.wall_time_s=0.0 must be > 0"),
         ("sandbox:\n  unsafe_subprocess: 1\n", r"sandbox.unsafe_subprocess must be true or false"),
         ("- a\n- b\n", r"the top level must be a mapping of TrainConfig fields"),
+        ("rollout:\n  vllm:\n    engine_args: [a]\n", r"rollout.vllm.engine_args must be a mapping, got list"),
+        ("rollout:\n  vllm:\n    engine_args: {1: a}\n", r"rollout.vllm.engine_args keys must be strings"),
+        ("rollout:\n  vllm:\n    engine_args: {c: {2: a}}\n", r"rollout.vllm.engine_args.c keys must be strings"),
+        ("rollout:\n  vllm:\n    engine_args: {seed: 3}\n", r"rollout.vllm.engine_args.seed is set by the adapter"),
+        ("rollout:\n  vllm:\n    engine_args: {enable_prefix_caching: false}\n",
+         r"rollout.vllm.engine_args.enable_prefix_caching has its own field: set rollout.vllm.enable_prefix_caching"),
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(tmp_path, text, match):
@@ -185,6 +191,21 @@ def test_config_rejects_bad_values_naming_the_field(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match) as err:
         load_config(path)
     assert str(err.value).startswith(f"{path}: ")
+
+
+def test_config_dict_field_takes_nested_plain_data_and_round_trips(tmp_path):
+    """dict[str, Any] fields (rollout.vllm.engine_args): nested mappings, lists and nulls pass through as plain data
+    and survive dump -> load."""
+    engine_args = {
+        "speculative_config": {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4},
+        "kv_cache_dtype": "fp8", "override_generation_config": None, "served_model_name": ["a", "b"],
+    }
+    cfg = from_dict({"rollout": {"vllm": {"engine_args": engine_args}}})
+    assert cfg.rollout.vllm.engine_args == engine_args
+    assert RolloutConfig().vllm.engine_args == {}
+    assert load_config(dump_config(cfg, tmp_path / "c.yaml")) == cfg
+    with pytest.raises(ConfigError, match=r"rollout.vllm.engine_args.x\[0\] must be plain data .* got object"):
+        from_dict({"rollout": {"vllm": {"engine_args": {"x": [object()]}}}})
 
 
 def test_config_code_task_with_code_views(tmp_path):
@@ -207,8 +228,9 @@ def test_config_sandbox_section_builds_the_sandbox_config():
 
 
 def test_config_builds_the_loss_and_teacher_configs():
-    avsd = AVSDConfig(loss="candidate", topk=8, beta=0.25, token_clip=0.0, teacher="ema", ema_decay=0.99)
-    loss = avsd.loss_config(temperature=0.7, vocab_size=151_669, teacher_chunk_tokens=256)
+    avsd = AVSDConfig(loss="candidate", topk=8, beta=0.25, token_clip=0.0, teacher="ema", ema_decay=0.99,
+                      teacher_chunk_tokens=256)
+    loss = avsd.loss_config(temperature=0.7, vocab_size=151_669)
     assert loss == AVSDLossConfig(
         temperature=0.7,
         vocab_size=151_669,
@@ -229,6 +251,69 @@ def test_config_builds_the_loss_and_teacher_configs():
     assert avsd.teacher_config() == TeacherConfig(kind="ema", ema_decay=0.99, storage="cpu")
     shared = {f.name for f in dataclasses.fields(AVSDLossConfig)} & {f.name for f in dataclasses.fields(AVSDConfig)}
     assert all(getattr(loss, name) == getattr(avsd, name) for name in shared)
+    overridden = avsd.loss_config(temperature=0.7, teacher_chunk_tokens=None, logprob_chunk_size=8)
+    assert (overridden.teacher_chunk_tokens, overridden.logprob_chunk_size) == (None, 8)
+
+
+def test_config_teacher_chunk_tokens_is_bounded_by_default_and_checked():
+    assert AVSDConfig().teacher_chunk_tokens == 1024
+    assert AVSDConfig().loss_config(temperature=0.7).teacher_chunk_tokens == 1024
+    assert from_dict({"avsd": {"teacher_chunk_tokens": None}}).avsd.teacher_chunk_tokens is None
+    with pytest.raises(ConfigError, match=r"avsd.teacher_chunk_tokens=0 must be >= 1"):
+        from_dict({"avsd": {"teacher_chunk_tokens": 0}})
+
+
+class _RecordingOutputLayer(torch.nn.Module):
+    """A vocab-parallel output layer at TP 1 (ColumnParallelLinear's call signature); records the rows per call."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight)
+        self.rows_per_call: list[int] = []
+
+    def forward(self, x, weight=None, runtime_gather_output=None):
+        self.rows_per_call.append(x.shape[0])
+        return x @ (self.weight if weight is None else weight).t(), None
+
+
+@pytest.mark.parametrize("loss", ["sampled", "candidate"])
+def test_config_teacher_chunk_tokens_reaches_the_scoring_pass_and_chunked_equals_unchunked(loss):
+    """avsd.teacher_chunk_tokens -> loss_config -> TeacherScoringStep: the output layer runs on [M * c] rows per
+    call, and the teacher outputs equal the one-piece pass (the kernels' own chunk invariance is tested in
+    tests/hook/test_avsd_step.py::test_scoring_pass_chunked_output_layer_equals_unchunked on Megatron)."""
+    from avsd_megatron.hook.batch import build_avsd_batch
+    from avsd_megatron.hook.scoring import TeacherScoringStep
+
+    vocab, hidden, views = 50, 8, 3
+    gen = torch.Generator().manual_seed(0)
+    rand = lambda n: torch.randint(1, vocab, (n,), generator=gen).tolist()
+    batch = build_avsd_batch([rand(3), rand(2)], [[rand(4), rand(5), rand(2)], [rand(3), rand(6), rand(4)]],
+                             [rand(5), rand(4)], view_names=["a", "b", "c"], micro_batch_size=2, pad_id=0,
+                             vocab_size=vocab)
+    micro_batch = batch.micro_batches[0]  # N = 9 completion tokens
+    seq, rows = micro_batch.teacher.tokens.shape[1], micro_batch.teacher.tokens.shape[0]
+    hidden_states = torch.randn(seq, rows, hidden, generator=gen, dtype=torch.float64)
+    weight = torch.randn(vocab, hidden, generator=gen, dtype=torch.float64)
+
+    def outputs(chunk):
+        avsd = AVSDConfig(loss=loss, topk=4, teacher_chunk_tokens=chunk)
+        layer = _RecordingOutputLayer(weight.clone())
+        step = TeacherScoringStep(avsd.loss_config(temperature=0.7, vocab_size=vocab), tp_group=None,
+                                  copy_output_weight=False)
+        out = step._process(hidden_states=hidden_states, output_layer=layer, output_weight=None,
+                            context=micro_batch, scale_logits=None)
+        return out, layer.rows_per_call
+
+    whole, whole_calls = outputs(None)
+    chunked, chunked_calls = outputs(4)
+    assert micro_batch.num_tokens == 9
+    assert whole_calls == [views * 9] and chunked_calls == [views * 4, views * 4, views * 1]
+    if loss == "sampled":
+        torch.testing.assert_close(chunked.view_logprobs, whole.view_logprobs, rtol=0, atol=1e-12)
+    else:
+        a, b = chunked.candidates, whole.candidates
+        assert torch.equal(a.ids, b.ids) and torch.equal(a.mask, b.mask)
+        torch.testing.assert_close(a.view_logprobs, b.view_logprobs, rtol=0, atol=1e-12)
 
 
 def test_config_parallel_sizes():

@@ -719,3 +719,14 @@ def test_engine_sleeps_keep_weights_between_syncs_and_discard_them_before_a_sync
     every_step = _stand_in_trainer(0, 1, 0, sync_every=1)
     Trainer.rollout(every_step)
     assert every_step.engine.sleeps == [False]
+@pytest.mark.integration
+def test_trainer_writes_the_plan_and_its_checkpoint_size_matches_the_disk(cli_run):
+    """Rank 0 writes the planner's table and JSON next to config.yaml; the plan's checkpoint bytes are the tensor
+    bytes of the real checkpoint (model + distributed Adam: master and moments of the padded bucket), the rest of
+    the .distcp file being the pickled objects (< 1 MiB)."""
+    assert "GPU memory per rank" in (cli_run / "plan.txt").read_text()
+    plan = json.loads((cli_run / "plan.json").read_text())
+    assert plan["layout"]["dp"] == 1 and plan["model"]["origin"] == "config.json"
+    distcp = sum(p.stat().st_size for p in (cli_run / "checkpoints" / "step_00000002").glob("*.distcp"))
+    planned = plan["checkpoint"]["per_checkpoint_bytes"]
+    assert planned <= distcp <= planned + 2**20

@@ -1,0 +1,66 @@
+"""benchmarks/gpu_step.py's CPU smoke mode (toy shape, gloo, one step per variant) and the device check's report:
+the GPU benchmark's code paths (the trainer's model builders, teacher scoring, student update, optimizer, the
+rollout offload) must keep running, so CI catches breakage before a GPU run does. Timings are not checked.
+
+Run: python -m pytest -q tests/benchmarks/test_gpu_step.py
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.integration
+def test_gpu_step_cpu_smoke_runs_every_cpu_variant(tmp_path):
+    out = tmp_path / "smoke.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MASTER_PORT=str(_free_port()))
+    env.pop("RANK", None)
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_step.py", "--cpu-smoke", "--json", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_step
+    finally:
+        sys.path.pop(0)
+    results = json.loads(out.read_text())["results"]
+    assert list(results) == list(gpu_step.CPU_VARIANTS)
+    for name, r in results.items():
+        assert math.isfinite(r["step_s"]) and r["step_s"] > 0, name
+        if name != "ce":
+            assert {"score_teachers", "update_student", "optimizer"} <= set(r["phases"]), name
+            assert math.isfinite(r["last_loss"]), name
+            assert r["loss_minus_base"] == 0.0, (name, r["loss_minus_base"])  # same weights, same rows, one step
+    assert "offload" in results["avsd/offload-all"]["phases"]
+    assert "| avsd/offload-grads |" in proc.stdout  # the markdown table
+
+
+def test_device_report_writes_one_table_and_names_missing_parts(tmp_path):
+    gpu = {"results": {"avsd": {"phases": {"score_teachers": 1.0}, "swap_s": 0.5, "freed_gib": None,
+                                "loss_minus_base": 0.0, "step_s": 2.0, "mfu": 0.4, "peak_gib": 50.0}}}
+    (tmp_path / "gpu_step.json").write_text(json.dumps(gpu))
+    (tmp_path / "trainer.json").write_text(json.dumps({"rc": 0, "steps_a": [1, 2, 3, 4], "steps_b": [3, 4],
+                                                       "resume_max_loss_diff": 0.0, "ok": True}))
+    subprocess.run([sys.executable, "benchmarks/device_report.py", str(tmp_path)], cwd=ROOT, check=True,
+                   capture_output=True)
+    table = (tmp_path / "device_check.md").read_text().splitlines()
+    assert table[0].startswith("| part | item |") and len(table) == 5
+    assert table[2].startswith("| gpu_step | avsd | 2.000 | 40.0% | 50.0 |")
+    assert table[3] == "| pinned memory | - | - | - | - | no result |"
+    assert "PASS" in table[4] and "[1, 2, 3, 4] then [3, 4]" in table[4]
