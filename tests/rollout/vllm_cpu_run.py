@@ -207,6 +207,7 @@ def run_trainer(out: Path, config_json: str) -> None:
                   "greedy": _ids(greedy), "engine": type(trainer.engine).__name__}
         if rank == 0:
             save_file(weights, str(out / "trained.safetensors"))
+        (out / f"rank{rank}.json").write_text(json.dumps(record))
     finally:
         trainer.close()
         from megatron.core import parallel_state
@@ -215,7 +216,6 @@ def run_trainer(out: Path, config_json: str) -> None:
             parallel_state.destroy_model_parallel()
         if dist.is_initialized():
             dist.destroy_process_group()
-    (out / f"rank{rank}.json").write_text(json.dumps(record))
 
 
 def main(argv: list[str]) -> None:
