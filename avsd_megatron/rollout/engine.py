@@ -2,10 +2,10 @@
 
 The trainer talks to one `RolloutEngine` protocol, whatever generates:
 
-| engine                             | where      | module                          |
-|------------------------------------|------------|---------------------------------|
-| `HFEngine` (transformers generate) | CPU or GPU | `hf_engine`                     |
-| `VLLMEngine` (vLLM, colocated)     | GPU only   | `vllm_engine` (imports vllm lazily) |
+| engine                             | where                              | module                              |
+|------------------------------------|------------------------------------|-------------------------------------|
+| `HFEngine` (transformers generate) | CPU or GPU                         | `hf_engine`                         |
+| `VLLMEngine` (vLLM, colocated)     | GPU; CPU with vLLM's CPU build     | `vllm_engine` (imports vllm lazily) |
 
 Life cycle per optimizer step (vllm-rollouts.md §1), identical for both:
 

@@ -480,3 +480,24 @@ def test_trainer_code_task_on_two_ranks_agrees_and_sums_feedback(hf_dir, tmp_pat
         assert rows[0] == rows[1] and len(rows[0]) == 8  # one replica: identical teacher rows on both shards
     else:
         assert len(rows[0]) == len(rows[1]) == 4  # two replicas: half of the step's completions each
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# rollout.engine=vllm without a GPU (the real run: tests/training/test_trainer_vllm.py, the `vllm` tier)
+
+
+def test_trainer_vllm_engine_on_cpu_needs_vllms_cpu_build(monkeypatch, hf_dir, tmp_path):
+    """Without CUDA, rollout.engine=vllm is refused unless vLLM is installed and reports its CPU platform."""
+    import types
+
+    from avsd_megatron.training.trainer import _vllm_engine
+
+    cfg = from_dict(_config(tmp_path, hf_dir, rollout__engine="vllm"))
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    with pytest.raises(ImportError, match="VLLMEngine needs vLLM .*tools/install_vllm_cpu_tier.sh"):
+        _vllm_engine(cfg, on_cpu=True)
+    gpu_platform = types.SimpleNamespace(is_cpu=lambda: False)
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(__version__="0.33.0"))
+    monkeypatch.setitem(sys.modules, "vllm.platforms", types.SimpleNamespace(current_platform=gpu_platform))
+    with pytest.raises(ConfigError, match="rollout.engine='vllm' without a GPU needs vLLM's CPU build"):
+        _vllm_engine(cfg, on_cpu=True)
