@@ -42,7 +42,9 @@ old embedding. On CPU the engine runs that method again on `lm_head` after each 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -161,6 +163,23 @@ def vllm_engine_kwargs(
     return kwargs
 
 
+@contextlib.contextmanager
+def _launcher_env(rank: int, world_size: int):
+    """RANK and LOCAL_RANK as torchrun sets them, which vLLM's external_launcher executor reads at construction
+    (v1/executor/uniproc_executor.py `ExecutorWithExternalLauncher._distributed_args`). A one-process run started
+    without torchrun (the train CLI's single-process group) has none: they are set to 0 for the construction only.
+    Raises RuntimeError when they are missing in a multi-process world (start it with torchrun)."""
+    missing = [key for key in ("RANK", "LOCAL_RANK") if key not in os.environ]
+    if missing and world_size > 1:
+        raise RuntimeError(f"VLLMEngine: {missing} not set on rank {rank} of {world_size}; launch with torchrun")
+    os.environ.update({key: "0" for key in missing})
+    try:
+        yield
+    finally:
+        for key in missing:
+            os.environ.pop(key, None)
+
+
 def _repack_tied_lm_head(model: torch.nn.Module) -> None:
     """vLLM-CPU only: re-run `lm_head`'s weight processing so that its packed GEMM copy of the tied embedding is the
     one just reloaded (module docstring). Runs inside each worker through `LLM.apply_model`."""
@@ -218,7 +237,7 @@ class VLLMEngine:
         self._aliases = {"lm_head.weight": "model.embed_tokens.weight"} if dims.tie_word_embeddings else {}
         self._repack_lm_head = self.on_cpu and dims.tie_word_embeddings
         self._vllm_sampling_params = vllm.SamplingParams
-        with preserved_process_state():
+        with preserved_process_state(), _launcher_env(rank, world_size):
             self.llm = vllm.LLM(**kwargs)
         self.state = EngineState(awake=True, weights_valid=False)  # dummy weights
         self.sleep()

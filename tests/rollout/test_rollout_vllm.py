@@ -101,6 +101,7 @@ class _FakeLLM:
     def __init__(self, **kwargs):
         self.calls.clear()
         self.calls.append(("LLM", kwargs))
+        type(self).launcher_env = (os.environ.get("RANK"), os.environ.get("LOCAL_RANK"))  # what vLLM would read
         random.seed(0)  # vLLM reseeds the global RNGs and sets the matmul precision at start-up
         torch.manual_seed(0)
         torch.set_float32_matmul_precision("medium")
@@ -216,9 +217,11 @@ def test_vllm_engine_call_sequence(fake_vllm):
         engine.generate([[1]], params, seed=0)
 
 
-def test_vllm_engine_on_the_cpu_platform(fake_vllm_cpu):
+def test_vllm_engine_on_the_cpu_platform(fake_vllm_cpu, monkeypatch):
     """vLLM's CPU platform: no CUDA needed, sleep mode off, no device limit on TP, no CUDA cache calls, and the tied
     lm_head re-packed after each refit (`_repack_tied_lm_head` through apply_model) before the prefix-cache reset."""
+    monkeypatch.setenv("RANK", "0")  # rank 0 of a torchrun world of 4
+    monkeypatch.setenv("LOCAL_RANK", "0")
     engine = VLLMEngine(tiny.TINY_CONFIG_DIR, RolloutConfig(max_new_tokens=64), tensor_parallel_size=4, rank=0,
                         world_size=4, max_prompt_tokens=512)
     kwargs = _FakeLLM.calls[0][1]
@@ -232,6 +235,22 @@ def test_vllm_engine_on_the_cpu_platform(fake_vllm_cpu):
     ]
     engine.sleep()
     assert fake_vllm_cpu.emptied == []  # no torch.cuda.empty_cache on CPU
+
+
+def test_vllm_engine_sets_torchruns_rank_variables_for_one_process_only(fake_vllm, monkeypatch):
+    """vLLM's external_launcher reads RANK / LOCAL_RANK (torchrun's); a one-process run without torchrun gets 0 for
+    the construction, and the environment is left as it was. Missing in a multi-process world: a clear error."""
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    VLLMEngine(tiny.TINY_CONFIG_DIR, RolloutConfig(), **ENGINE_ARGS)
+    assert _FakeLLM.launcher_env == ("0", "0")
+    assert "RANK" not in os.environ and "LOCAL_RANK" not in os.environ
+    with pytest.raises(RuntimeError, match=r"\['RANK', 'LOCAL_RANK'\] not set on rank 1 of 2; launch with torchrun"):
+        VLLMEngine(tiny.TINY_CONFIG_DIR, RolloutConfig(), **(ENGINE_ARGS | dict(rank=1, world_size=2)))
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    VLLMEngine(tiny.TINY_CONFIG_DIR, RolloutConfig(), **(ENGINE_ARGS | dict(rank=3, world_size=4)))
+    assert _FakeLLM.launcher_env == ("3", "1")  # torchrun's values are used as they are
 
 
 def test_vllm_engine_without_cuda_on_a_gpu_platform_is_refused(fake_vllm, monkeypatch):

@@ -75,3 +75,27 @@ def test_trainer_with_vllm_engine_syncs_the_trained_weights(start_dir, tmp_path,
     for record in records:
         assert record["greedy"] == expected, record["rank"]
     assert "Traceback" not in stderr  # engine closed before the process group
+
+
+def test_train_cli_with_vllm_engine_shuts_down_cleanly(start_dir, tmp_path):
+    """`python -m avsd_megatron train` with rollout.engine=vllm: one step, exit 0, and no traceback at shutdown (the
+    CLI closes the engine before destroying the process group; the other order makes vLLM's exit-time finalizer
+    fail on the destroyed group)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.rollout.vllm_cpu_run import VLLM_CPU_ENV
+
+    overrides = [f"output_dir={tmp_path / 'run'}", f"model.hf_path={start_dir}", "max_steps=1", "prompts_per_step=2",
+                 "micro_batch_size=2", "rollout.engine=vllm", "rollout.max_new_tokens=8",
+                 "rollout.vllm.max_model_len=1024", "rollout.vllm.enforce_eager=true", "checkpoint.save_every=0",
+                 "logging.generations_every=0"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "avsd_megatron", "train", "--config", str(ROOT / "examples" / "configs" /
+         "tiny_cpu.yaml"), "--no-progress", "--set", *overrides],
+        capture_output=True, text=True, timeout=540, cwd=ROOT, env=os.environ | VLLM_CPU_ENV,
+    )
+    assert proc.returncode == 0, proc.stderr[-8000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-8000:]
+    assert (tmp_path / "run" / "metrics.jsonl").is_file()
