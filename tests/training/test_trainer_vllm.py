@@ -20,7 +20,14 @@ import pytest
 from avsd_megatron.data import tiny
 from avsd_megatron.rollout.engine import SamplingParams
 from avsd_megatron.training.config import load_config, to_dict
-from tests.rollout.vllm_cpu_run import MAX_NEW_TOKENS, PROMPTS, ROOT, launch, perturbed_weights, vllm_tier_marks
+from tests.rollout.vllm_cpu_run import (
+    MAX_NEW_TOKENS,
+    PROMPTS,
+    ROOT,
+    launch,
+    perturbed_weights,
+    vllm_tier_marks,
+)
 
 pytestmark = vllm_tier_marks()
 
