@@ -5,7 +5,7 @@
 | `config`      | `RolloutConfig` (sampling, weight-sync cadence), `VLLMConfig` (the `rollout.vllm` options)    |
 | `engine`      | the `RolloutEngine` protocol, `SamplingParams`, `Completion`, the sleep/wake state machine, seeds |
 | `hf_engine`   | `HFEngine`: transformers `generate` (CPU runs and tests)                                      |
-| `vllm_engine` | `VLLMEngine`: colocated vLLM 0.33 (GPU; vllm is imported only when an engine is built)        |
+| `vllm_engine` | `VLLMEngine`: colocated vLLM 0.32/0.33 (GPU, or vLLM's CPU build; vllm imported lazily)       |
 """
 
 from avsd_megatron.rollout.config import ENGINES, RolloutConfig, VLLMConfig

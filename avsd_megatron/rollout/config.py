@@ -102,8 +102,8 @@ class RolloutConfig:
     """How the student samples completions, and how often the rollout engine gets the new weights."""
 
     engine: Literal["vllm", "hf"] = "vllm"
-    """'vllm' (GPU, `vllm_engine.VLLMEngine`, the reference) or 'hf' (transformers generate, `hf_engine.HFEngine`;
-    CPU runs and tests)."""
+    """'vllm' (`vllm_engine.VLLMEngine`, the reference; GPU, or CPU with vLLM's CPU build as in the `vllm` test tier)
+    or 'hf' (transformers generate, `hf_engine.HFEngine`; CPU runs and tests)."""
     temperature: float = 0.7
     """Sampling temperature; also τ, the divisor of every training logit (spec 2.1). Must be > 0 for training."""
     top_p: float = 0.95

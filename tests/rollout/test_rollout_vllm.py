@@ -44,16 +44,25 @@ def _weights(dims: Qwen3Dims, skip: str = ""):
 
 def test_vllm_engine_without_vllm_raises_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError, installed or not
-    with pytest.raises(ImportError, match=rf"VLLMEngine needs vLLM {SUPPORTED_VLLM}\.x .*rollout.engine='hf'"):
+    with pytest.raises(ImportError, match=r"VLLMEngine needs vLLM 0\.32\.x or 0\.33\.x .*rollout.engine='hf'"):
         VLLMEngine(tiny.TINY_CONFIG_DIR, RolloutConfig(), **ENGINE_ARGS)
 
 
-def test_import_vllm_rejects_another_version(monkeypatch):
-    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(__version__="0.25.1"))
-    with pytest.raises(RuntimeError, match=rf"written against vLLM {SUPPORTED_VLLM}\.x .* found vLLM 0.25.1"):
-        import_vllm()
-    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(__version__=f"{SUPPORTED_VLLM}.2+cu129"))
-    assert import_vllm().__version__.startswith(SUPPORTED_VLLM)
+def test_import_vllm_accepts_the_checked_minors_only(monkeypatch):
+    assert SUPPORTED_VLLM == ("0.32", "0.33")  # the versions whose LLM / reload API was read (vllm_engine docstring)
+    for version in ("0.25.1", "0.31.0", "0.34.0", "1.0.0"):
+        monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(__version__=version))
+        with pytest.raises(RuntimeError, match=rf"written against vLLM 0\.32\.x or 0\.33\.x .* found vLLM {version}"):
+            import_vllm()
+    for version in ("0.33.2+cu129", "0.32.0+cpu", "0.32.0"):
+        monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(__version__=version))
+        assert import_vllm().__version__ == version
+
+
+def test_vllm_engine_kwargs_sleep_mode_follows_the_platform():
+    kwargs = vllm_engine_kwargs("/ckpt", RolloutConfig(), **ENGINE_ARGS, enable_sleep_mode=False)
+    assert kwargs["enable_sleep_mode"] is False
+    assert vllm_engine_kwargs("/ckpt", RolloutConfig(), **ENGINE_ARGS)["enable_sleep_mode"] is True  # default: CUDA
 
 
 def test_vllm_engine_kwargs_are_the_colocated_setup():
@@ -164,6 +173,7 @@ class _FakeLLM:
     def __init__(self, **kwargs):
         self.calls.clear()
         self.calls.append(("LLM", kwargs))
+        type(self).launcher_env = (os.environ.get("RANK"), os.environ.get("LOCAL_RANK"))  # what vLLM would read
         random.seed(0)  # vLLM reseeds the global RNGs and sets the matmul precision at start-up
         torch.manual_seed(0)
         torch.set_float32_matmul_precision("medium")
@@ -183,6 +193,10 @@ class _FakeLLM:
     def reset_prefix_cache(self):
         self.calls.append(("reset_prefix_cache",))
 
+    def apply_model(self, func):
+        self.calls.append(("apply_model", func.__name__))
+        return [None]
+
     def generate(self, prompts, sampling_params, use_tqdm=True):
         self.calls.append(("generate", prompts, sampling_params, use_tqdm))
         return [
@@ -198,17 +212,42 @@ class _FakeLLM:
         ]
 
 
-@pytest.fixture
-def fake_vllm(monkeypatch):
+class _FakePlatform:
+    """vllm.platforms.current_platform: CUDA (sleep mode available) or CPU (not)."""
+
+    def __init__(self, cpu: bool):
+        self.cpu = cpu
+
+    def is_cpu(self):
+        return self.cpu
+
+    def is_sleep_mode_available(self):
+        return not self.cpu
+
+
+def _install_fake_vllm(monkeypatch, *, cpu: bool):
     module = types.SimpleNamespace(
-        __version__=f"{SUPPORTED_VLLM}.0", LLM=_FakeLLM, SamplingParams=lambda **kw: types.SimpleNamespace(**kw),
+        __version__=f"{SUPPORTED_VLLM[-1]}.0", LLM=_FakeLLM, SamplingParams=lambda **kw: types.SimpleNamespace(**kw),
         EngineArgs=_FakeEngineArgs,
     )
     monkeypatch.setitem(sys.modules, "vllm", module)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setitem(sys.modules, "vllm.platforms", types.SimpleNamespace(current_platform=_FakePlatform(cpu)))
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: not cpu)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0 if cpu else 1)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
+    module.emptied = emptied
     return module
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    return _install_fake_vllm(monkeypatch, cpu=False)
+
+
+@pytest.fixture
+def fake_vllm_cpu(monkeypatch):
+    return _install_fake_vllm(monkeypatch, cpu=True)
 
 
 def test_vllm_engine_call_sequence(fake_vllm):
@@ -218,7 +257,8 @@ def test_vllm_engine_call_sequence(fake_vllm):
     assert torch.get_float32_matmul_precision() == precision
     calls = _FakeLLM.calls
     assert calls[0][0] == "LLM" and calls[0][1]["distributed_executor_backend"] == "external_launcher"
-    assert calls[1:] == [("sleep", 2)]
+    assert calls[0][1]["enable_sleep_mode"] is True  # CUDA: sleep mode, as before the CPU platform was added
+    assert calls[1:] == [("sleep", 2)] and fake_vllm.emptied == [1]
     params = SamplingParams(temperature=0.7, top_p=0.95, top_k=0, max_new_tokens=64, n=2, stop_token_ids=(7,))
     with pytest.raises(RuntimeError, match="asleep"):
         engine.generate([[1, 2]], params, seed=3)
@@ -259,6 +299,48 @@ def test_vllm_engine_checks_engine_args_against_vllms_engine_args_before_buildin
     good = RolloutConfig(max_new_tokens=64, vllm=VLLMConfig(engine_args={"kv_cache_dtype": "fp8"}))
     VLLMEngine(tiny.TINY_CONFIG_DIR, good, **ENGINE_ARGS)
     assert _FakeLLM.calls[0][1]["kv_cache_dtype"] == "fp8"
+
+
+def test_vllm_engine_on_the_cpu_platform(fake_vllm_cpu, monkeypatch):
+    """vLLM's CPU platform: no CUDA needed, sleep mode off, no device limit on TP, no CUDA cache calls, and the tied
+    lm_head re-packed after each refit (`_repack_tied_lm_head` through apply_model) before the prefix-cache reset."""
+    monkeypatch.setenv("RANK", "0")  # rank 0 of a torchrun world of 4
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    engine = VLLMEngine(tiny.TINY_CONFIG_DIR, RolloutConfig(max_new_tokens=64), tensor_parallel_size=4, rank=0,
+                        world_size=4, max_prompt_tokens=512)
+    kwargs = _FakeLLM.calls[0][1]
+    assert kwargs["enable_sleep_mode"] is False and kwargs["tensor_parallel_size"] == 4
+    engine.wake_up(("weights",))
+    engine.update_weights(_weights(Qwen3Dims.from_hf_config(read_hf_config(tiny.TINY_CONFIG_DIR))))
+    assert _FakeLLM.calls[-3:] == [
+        ("collective_rpc", "reload_weights", True, 46),
+        ("apply_model", "_repack_tied_lm_head"),
+        ("reset_prefix_cache",),
+    ]
+    engine.sleep()
+    assert fake_vllm_cpu.emptied == []  # no torch.cuda.empty_cache on CPU
+
+
+def test_vllm_engine_sets_torchruns_rank_variables_for_one_process_only(fake_vllm, monkeypatch):
+    """vLLM's external_launcher reads RANK / LOCAL_RANK (torchrun's); a one-process run without torchrun gets 0 for
+    the construction, and the environment is left as it was. Missing in a multi-process world: a clear error."""
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    VLLMEngine(tiny.TINY_CONFIG_DIR, RolloutConfig(), **ENGINE_ARGS)
+    assert _FakeLLM.launcher_env == ("0", "0")
+    assert "RANK" not in os.environ and "LOCAL_RANK" not in os.environ
+    with pytest.raises(RuntimeError, match=r"\['RANK', 'LOCAL_RANK'\] not set on rank 1 of 2; launch with torchrun"):
+        VLLMEngine(tiny.TINY_CONFIG_DIR, RolloutConfig(), **(ENGINE_ARGS | dict(rank=1, world_size=2)))
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    VLLMEngine(tiny.TINY_CONFIG_DIR, RolloutConfig(), **(ENGINE_ARGS | dict(rank=3, world_size=4)))
+    assert _FakeLLM.launcher_env == ("3", "1")  # torchrun's values are used as they are
+
+
+def test_vllm_engine_without_cuda_on_a_gpu_platform_is_refused(fake_vllm, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="no CUDA device is visible and vLLM's platform is not CPU"):
+        VLLMEngine(tiny.TINY_CONFIG_DIR, RolloutConfig(), **ENGINE_ARGS)
 
 
 def test_vllm_engine_weight_stream_is_checked(fake_vllm):

@@ -730,3 +730,21 @@ def test_trainer_writes_the_plan_and_its_checkpoint_size_matches_the_disk(cli_ru
     distcp = sum(p.stat().st_size for p in (cli_run / "checkpoints" / "step_00000002").glob("*.distcp"))
     planned = plan["checkpoint"]["per_checkpoint_bytes"]
     assert planned <= distcp <= planned + 2**20
+# rollout.engine=vllm without a GPU (the real run: tests/training/test_trainer_vllm.py, the `vllm` tier)
+
+
+def test_trainer_vllm_engine_on_cpu_needs_vllms_cpu_build(monkeypatch, hf_dir, tmp_path):
+    """Without CUDA, rollout.engine=vllm is refused unless vLLM is installed and reports its CPU platform."""
+    import types
+
+    from avsd_megatron.training.trainer import _vllm_engine
+
+    cfg = from_dict(_config(tmp_path, hf_dir, rollout__engine="vllm"))
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    with pytest.raises(ImportError, match="VLLMEngine needs vLLM .*tools/install_vllm_cpu_tier.sh"):
+        _vllm_engine(cfg, on_cpu=True)
+    gpu_platform = types.SimpleNamespace(is_cpu=lambda: False)
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(__version__="0.33.0"))
+    monkeypatch.setitem(sys.modules, "vllm.platforms", types.SimpleNamespace(current_platform=gpu_platform))
+    with pytest.raises(ConfigError, match="rollout.engine='vllm' without a GPU needs vLLM's CPU build"):
+        _vllm_engine(cfg, on_cpu=True)
