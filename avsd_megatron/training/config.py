@@ -346,7 +346,6 @@ class AVSDConfig:
             detach_gate=self.detach_gate,
             single_view_clip=self.single_view_clip,
             teacher_chunk_tokens=self.teacher_chunk_tokens,
-            **overrides,
         )
         return AVSDLossConfig(**(fields | overrides))
 
