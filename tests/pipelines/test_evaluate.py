@@ -349,3 +349,36 @@ def test_samples_are_written_as_they_are_made_and_a_rerun_resumes(tmp_path):
     with pytest.raises(ValueError, match="problem 0 differs"):
         evaluate.evaluate_math(ScriptedEngine(texts), tokenizer, changed, cfg, progress=False,
                                record=SampleRecord(out, header))
+
+
+@pytest.mark.integration
+def test_evaluate_vllm_sharded_resumes_from_the_record_and_appends_the_rest(tmp_path, monkeypatch):
+    """--engine vllm with --out: problems already in the samples file are not generated again; the engines get only
+    the others (round-robin over the pending ones), their samples are appended, and the merged result equals a
+    one-engine run's."""
+    from avsd_megatron.pipelines.eval_output import SampleRecord, samples_path
+
+    rows = [{"problem": r["problem"], "answer": r["answer"]} for r in tiny.read_jsonl(tiny.TINY_HELDOUT_PATH)[:5]]
+    data = _write_rows(tmp_path / "five.jsonl", rows)
+    hf = tiny.make_tiny_hf_checkpoint(tmp_path / "hf", seed=0)
+    cfg = evaluate.EvalConfig(k=2, max_new_tokens=6, seed=7)
+    single = evaluate.evaluate_hf_dir(hf, data, cfg, engine="hf", progress=False)
+    header = {"task": "math", "config": {"k": 2}}
+    out = tmp_path / "eval.json"
+    record = SampleRecord(out, header)
+    for sample in single["samples"][:2]:  # problems 0 and 1 done by an earlier, interrupted run
+        record.append(sample)
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    records = tmp_path / "records"
+    records.mkdir()
+    monkeypatch.setenv(RECORD_DIR_ENV, str(records))
+    options = evaluate.VLLMEvalOptions(engine_factory=recording_engine_factory)
+    resumed = evaluate.evaluate_hf_dir(hf, data, cfg, engine="vllm", vllm=options, progress=False,
+                                       record=SampleRecord(out, header))
+
+    assert resumed["samples"] == single["samples"]
+    assert resumed["summary"]["avg@2"] == single["summary"]["avg@2"]
+    lines = [json.loads(x) for x in samples_path(out).read_text().splitlines()[1:]]
+    assert [s["index"] for s in lines] == [0, 1, 2, 3, 4]  # the pending three appended once each, in order
+    assert len(list(records.iterdir())) == 2  # one engine per GPU for the three pending problems
