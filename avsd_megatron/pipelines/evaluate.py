@@ -523,17 +523,19 @@ def _evaluate_sharded(hf_dir: str | Path, rows: Sequence[Any], cfg: EvalConfig, 
     recorded = {i: s for i in range(len(rows))
                 if (s := _recorded(record, i, rows[i]["problem"] if task == "math" else rows[i].problem)) is not None}
     pending = [i for i in range(len(rows)) if i not in recorded]
-    devices = visible_gpus(options.gpus)[: max(1, len(pending))]
-    render = ((lambda tok, row: render_chat(tok, math_eval_message(row["problem"]), thinking=cfg.thinking))
-              if task == "math" else (lambda tok, row: code_eval_prompt(tok, row, cfg)))
-    engine_kwargs = standalone_engine_kwargs(
-        hf_dir, max_model_len=_longest_prompt(hf_dir, rows, render) + cfg.max_new_tokens, seed=cfg.seed,
-        gpu_memory_utilization=options.gpu_memory_utilization, max_num_seqs=options.max_num_seqs,
-    )
-    factory = options.engine_factory or StandaloneVLLMEngine
-    shards = [_Shard(device, tuple(pending[g :: len(devices)]), tuple(rows[i] for i in pending[g :: len(devices)]),
-                     str(hf_dir), cfg, engine_kwargs, factory, task, tests, sandbox, workers)
-              for g, device in enumerate(devices) if pending[g :: len(devices)]]
+    devices = visible_gpus(options.gpus)[: len(pending)]  # none when the record holds every problem
+    shards = []
+    if devices:
+        render = ((lambda tok, row: render_chat(tok, math_eval_message(row["problem"]), thinking=cfg.thinking))
+                  if task == "math" else (lambda tok, row: code_eval_prompt(tok, row, cfg)))
+        engine_kwargs = standalone_engine_kwargs(
+            hf_dir, max_model_len=_longest_prompt(hf_dir, rows, render) + cfg.max_new_tokens, seed=cfg.seed,
+            gpu_memory_utilization=options.gpu_memory_utilization, max_num_seqs=options.max_num_seqs,
+        )
+        factory = options.engine_factory or StandaloneVLLMEngine
+        shards = [_Shard(device, tuple(share), tuple(rows[i] for i in share), str(hf_dir), cfg, engine_kwargs,
+                         factory, task, tests, sandbox, workers)
+                  for g, device in enumerate(devices) if (share := pending[g :: len(devices)])]
     # one process per GPU, started fresh (spawn): CUDA_VISIBLE_DEVICES must be set before CUDA initialises there,
     # and a process that forked after CUDA started cannot use it. Each builds its own engine (vLLM's TP-1
     # UniProcExecutor: no torch.distributed, no RANK / LOCAL_RANK).
