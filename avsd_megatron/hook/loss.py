@@ -188,7 +188,6 @@ def _sampled_loss(logits, mb: AVSDMicroBatch, teacher: TeacherOutputs, cfg: AVSD
 
 
 def _candidate_loss(logits, mb: AVSDMicroBatch, teacher: TeacherOutputs, cfg: AVSDLossConfig, group, view_names):
-    del view_names
     return avsd_candidate_loss_from_teacher(
         logits,
         teacher.candidates,
@@ -206,6 +205,7 @@ def _candidate_loss(logits, mb: AVSDMicroBatch, teacher: TeacherOutputs, cfg: AV
         detach_target=cfg.detach_target,
         epistemic_tau=cfg.epistemic_tau,
         detach_gate=cfg.detach_gate,
+        view_names=view_names,
     )
 
 

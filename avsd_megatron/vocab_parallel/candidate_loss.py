@@ -166,14 +166,16 @@ def avsd_candidate_loss_from_teacher(
             detach_target -- default True; False reproduces the reference's gradient through the gate) plus
             epistemic_tau (float, default 0: adds sum_valid -tau_e (1 - lambda_t) H_t, spec 2.3 step 11) and
             detach_gate (bool, default False = the reference: gradient also flows through g in lambda_t; True holds
-            g constant there).
+            g constant there) and view_names (M names for the per-view metrics; default view0, view1, ...).
     Returns:
         loss_sum: [] fp32 sum over valid tokens of the clipped JSD (+ epistemic term), differentiable.
         num_tokens: [] int32 valid tokens (loss_mask and a non-empty candidate set).
         metrics: name -> detached fp32 [2] (sum, count). Per token (count = num_tokens): mv_jsd_mean,
             mv_jsd_clipped_frac, mv_candidate_size_mean, mv_weight_entropy. Per (token, candidate) entry
             (count = valid entries): mv_gate_mean, mv_gate_open_frac, mv_jensen_gap_mean, mv_consensus_logprob_mean,
-            mv_arithmetic_logprob_mean, mv_avsd_mean (C).
+            mv_arithmetic_logprob_mean, mv_avsd_mean (C). At the sampled token y_t, per token, each renormalised over
+            K_t: mv_tinker_student_logprob_mean (log p_s), mv_tinker_target_logprob_mean (log q_T),
+            mv_tinker_advantage_mean (log q_T - log p_s) and mv_tinker_view_logprob_<name> (log p_m).
     Collectives:
         forward: one `all_reduce(SUM)` of [N, Kc] fp32 (student candidate logits); backward: none.
     """
@@ -197,9 +199,14 @@ def _candidate_loss(
     token_clip: float,
     epistemic_tau: float = 0.0,
     detach_gate: bool = False,
+    view_names: tuple[str, ...] | None = None,
     **target_kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Replicated candidate math on gathered student candidate logits z_s [N, Kc] (fp32, z / tau)."""
+    num_views = candidates.view_logprobs.shape[0]
+    names = tuple(view_names) if view_names is not None else tuple(f"view{m}" for m in range(num_views))
+    if len(names) != num_views:
+        raise ValueError(f"view_names has {len(names)} names {names} but the candidates hold M={num_views} views")
     mask = candidates.mask
     if candidates.view_logprobs.shape[1:] != z_s.shape or mask.shape != z_s.shape:
         raise ValueError(
@@ -239,4 +246,18 @@ def _candidate_loss(
         "mv_arithmetic_logprob_mean": metric(entry_sum(targets.log_q_a), num_entries),
         "mv_avsd_mean": metric(entry_sum(targets.agreement), num_entries),
     }
+    # The sampled token's entry of each distribution over K_t, the candidate loss's counterpart of the sampled loss's
+    # metrics (same names; here every log-prob is renormalised over K_t, not the full vocabulary). y_t's slot: the
+    # column of the support holding ids[:, -1], which is always y_t (appended last when K_t is full, else the filler).
+    y_slot = mask & (candidates.ids == candidates.ids[:, -1:])  # [N, Kc], exactly one True per row
+
+    def at_y(x: torch.Tensor) -> torch.Tensor:  # [..., N, Kc] -> [..., N]
+        return torch.where(y_slot, x.detach().to(torch.float32), 0.0).sum(dim=-1)
+
+    log_p_s_y, log_q_T_y = at_y(log_p_s), at_y(targets.log_q_T)
+    metrics["mv_tinker_student_logprob_mean"] = metric(token_sum(log_p_s_y), count)
+    metrics["mv_tinker_target_logprob_mean"] = metric(token_sum(log_q_T_y), count)
+    metrics["mv_tinker_advantage_mean"] = metric(token_sum(log_q_T_y - log_p_s_y), count)
+    for name, log_p_m_y in zip(names, at_y(candidates.view_logprobs)):
+        metrics[f"mv_tinker_view_logprob_{name}"] = metric(token_sum(log_p_m_y), count)
     return loss_sum, count.to(torch.int32), metrics
