@@ -10,7 +10,10 @@ Several GPUs (TP x PP x DP = number of processes; the avsd/sp variant needs TP >
 CPU smoke (2-layer toy shape, gloo, Megatron's local spec, the CPU-runnable variants, 1 step each):
     python benchmarks/gpu_step.py --cpu-smoke
 Needs megatron-core 0.19; for the intended numbers also Transformer Engine and Apex (the NGC PyTorch container).
-Without CUDA (and without --cpu-smoke) it exits with a message.
+Without CUDA (and without --cpu-smoke or --predict) it exits with a message.
+The planner's modelled phase times for the same shape (`avsd_megatron.training.plan`; `--gpu` picks its GPU type)
+are printed under the table; `--predict` prints only them, without a GPU (`--dp`: the data-parallel size to assume):
+    python benchmarks/gpu_step.py --predict --layers 8 --teacher-storage device
 
 The model, DDP and optimizer are built by the trainer's own builders (`avsd_megatron.training.megatron_model`) from a
 `TrainConfig`, so every variant measures exactly what the trainer would run with those config fields:
@@ -113,6 +116,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (median reported)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of one GPU, TFLOP/s")
     parser.add_argument("--seed", type=int, default=1234)
+    # -- the planner's prediction (avsd_megatron.training.plan), printed under the table or alone
+    parser.add_argument("--gpu", default="h100-80gb", help="GPU type of the planner's hardware model")
+    parser.add_argument("--predict", action="store_true",
+                        help="print the planner's modelled phase times for this shape and exit (no GPU needed)")
+    parser.add_argument("--dp", type=int, default=1, help="--predict: data-parallel size to assume")
     args = parser.parse_args(argv)
     if args.cpu_smoke:  # toy sizes; keep whatever the caller set explicitly for the counts
         args.layers, args.student_prompt, args.teacher_prompt, args.completion = 2, 8, 12, 8
@@ -230,6 +238,42 @@ def forward_flops(shape: dict, rows: int, length: int, output_positions: int, nu
     per_token = 2 * h * (q + 2 * kv) + 2 * q * h + 6 * h * f
     attention = 4 * q * length * (length + 1) / 2  # sum over positions of 4 Q (position + 1)
     return num_layers * rows * (length * per_token + attention) + output_positions * 2 * h * shape["vocab_size"]
+
+
+def predicted(args: argparse.Namespace, dp: int) -> dict[str, float]:
+    """The planner's time model (`training.plan.estimate`) for this benchmark's shape and the base `avsd` variant:
+    seconds per phase of one step (`swap` is the frozen teacher's swap, also inside score_teachers)."""
+    import dataclasses
+
+    from avsd_megatron.training.plan import GPUS, Assumptions, model_dims, rank_parameters
+    from avsd_megatron.training.plan import forward_flops as plan_flops
+    from avsd_megatron.training.plan.estimate import compute_seconds, optimizer_seconds, swap_seconds
+
+    if args.gpu not in GPUS:
+        raise SystemExit(f"--gpu {args.gpu!r} is not one of {sorted(GPUS)}")
+    a, gpu = Assumptions(), GPUS[args.gpu]
+    dims = dataclasses.replace(model_dims("Qwen3-8B").dims, num_layers=args.layers)
+    gpus, rows, micro = args.tp * args.pp, args.micro_batch_size, args.micro_batches
+    n = rows * args.completion
+    rank = max(rank_parameters(dims, args.tp, args.pp, s).count for s in range(args.pp))  # the slowest stage
+    score = plan_flops(dims, args.views * rows, args.teacher_prompt + args.completion, args.views * n)
+    update = 3 * plan_flops(dims, rows, args.student_prompt + args.completion, n)
+    swap = swap_seconds(2 * rank, gpu, a, teacher="frozen", storage=args.teacher_storage)  # bf16 weights
+    return {
+        "score_teachers": compute_seconds(micro * score, gpus, gpu, a.mfu_scoring, pp=args.pp, micro=micro) + swap,
+        "update_student": compute_seconds(micro * update, gpus, gpu, a.mfu_update, pp=args.pp, micro=micro),
+        "optimizer": optimizer_seconds(rank / dp, 2, 12, gpu, a),  # bf16 params; fp32 master + 2 Adam moments
+        "swap": swap,
+    }
+
+
+def predicted_line(args: argparse.Namespace, dp: int) -> str:
+    """One line: the planner's phase times and the step they add up to (swap counted once, inside scoring)."""
+    times = predicted(args, dp)
+    step = times["score_teachers"] + times["update_student"] + times["optimizer"]
+    return (f"planner (modelled, {args.gpu}, TP {args.tp} PP {args.pp} DP {dp}, Qwen3-8B x {args.layers} layers, "
+            f"teacher storage {args.teacher_storage}): " + ", ".join(f"{k} {v:.3f}" for k, v in times.items())
+            + f"; AVSD step {step:.3f} s")
 
 
 def _sync(args: argparse.Namespace) -> None:
@@ -399,6 +443,8 @@ def measure(args: argparse.Namespace) -> dict:
                                 else r["last_loss"] - base_loss)
     if dist.get_rank() == 0:
         print_table(args, results, providers, dp_size)
+        if not args.cpu_smoke:  # the planner models Qwen3-8B's layer shape on a GPU type, not the toy on CPU
+            print(predicted_line(args, dp_size))
         if args.json:
             with open(args.json, "w", encoding="utf-8") as f:
                 json.dump({"args": vars(args), "providers": sorted(providers), "results": results}, f, indent=1)
@@ -430,6 +476,10 @@ def print_table(args: argparse.Namespace, results: dict, providers: frozenset[st
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)  # first, so that --help works anywhere
+    if args.predict:
+        line = predicted_line(args, args.dp)
+        print(line)
+        return {"predicted": predicted(args, args.dp), "line": line}
     if not args.cpu_smoke and not torch.cuda.is_available():
         raise SystemExit(
             "benchmarks/gpu_step.py measures GPU throughput and needs CUDA; none is available here "

@@ -64,3 +64,35 @@ def test_device_report_writes_one_table_and_names_missing_parts(tmp_path):
     assert table[2].startswith("| gpu_step | avsd | 2.000 | 40.0% | 50.0 |")
     assert table[3] == "| pinned memory | - | - | - | - | no result |"
     assert "PASS" in table[4] and "[1, 2, 3, 4] then [3, 4]" in table[4]
+
+
+def _gpu_step_module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_step
+    finally:
+        sys.path.pop(0)
+    return gpu_step
+
+
+@pytest.mark.parametrize("argv", [[], ["--layers", "8", "--teacher-storage", "device"],
+                                  ["--tp", "2", "--pp", "2", "--layers", "8", "--dp", "2"]])
+def test_predict_runs_without_a_gpu_and_matches_the_readme_table(argv):
+    gpu_step = _gpu_step_module()
+    out = gpu_step.main(["--predict", *argv])
+    times = out["predicted"]
+    # update_student from gpu_step's own FLOP formula (3 x forward at the N completion positions), the planner's MFU
+    args = gpu_step.parse_args(["--predict", *argv])
+    n = args.micro_batch_size * args.completion
+    flops = args.micro_batches * 3 * gpu_step.forward_flops(
+        gpu_step.QWEN3_8B, args.micro_batch_size, args.student_prompt + args.completion, n, args.layers)
+    bubble = 1 + (args.pp - 1) / args.micro_batches
+    assert times["update_student"] == pytest.approx(flops / (args.tp * args.pp * 989e12 * 0.35) * bubble, rel=1e-3)
+    # benchmarks/README.md's "planner against GPU runs" table shows these figures
+    row = {(): "(defaults", ("--layers", "8", "--teacher-storage", "device"): "`--layers 8 --teacher-storage device`",
+           ("--tp", "2", "--pp", "2", "--layers", "8", "--dp", "2"): "`--tp 2 --pp 2 --layers 8`"}[tuple(argv)]
+    line = next(r for r in (ROOT / "benchmarks" / "README.md").read_text().splitlines() if r.startswith("| " + row))
+    cells = [c.strip() for c in line.split("|")[2:6]]
+    step = times["score_teachers"] + times["update_student"] + times["optimizer"]
+    assert cells == [f"{times['score_teachers']:.3f}", f"{times['update_student']:.3f}", f"{times['optimizer']:.3f}",
+                     f"{step:.3f}"]
