@@ -10,9 +10,10 @@ Curves, one panel each, x = optimizer step, one colour per run (the run director
   sampled-token log-prob    `mv_tinker_student_logprob_mean` (solid) and each view's `mv_tinker_view_logprob_<view>`
                             (dashed, one marker per view): the teachers' log-prob of the student's token vs its own
 
-The sampled-token loss (`avsd.loss: sampled`) logs all five; the candidate and full-vocabulary losses log no
-sampled-token advantage or view log-probs (`avsd_megatron/vocab_parallel/candidate_loss.py` metrics), so those
-panels say that the metric is not in the runs instead of drawing nothing. A resumed run's repeated steps keep the
+The sampled-token and candidate losses (`avsd.loss: sampled | candidate`) log all five (the candidate loss at
+y_t renormalised over the candidate set K_t, `vocab_parallel/candidate_loss.py`); the full-vocabulary loss logs no
+sampled-token advantage or view log-probs, and GRPO no gate, so a panel whose metric is in none of the runs says so
+instead of drawing nothing. A resumed run's repeated steps keep the
 later record (`training/metrics_log.py`). The main job's summary.png adds a first panel: held-out Avg@k per model
 with standard-error bars (`summary.json`'s scores).
 
