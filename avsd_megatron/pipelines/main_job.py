@@ -99,7 +99,6 @@ import argparse
 import json
 import math
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -110,6 +109,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.elastic.utils.distributed import get_free_port
 
 from avsd_megatron.data.tiny import (
     TINY_HELDOUT_PATH,
@@ -225,12 +225,6 @@ def run_config(args: argparse.Namespace, run_dir: Path, hf_warm: Path, megatron_
     }, source=f"main_job:{run_dir.name}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _steps_logged(metrics_files: Sequence[Path]) -> int:
     """Records written so far to these metrics.jsonl files (one per step with logging.log_every = 1)."""
     total = 0
@@ -259,7 +253,7 @@ def _train(cfg_paths: dict[str, Path], threads: int, steps: int, parallel: int =
             procs = {}
             for name, cfg_path in items[lo : lo + max(1, parallel)]:
                 env = os.environ | {"OMP_NUM_THREADS": str(threads), "MASTER_ADDR": "127.0.0.1",
-                                    "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1"}
+                                    "MASTER_PORT": str(get_free_port()), "RANK": "0", "WORLD_SIZE": "1"}
                 cmd = [sys.executable, "-m", "avsd_megatron", "train", "--config", str(cfg_path), "--no-progress"]
                 procs[name] = (cmd, subprocess.Popen(cmd, env=env))
             while any(proc.poll() is None for _, proc in procs.values()):

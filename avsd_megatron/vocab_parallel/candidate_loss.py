@@ -25,7 +25,6 @@ from avsd_megatron.signals.candidate import (
     generalized_jsd,
     masked_log_softmax,
 )
-from avsd_megatron.signals.sampled import GateParams
 from avsd_megatron.vocab_parallel.candidates import candidate_union, distributed_topk, gather_candidate_logits
 from avsd_megatron.vocab_parallel.checks import check_logits, check_mask
 from avsd_megatron.vocab_parallel.sampled_loss import metric

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from avsd_megatron.vocab_parallel.checks import check_logits, check_temperature, raise_if_invalid
-from avsd_megatron.vocab_parallel.collectives import VocabShard, all_gather_stacked, all_reduce_sum, vocab_shard
+from avsd_megatron.vocab_parallel.collectives import all_gather_stacked, all_reduce_sum, vocab_shard
 
 __all__ = ["TopK", "distributed_topk", "candidate_union", "gather_candidate_logits"]
 
