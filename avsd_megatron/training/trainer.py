@@ -15,7 +15,8 @@ Construction (`Trainer.__init__`), done once, with every mode chosen here and ne
    once with `convert.convert_hf_to_megatron`, the other ranks waiting in a gloo barrier with an explicit timeout),
    wrapped in `Float16Module` for bf16/fp16 and in Megatron's DDP; Megatron's optimizer (Adam, optionally the
    distributed optimizer); the LR of step s is `optim.lr_at(s, max_steps)`.
-4. The teacher (`avsd.teacher`: frozen θ₀ / live / EMA) over the initial weights, and `AVSDStep` with
+4. The teacher (`avsd.teacher`: frozen θ₀ / live / EMA) over the initial weights (θ restored after each scoring pass
+   from the optimizer's fp32 master or from a swap buffer: `avsd.teacher_restore`), and `AVSDStep` with
    `avsd.loss_config(rollout.temperature, V)` (mode single / consensus / arithmetic / avsd and its gate all live in
    the loss config: baselines need nothing here); the rollout engine (`rollout.engine`: `HFEngine` or `VLLMEngine`)
    and the prompt stream (`PromptStream`).
@@ -251,7 +252,7 @@ class Trainer:
         load_megatron_checkpoint(gpt, initial_checkpoint(cfg))
         self.model = wrap_ddp(gpt, cfg)
         self.optimizer = build_optimizer(self.model, cfg)
-        self.teacher = build_teacher(cfg.teacher_config(), self.model.parameters(), self.model)
+        self.teacher = build_teacher(cfg.teacher_config(), self.model.parameters(), self.model, self.optimizer)
         self.avsd = AVSDStep(self.model, self.optimizer, cfg.loss_config(self.vocab_size), self.teacher,
                              groups=self.megatron_groups)
 
