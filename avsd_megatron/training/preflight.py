@@ -69,7 +69,8 @@ def gpu_memory_estimate(cfg: TrainConfig, hf_config: dict, world_size: int, gpu_
     weights P x param bytes; gradients P x 4 (fp32 reduction buffer); optimizer P x 12 (fp32 master + Adam m, v),
     / DP under the distributed optimizer; teacher_storage='device': frozen P x 2 x param bytes (θ₀ + swap), ema
     P x (4 + param bytes), each without the swap's P x param bytes when θ is restored from the fp32 master
-    (`TrainConfig.teacher_restores_from_master`); vLLM: rollout.vllm.gpu_memory_utilization x the GPU (engine 'vllm' only).
+    (`TrainConfig.teacher_restores_from_master`); vLLM: rollout.vllm.gpu_memory_utilization x the GPU (engine
+    'vllm' only).
     """
     total = sum(math.prod(shape) for shape in expected_hf_shapes(Qwen3Dims.from_hf_config(hf_config)).values())
     mp = cfg.parallel.tp * cfg.parallel.pp
