@@ -91,6 +91,20 @@ class MasterRestore:
         return None
 
     @torch.no_grad()
+    def matches_params(self) -> bool:
+        """Whether this rank's parameter shard is exactly bf16 / fp16 of its fp32 master now (the precondition of
+        `restore()`; true after every optimizer step and at construction). A resumed checkpoint whose weights and
+        optimizer state disagree would fail it. Local: no collective."""
+        for opt in self._optimizers:
+            # shard_float16_groups: views of this rank's slices of the model params (distrib_optimizer.py:412),
+            # element for element the shard_fp32_from_float16_groups masters
+            for shards, mains in zip(opt.shard_float16_groups, opt.shard_fp32_from_float16_groups, strict=True):
+                for shard, main in zip(shards, mains, strict=True):
+                    if not torch.equal(shard.view(torch.int16), main.to(shard.dtype).view(torch.int16)):
+                        return False
+        return True
+
+    @torch.no_grad()
     def restore(self) -> None:
         """θ := bf16(master) in every parameter, as after the optimizer step (one local copy + the DP all-gather).
 

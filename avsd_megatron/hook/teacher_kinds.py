@@ -165,6 +165,11 @@ class _SwappingTeacher:
             # unregistered when the teacher goes, before the memory is freed (the finalizer holds the buffers)
             weakref.finalize(self, _unpin_host, self.flat_buffers).atexit = False
 
+    def matches_master(self) -> bool:
+        """restore='master': whether this rank's θ is exactly bf16 of the optimizer's fp32 master now
+        (`MasterRestore.matches_params`; check it after loading a checkpoint). True for restore='swap'."""
+        return self._master is None or self._master.matches_params()
+
     @property
     def teacher_tensors(self) -> list[torch.Tensor]:
         """The stored teacher values (θ₀ or ē), in `model.parameters()` order; read-only by convention."""

@@ -451,7 +451,8 @@ class Trainer:
         """Restore model, optimizer, step, data cursor, RNG and the EMA teacher from `path` (same layout).
 
         Raises:
-            ConfigError: the checkpoint was trained with another avsd.teacher kind.
+            ConfigError: the checkpoint was trained with another avsd.teacher kind, or (teacher restore 'master')
+                its weights are not bf16 of its fp32 master.
         """
         prime_optimizer(self.model, self.optimizer)
         state, rank_state = self.checkpoints.load(path, self.model, self.optimizer)
@@ -469,6 +470,16 @@ class Trainer:
             with torch.no_grad():
                 for stored, saved in zip(self.teacher.teacher_tensors, rank_state["teacher"]):
                     stored.copy_(saved)
+        if getattr(self.teacher, "restore", "swap") == "master":
+            # θ is put back from the fp32 master after every scoring pass: the loaded weights must be bf16 of it
+            agree = torch.tensor([float(self.teacher.matches_master())], device=self._device)
+            dist.all_reduce(agree, op=dist.ReduceOp.MIN)  # every rank raises, or none
+            if agree.item() < 1.0:
+                raise ConfigError(
+                    f"{path}: the model weights are not bf16 of the optimizer's fp32 master on every rank, so "
+                    "restoring θ from the master after the scoring pass would change them; resume with "
+                    "avsd.teacher_restore='swap'"
+                )
 
     def _plan_resume(self) -> Path | None:
         """The verified checkpoint to resume from (None = a fresh run), decided from files alone.

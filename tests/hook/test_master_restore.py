@@ -123,14 +123,19 @@ def restore_rank(tp: int) -> dict:
                     groups=groups)
     step(batch)
     theta = _params(model)
+    master = MasterRestore(optimizer, model.parameters())
+    out["matches"] = [master.matches_params()]  # after a step: θ = bf16(master)
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(0.5)  # a stand-in teacher value that no weight holds
+    out["matches"].append(master.matches_params())
+    with torch.no_grad():
         for inner in optimizer.chained_optimizers:  # get_megatron_optimizer returns a ChainedOptimizer
             inner._copy_main_params_to_model_params()
     out["copy_without_gather_restores"] = _same(_params(model), theta)
-    MasterRestore(optimizer, model.parameters()).restore()
+    master.restore()
     out["copy_with_gather_restores"] = _same(_params(model), theta)
+    out["matches"].append(master.matches_params())
 
     # control 2 (fp32 params have no separate master): the same library calls leave the teacher's values in place
     model, optimizer = _model_and_optimizer(tp, bf16=False)
@@ -188,6 +193,13 @@ def test_the_param_all_gather_is_part_of_the_restore_at_dp2():
     for result in _launch(1):
         assert not result["copy_without_gather_restores"]  # the other rank's shard still holds the stand-in
         assert result["copy_with_gather_restores"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("tp", [2, 1], ids=["tp2", "dp2"])
+def test_matches_params_tells_whether_theta_is_bf16_of_the_master(tp):
+    for result in _launch(tp):
+        assert result["matches"] == [True, False, True]  # after a step; teacher values in; restored
 
 
 @pytest.mark.integration
