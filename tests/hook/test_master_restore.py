@@ -1,8 +1,8 @@
 """Restoring θ from the distributed optimizer's fp32 master (avsd_megatron/hook/master_restore.py) = today's swap.
 
-Run: python -m pytest -q tests/hook/test_master_restore.py     (two 2-rank launches, ~30 s on 2 busy cores)
+Run: python -m pytest -q tests/hook/test_master_restore.py     (three 2-rank launches, ~25 s on 2 busy cores)
 
-Each launch (TP2, and DP2 with the distributed optimizer sharding the master over both ranks) builds twin tiny Qwen3
+Each launch (TP2; DP2, the distributed optimizer sharding the master over both ranks; PP2) builds twin tiny Qwen3
 models with bf16 parameters (Float16Module, fp32 master), one per restore path, for each swapping teacher kind
 (frozen, ema), and runs on both: one AVSD step (θ moves away from θ₀ and the master is updated), the scoring pass,
 then a second step. Restore-from-master must equal the swap bit for bit: the teacher scores, the weights after the
@@ -32,6 +32,7 @@ MBS = 2
 MAX_SEQ = 24
 SEED = 4321
 ADAM = dict(lr=1e-2, adam_eps=1e-8)  # large enough that one step moves bf16 weights
+LAYOUTS = {"tp2": (2, 1), "dp2": (1, 1), "pp2": (1, 2)}  # (tp, pp) over 2 ranks; dp2 shards the master over both
 
 
 def _batch(dp_rank: int, dp_size: int):
@@ -52,14 +53,15 @@ def _batch(dp_rank: int, dp_size: int):
                             micro_batch_size=MBS, pad_id=0, vocab_size=V, max_seq_length=MAX_SEQ)
 
 
-def _model_and_optimizer(tp: int, *, bf16: bool = True, distributed: bool = True):
+def _model_and_optimizer(tp: int, pp: int = 1, *, bf16: bool = True, distributed: bool = True):
     """DDP([Float16Module](GPTModel)) + a Megatron optimizer (the distributed one unless `distributed=False`)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.transformer.module import Float16Module
 
     dtype = torch.bfloat16 if bf16 else torch.float32
-    config = tiny_qwen3_config(tensor_model_parallel_size=tp, bf16=bf16, params_dtype=dtype, pipeline_dtype=dtype)
+    config = tiny_qwen3_config(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, bf16=bf16,
+                               params_dtype=dtype, pipeline_dtype=dtype)
     config.finalize_model_grads_func = finalize_model_grads
     gpt = build_tiny_gpt_model(config, V, MAX_SEQ, seed=SEED)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distributed)
@@ -79,9 +81,9 @@ def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
                for x, y in zip(a, b, strict=True))
 
 
-def restore_rank(tp: int) -> dict:
-    """One rank of a TP=tp launch (DP = world / tp): swap vs restore-from-master, and the two controls."""
-    init_megatron(tp, 1, seed=SEED)
+def restore_rank(tp: int, pp: int) -> dict:
+    """One rank of a 2-rank TPxPP launch (DP = 2 / (tp * pp)): swap vs restore-from-master, and the two controls."""
+    init_megatron(tp, pp, seed=SEED)
     from megatron.core import parallel_state
 
     from avsd_megatron.hook.master_restore import MasterRestore
@@ -97,14 +99,14 @@ def restore_rank(tp: int) -> dict:
     for kind in ("frozen", "ema"):
         runs = {}
         for restore in ("swap", "auto"):
-            model, optimizer = _model_and_optimizer(tp)
+            model, optimizer = _model_and_optimizer(tp, pp)
             theta0 = _params(model)
             teacher = build_teacher(TeacherConfig(kind=kind, ema_decay=0.5, restore=restore), model.parameters(),
                                     model, optimizer)
             step = AVSDStep(model, optimizer, loss_config, teacher, groups=groups)
             first = step(batch)
             before = _params(model)
-            scores = [s.view_logprobs.clone() for s in step.score_teachers(batch)]
+            scores = [s.view_logprobs.clone() for s in step.score_teachers(batch) if s is not None]  # last stage
             after = _params(model)
             second = step(batch)
             runs[restore] = dict(
@@ -118,7 +120,7 @@ def restore_rank(tp: int) -> dict:
         out[kind] = runs
 
     # control 1 (the all-gather matters): teacher values in, master -> parameters on this rank's shard only
-    model, optimizer = _model_and_optimizer(tp)
+    model, optimizer = _model_and_optimizer(tp, pp)
     step = AVSDStep(model, optimizer, loss_config, build_teacher(TeacherConfig(kind="live"), model.parameters()),
                     groups=groups)
     step(batch)
@@ -138,7 +140,7 @@ def restore_rank(tp: int) -> dict:
     out["matches"].append(master.matches_params())
 
     # control 2 (fp32 params have no separate master): the same library calls leave the teacher's values in place
-    model, optimizer = _model_and_optimizer(tp, bf16=False)
+    model, optimizer = _model_and_optimizer(tp, pp, bf16=False)
     out["fp32_why_not"] = MasterRestore.why_not(optimizer, model.parameters())
     step = AVSDStep(model, optimizer, loss_config, build_teacher(TeacherConfig(kind="live"), model.parameters()),
                     groups=groups)
@@ -156,16 +158,16 @@ def restore_rank(tp: int) -> dict:
 
 
 @functools.cache
-def _launch(tp: int) -> list[dict]:
-    return run_on_ranks(restore_rank, 2, tp, timeout=300)
+def _launch(layout: str) -> list[dict]:
+    return run_on_ranks(restore_rank, 2, *LAYOUTS[layout], timeout=300)
 
 
 @pytest.mark.integration
 @pytest.mark.parametrize("kind", ["frozen", "ema"])
-@pytest.mark.parametrize("tp", [2, 1], ids=["tp2", "dp2"])
-def test_restore_from_master_equals_the_swap_bit_for_bit(tp, kind):
-    for rank, result in enumerate(_launch(tp)):
-        assert result["dp"] == 2 // tp
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_restore_from_master_equals_the_swap_bit_for_bit(layout, kind):
+    for rank, result in enumerate(_launch(layout)):
+        assert result["dp"] == (2 if layout == "dp2" else 1)
         swap, master = result[kind]["swap"], result[kind]["auto"]
         assert (swap["chosen"], master["chosen"]) == ("swap", "master"), rank  # auto picks the master
         assert _same(swap["theta0"], master["theta0"]) and swap["first_loss"] == master["first_loss"]
@@ -178,9 +180,9 @@ def test_restore_from_master_equals_the_swap_bit_for_bit(tp, kind):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("tp", [2, 1], ids=["tp2", "dp2"])
-def test_restore_from_master_allocates_no_swap_buffer(tp):
-    for result in _launch(tp):
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_restore_from_master_allocates_no_swap_buffer(layout):
+    for result in _launch(layout):
         for kind in ("frozen", "ema"):
             swap, master = result[kind]["swap"], result[kind]["auto"]
             assert master["swap_tensors"] == 0 and master["flat_bytes"] == master["teacher_bytes"]
@@ -190,22 +192,22 @@ def test_restore_from_master_allocates_no_swap_buffer(tp):
 
 @pytest.mark.integration
 def test_the_param_all_gather_is_part_of_the_restore_at_dp2():
-    for result in _launch(1):
+    for result in _launch("dp2"):
         assert not result["copy_without_gather_restores"]  # the other rank's shard still holds the stand-in
         assert result["copy_with_gather_restores"]
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("tp", [2, 1], ids=["tp2", "dp2"])
-def test_matches_params_tells_whether_theta_is_bf16_of_the_master(tp):
-    for result in _launch(tp):
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_matches_params_tells_whether_theta_is_bf16_of_the_master(layout):
+    for result in _launch(layout):
         assert result["matches"] == [True, False, True]  # after a step; teacher values in; restored
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("tp", [2, 1], ids=["tp2", "dp2"])
-def test_fp32_params_have_no_separate_master_and_keep_the_swap(tp):
-    for result in _launch(tp):
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_fp32_params_have_no_separate_master_and_keep_the_swap(layout):
+    for result in _launch(layout):
         assert not result["fp32_calls_restore"]  # the optimizer's fp32 "master" was overwritten with the params
         assert "fp32" in result["fp32_why_not"] and "distrib_optimizer.py" in result["fp32_why_not"]
         assert result["fp32_auto"] == "swap"
