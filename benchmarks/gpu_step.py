@@ -51,9 +51,10 @@ Reported per variant: step time (median of `--steps` after `--warmup`; the offlo
 completion tokens/s (summed over DP ranks), model TFLOP/s per GPU and MFU against `--peak-tflops` (H100/H200 SXM
 dense bf16: 989), peak memory, memory the offload frees (allocated before minus during), the teacher's restore path
 and buffers, the last step's loss and its difference to the variant's base (`avsd`; swap-old for swap-new; 0 =
-bit-identical: the offload and swap variants must give 0 where the kernels are deterministic). FLOPs are counted analytically, dense matmuls only: per layer and token 2H(Q + 2K) + 2QH + 6HF (qkv,
-proj, SwiGLU MLP) plus causal attention 4Q * (position + 1), plus 2HV per position that runs the output layer;
-training = 3 x forward (recomputation not counted), scoring = 1 x forward.
+bit-identical: the offload and swap variants must give 0 where the kernels are deterministic). FLOPs are counted
+analytically, dense matmuls only: per layer and token 2H(Q + 2K) + 2QH + 6HF (qkv, proj, SwiGLU MLP) plus causal
+attention 4Q * (position + 1), plus 2HV per position that runs the output layer; training = 3 x forward (recomputation
+not counted), scoring = 1 x forward.
 """
 
 from __future__ import annotations
