@@ -23,7 +23,13 @@ Where it cannot work (`MasterRestore.why_not` says which, `build_teacher` then r
 - the precision-aware optimizer (main params held by FusedAdam: `_copy_main_params_to_model_params` returns early,
   :2812), FP8 / FP4 param gather, MXFP8 grad-buffer reuse, Megatron-FSDP: other copy paths, not checked here;
 - `overlap_param_gather=True`: the all-gather would be deferred into the next forward pass;
-- a parameter the optimizer does not hold (e.g. requires_grad=False): nothing would restore it.
+- a parameter outside the DDP param buffers (e.g. requires_grad=False): nothing would restore it.
+The decision is read from the DDP param buffers (dtype, members), which every DP rank holds alike, so all ranks take
+it the same way (the restore's all-gather is collective); the optimizer's own groups list only the parameters that
+intersect this rank's shard.
+
+On CPU the same path runs on gloo: its bf16 `all_gather_into_tensor` under `_coalescing_manager` works (torch 2.14),
+so tests/hook/test_master_restore.py exercises the library's own collective at TP2, DP2 and PP2, not a stand-in.
 """
 
 from __future__ import annotations
