@@ -33,9 +33,9 @@ Transient, per phase:
 An allocator-slack share is added on the tensors (not on vLLM's own pool).
 
 Host per node: ranks/node x (process overhead + the pinned teacher copies: copy and swap buffer (no swap buffer
-when θ is restored from the master), each parameter
-tensor rounded up to a power of two by torch's pinned CachingHostAllocator, ATen/core/CachingHostAllocator.h:345
-`c10::llvm::PowerOf2Ceil(size)`), plus the checkpoint staging of the node's shards.
+when θ is restored from the master), each parameter tensor rounded up to a power of two by torch's pinned
+CachingHostAllocator, ATen/core/CachingHostAllocator.h:345 `c10::llvm::PowerOf2Ceil(size)`), plus the checkpoint
+staging of the node's shards.
 
 Checkpoint disk: the model's tensors in model.dtype (padded vocab) + the optimizer state: with the distributed
 optimizer ('dp_reshardable') fp32 master and both moments of the padded DDP bucket (12 bytes per element, the master
