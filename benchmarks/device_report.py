@@ -33,8 +33,10 @@ def rows(out: Path) -> list[str]:
     else:
         for name, r in gpu["results"].items():
             phases = ", ".join(f"{k} {v:.3f}" for k, v in r["phases"].items())
-            notes = (f"{phases}; swap {_fmt(r['swap_s'], '.3f')} s; offload frees {_fmt(r['freed_gib'], '.2f')} GiB; "
-                     f"loss - avsd {_fmt(r['loss_minus_base'], '.3g')}")
+            restore = (f"; restore {r['restore']}, teacher buffers {r['teacher_buffers_gib']:.2f} GiB"
+                       if r.get("restore") else "")  # swap-old vs swap-new: the swap time and the buffers
+            notes = (f"{phases}; swap {_fmt(r['swap_s'], '.3f')} s{restore}; offload frees "
+                     f"{_fmt(r['freed_gib'], '.2f')} GiB; loss - base {_fmt(r['loss_minus_base'], '.3g')}")
             peak = _fmt(r["peak_gib"], ".1f")
             table.append(f"| gpu_step | {name} | {r['step_s']:.3f} | {r['mfu']:.1%} | {peak} | {notes} |")
     pinned = _load(out / "pinned_memory.json")

@@ -30,23 +30,34 @@ The model, DDP and optimizer are built by the trainer's own builders (`avsd_mega
 | avsd/chunk-none      | avsd.teacher_chunk_tokens null (teacher logits [M, N, V/tp] in one piece)              |
 | avsd/offload-grads   | memory.offload_grad_buffers: DDP grad buffers freed across a stand-in rollout           |
 | avsd/offload-all     | also memory.offload_optimizer_states (main params + Adam moments to host and back)     |
+| avsd/swap-old        | avsd.teacher_restore swap: θ saved to a swap buffer and copied back (3 copies per pass) |
+| avsd/swap-new        | avsd.teacher_restore master: θ restored from the fp32 master + the param all-gather    |
+|                      | (1 copy per pass, no swap buffer); the base's auto picks it on GPU (bf16, dist. opt.)  |
+
+The two swap variants pin model.dtype bfloat16 (the GPU base's dtype already; on --cpu-smoke, whose base is fp32,
+it makes restore-from-master possible at all: an fp32 parameter is its own master). swap-new's loss is compared to
+swap-old's (must be 0: the same weights, restored bit for bit), the other variants' to `avsd`'s; swap-old on
+--cpu-smoke has no same-dtype base (its difference is not reported).
 
 Per AVSD step, phases timed one by one: zero grads, `score_teachers` (frozen teacher swapped in from
 `--teacher-storage`, one forward-only schedule over the M * B teacher rows, output layer at the M * N completion
 positions), `update_student` (forward + backward at the N completion positions), `optimizer.step()`, and for the
 offload variants `offload` (the `RolloutOffload` context entered and left around an empty stand-in rollout: what
 the rollout gap costs). `swap` is the teacher swap (`teacher.scoring_weights()` entered and left) timed once more
-on its own; it is also inside score_teachers. Sampled-token loss, M = 3 views. Synthetic rows without padding:
+on its own (with restore master: the teacher copied in, then θ from the master and the all-gather); it is also
+inside score_teachers. `teacher buffers` is the teacher's flat allocations (θ₀ + the swap buffer, or θ₀ alone):
+host memory with --teacher-storage cpu. Sampled-token loss, M = 3 views. Synthetic rows without padding:
 student prompt `--student-prompt` tokens, teacher prompts `--teacher-prompt`, completions `--completion`;
 B = `--micro-batch-size` prompts per micro-batch, `--micro-batches` per step per DP rank.
 
 Reported per variant: step time (median of `--steps` after `--warmup`; the offload phase included), trained
 completion tokens/s (summed over DP ranks), model TFLOP/s per GPU and MFU against `--peak-tflops` (H100/H200 SXM
-dense bf16: 989), peak memory, memory the offload frees (allocated before minus during), the last step's loss and
-its difference to the base `avsd` variant (0 = bit-identical; the offload variants must give 0 where the kernels are
-deterministic). FLOPs are counted analytically, dense matmuls only: per layer and token 2H(Q + 2K) + 2QH + 6HF (qkv,
-proj, SwiGLU MLP) plus causal attention 4Q * (position + 1), plus 2HV per position that runs the output layer;
-training = 3 x forward (recomputation not counted), scoring = 1 x forward.
+dense bf16: 989), peak memory, memory the offload frees (allocated before minus during), the teacher's restore path
+and buffers, the last step's loss and its difference to the variant's base (`avsd`; swap-old for swap-new; 0 =
+bit-identical: the offload and swap variants must give 0 where the kernels are deterministic). FLOPs are counted
+analytically, dense matmuls only: per layer and token 2H(Q + 2K) + 2QH + 6HF (qkv, proj, SwiGLU MLP) plus causal
+attention 4Q * (position + 1), plus 2HV per position that runs the output layer; training = 3 x forward (recomputation
+not counted), scoring = 1 x forward.
 """
 
 from __future__ import annotations
@@ -80,8 +91,13 @@ VARIANTS = {
     "avsd/chunk-none": {"avsd": {"teacher_chunk_tokens": None}},
     "avsd/offload-grads": {"memory": {"offload_grad_buffers": True}},
     "avsd/offload-all": {"memory": {"offload_grad_buffers": True, "offload_optimizer_states": True}},
+    "avsd/swap-old": {"avsd": {"teacher_restore": "swap"}, "model": {"dtype": "bfloat16"}},
+    "avsd/swap-new": {"avsd": {"teacher_restore": "master"}, "model": {"dtype": "bfloat16"}},
 }
-CPU_VARIANTS = ("ce", "avsd", "avsd/no-overlap", "avsd/chunk-none", "avsd/offload-grads", "avsd/offload-all")
+LOSS_BASE = {"avsd/swap-new": "avsd/swap-old"}
+"""The variant whose last loss a variant's is compared with (default: avsd)."""
+CPU_VARIANTS = ("ce", "avsd", "avsd/no-overlap", "avsd/chunk-none", "avsd/offload-grads", "avsd/offload-all",
+                "avsd/swap-old", "avsd/swap-new")
 """What runs on CPU: no fused kernels (no CUDA), no sequence parallelism (the local spec's norms refuse it), no
 recomputation (Megatron's checkpoint saves the CUDA RNG state, tensor_parallel/random.py:528)."""
 
@@ -241,13 +257,19 @@ def forward_flops(shape: dict, rows: int, length: int, output_positions: int, nu
 
 
 def predicted(args: argparse.Namespace, dp: int) -> dict[str, float]:
-    """The planner's time model (`training.plan.estimate`) for this benchmark's shape and the base `avsd` variant:
-    seconds per phase of one step (`swap` is the frozen teacher's swap, also inside score_teachers)."""
+    """The planner's time model (`training.plan.estimate`) for this benchmark's shape and the base `avsd` variant
+    (bf16, distributed optimizer: θ restored from the fp32 master): seconds per phase of one step. `swap` is the
+    teacher's copy in plus the restore (also inside score_teachers); `swap_old` the 3-copy swap of avsd/swap-old."""
     import dataclasses
 
     from avsd_megatron.training.plan import GPUS, Assumptions, model_dims, rank_parameters
     from avsd_megatron.training.plan import forward_flops as plan_flops
-    from avsd_megatron.training.plan.estimate import compute_seconds, optimizer_seconds, swap_seconds
+    from avsd_megatron.training.plan.estimate import (
+        compute_seconds,
+        master_restore_seconds,
+        optimizer_seconds,
+        swap_seconds,
+    )
 
     if args.gpu not in GPUS:
         raise SystemExit(f"--gpu {args.gpu!r} is not one of {sorted(GPUS)}")
@@ -258,12 +280,14 @@ def predicted(args: argparse.Namespace, dp: int) -> dict[str, float]:
     rank = max(rank_parameters(dims, args.tp, args.pp, s).count for s in range(args.pp))  # the slowest stage
     score = plan_flops(dims, args.views * rows, args.teacher_prompt + args.completion, args.views * n)
     update = 3 * plan_flops(dims, rows, args.student_prompt + args.completion, n)
-    swap = swap_seconds(2 * rank, gpu, a, teacher="frozen", storage=args.teacher_storage)  # bf16 weights
+    restore = master_restore_seconds(rank, 2, dp, gpu, a, dp_in_node=gpus * dp <= 8)  # bf16 weights
+    swap = swap_seconds(2 * rank, gpu, a, teacher="frozen", storage=args.teacher_storage, restore_seconds=restore)
     return {
         "score_teachers": compute_seconds(micro * score, gpus, gpu, a.mfu_scoring, pp=args.pp, micro=micro) + swap,
         "update_student": compute_seconds(micro * update, gpus, gpu, a.mfu_update, pp=args.pp, micro=micro),
         "optimizer": optimizer_seconds(rank / dp, 2, 12, gpu, a),  # bf16 params; fp32 master + 2 Adam moments
         "swap": swap,
+        "swap_old": swap_seconds(2 * rank, gpu, a, teacher="frozen", storage=args.teacher_storage),
     }
 
 
@@ -311,7 +335,7 @@ def run_variant(args: argparse.Namespace, name: str) -> dict:
     cfg = train_config(args, VARIANTS[name])
     model, optimizer, _ = build(args, cfg)
     batch = synthetic_batch(args, cfg, parallel_state.get_data_parallel_rank())
-    teacher = build_teacher(cfg.avsd.teacher_config(), model.parameters(), model)
+    teacher = build_teacher(cfg.avsd.teacher_config(), model.parameters(), model, optimizer)
     groups = MegatronGroups.from_parallel_state()
     vocab = hf_config(args)["vocab_size"]
     avsd = AVSDStep(model, optimizer, cfg.avsd.loss_config(args.temperature, vocab), teacher, groups=groups)
@@ -371,6 +395,9 @@ def run_variant(args: argparse.Namespace, name: str) -> dict:
         step_s=statistics.median(sum(r.values()) for r in runs),
         phases={k: statistics.median(r[k] for r in runs) for k in runs[0]},
         swap_s=swap_s,
+        restore=None if name == "ce" else getattr(teacher, "restore", None),
+        teacher_buffers_gib=sum(f.numel() * f.element_size() for f in getattr(teacher, "flat_buffers", [])) / 2**30,
+        dtype=cfg.model.dtype,
         peak_gib=None if args.cpu_smoke else torch.cuda.max_memory_allocated() / 2**30,
         freed_gib=(statistics.median(freed) / 2**30) if freed and not args.cpu_smoke else None,
         last_loss=losses[-1],
@@ -425,7 +452,6 @@ def measure(args: argparse.Namespace) -> dict:
     dp_size = parallel_state.get_data_parallel_world_size()
     shape = TOY if args.cpu_smoke else QWEN3_8B
     world = dist.get_world_size()
-    base_loss = results.get("avsd", {}).get("last_loss")
     for name, r in results.items():
         len_s, len_t = r["seq"]
         rows_s, rows_t = args.micro_batch_size, args.views * args.micro_batch_size
@@ -439,6 +465,8 @@ def measure(args: argparse.Namespace) -> dict:
         r["trained_tps"] = r["num_microbatches"] * n * dp_size / r["step_s"]
         r["tflops_per_gpu"] = flops * dp_size / r["step_s"] / world / 1e12
         r["mfu"] = r["tflops_per_gpu"] / args.peak_tflops
+        base = results.get(LOSS_BASE.get(name, "avsd"), {})
+        base_loss = base.get("last_loss") if base.get("dtype") == r["dtype"] else None  # fp32 vs bf16: meaningless
         r["loss_minus_base"] = (None if r["last_loss"] is None or base_loss is None
                                 else r["last_loss"] - base_loss)
     if dist.get_rank() == 0:
@@ -461,8 +489,8 @@ def print_table(args: argparse.Namespace, results: dict, providers: frozenset[st
           f"prompt {args.student_prompt}, {args.views} teacher prompts {args.teacher_prompt}, completion "
           f"{args.completion} tokens; teacher storage {args.teacher_storage}")
     print("| variant | step (s) | trained tok/s | TFLOP/s/GPU | MFU | peak (GiB) | offload frees (GiB) | swap (s) | "
-          "loss - avsd | phases (s) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "restore, teacher buffers (GiB) | loss - base | phases (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
 
     def fmt(value, spec_: str) -> str:
         return "-" if value is None else format(value, spec_)
@@ -471,7 +499,8 @@ def print_table(args: argparse.Namespace, results: dict, providers: frozenset[st
         phases = ", ".join(f"{k} {v:.3f}" for k, v in r["phases"].items())
         print(f"| {name} | {r['step_s']:.3f} | {r['trained_tps']:,.0f} | {r['tflops_per_gpu']:.1f} | "
               f"{r['mfu']:.1%} | {fmt(r['peak_gib'], '.1f')} | {fmt(r['freed_gib'], '.2f')} | "
-              f"{fmt(r['swap_s'], '.3f')} | {fmt(r['loss_minus_base'], '.3g')} | {phases} |")
+              f"{fmt(r['swap_s'], '.3f')} | {r['restore'] or '-'}, {r['teacher_buffers_gib']:.2f} | "
+              f"{fmt(r['loss_minus_base'], '.3g')} | {phases} |")
 
 
 def main(argv: list[str] | None = None) -> dict:

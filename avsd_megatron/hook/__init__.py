@@ -7,6 +7,7 @@
 | `completion_output` | `GPTModel(output_processor=...)`: the output layer only at completion positions           |
 | `scoring`           | `score_teachers`: one forward-only schedule over all M·B teacher rows                     |
 | `teacher_kinds`     | frozen θ₀ / live / EMA teachers (weights swapped in place, restored bit for bit)          |
+| `master_restore`    | `MasterRestore`: θ back from the distributed optimizer's fp32 master (no swap buffer)     |
 | `loss`              | `AVSDLossConfig`, `AVSDForwardStep` (the loss for `get_forward_backward_func`); also the  |
 |                     | GRPO policy-gradient loss (`loss='policy_gradient'`, advantages with the micro-batch)     |
 | `step`              | `AVSDStep`: score_teachers -> update_student -> optimizer step -> teacher update          |
@@ -31,6 +32,7 @@ from avsd_megatron.hook.loss import (
     TeacherOutputs,
     avsd_microbatch_loss,
 )
+from avsd_megatron.hook.master_restore import MasterRestore
 from avsd_megatron.hook.scoring import TeacherScoringStep, score_teachers
 from avsd_megatron.hook.step import AVSDStep, MegatronGroups, StepResult, reduce_metrics
 from avsd_megatron.hook.teacher_kinds import (
@@ -56,6 +58,7 @@ __all__ = [
     "EMATeacher",
     "FrozenTeacher",
     "LiveTeacher",
+    "MasterRestore",
     "MegatronGroups",
     "StepResult",
     "StreamInputs",

@@ -1,13 +1,13 @@
 """One AVSD optimizer step on Megatron-Core, read top to bottom: score_teachers -> update_student -> optimizer step.
 
     groups = MegatronGroups.from_parallel_state()
-    teacher = build_teacher(TeacherConfig(kind="frozen"), model.parameters(), model)   # before the first step
+    teacher = build_teacher(TeacherConfig(kind="frozen"), model.parameters(), model, optimizer)  # before step 1
     step = AVSDStep(model, optimizer, AVSDLossConfig(temperature=0.7), teacher, groups=groups)
     result = step(batch)                     # batch: this DP rank's AVSDBatch (build_avsd_batch)
 
 1. zero the gradient buffers;
 2. `score_teachers`: one forward-only schedule over the M * B teacher rows of every micro-batch, teacher weights
-   swapped in (`teacher_kinds.py`);
+   swapped in (`teacher_kinds.py`; θ restored afterwards from the optimizer's fp32 master or a swap buffer);
 3. `update_student`: one forward-backward schedule over the student rows, micro-batch i paired with the teacher
    outputs of micro-batch i (`loss.AVSDForwardStep`); Megatron's `finalize_model_grads` reduces gradients over DP
    (and TP for replicated norms, PP for tied embeddings) and divides them by the summed count the loss returned;

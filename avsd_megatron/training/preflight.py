@@ -68,7 +68,9 @@ def gpu_memory_estimate(cfg: TrainConfig, hf_config: dict, world_size: int, gpu_
     Terms (P = parameters per model-parallel rank = total / (tp * pp), DP = world_size / (tp * pp)):
     weights P x param bytes; gradients P x 4 (fp32 reduction buffer); optimizer P x 12 (fp32 master + Adam m, v),
     / DP under the distributed optimizer; teacher_storage='device': frozen P x 2 x param bytes (θ₀ + swap), ema
-    P x (4 + param bytes); vLLM: rollout.vllm.gpu_memory_utilization x the GPU (engine 'vllm' only).
+    P x (4 + param bytes), each without the swap's P x param bytes when θ is restored from the fp32 master
+    (`TrainConfig.teacher_restores_from_master`); vLLM: rollout.vllm.gpu_memory_utilization x the GPU (engine
+    'vllm' only).
     """
     total = sum(math.prod(shape) for shape in expected_hf_shapes(Qwen3Dims.from_hf_config(hf_config)).values())
     mp = cfg.parallel.tp * cfg.parallel.pp
@@ -77,7 +79,8 @@ def gpu_memory_estimate(cfg: TrainConfig, hf_config: dict, world_size: int, gpu_
     param_bytes = DTYPES[cfg.model.dtype].itemsize
     teacher = 0.0
     if cfg.avsd.teacher_storage == "device":
-        teacher = {"frozen": 2 * param_bytes, "ema": 4 + param_bytes, "live": 0}[cfg.avsd.teacher] * per_rank
+        swap = 0 if cfg.teacher_restores_from_master() else param_bytes  # no swap buffer: θ from the fp32 master
+        teacher = {"frozen": param_bytes + swap, "ema": 4 + swap, "live": 0}[cfg.avsd.teacher] * per_rank
     return {
         "weights": per_rank * param_bytes,
         "gradients": per_rank * 4,

@@ -15,7 +15,8 @@ Construction (`Trainer.__init__`), done once, with every mode chosen here and ne
    once with `convert.convert_hf_to_megatron`, the other ranks waiting in a gloo barrier with an explicit timeout),
    wrapped in `Float16Module` for bf16/fp16 and in Megatron's DDP; Megatron's optimizer (Adam, optionally the
    distributed optimizer); the LR of step s is `optim.lr_at(s, max_steps)`.
-4. The teacher (`avsd.teacher`: frozen θ₀ / live / EMA) over the initial weights, and `AVSDStep` with
+4. The teacher (`avsd.teacher`: frozen θ₀ / live / EMA) over the initial weights (θ restored after each scoring pass
+   from the optimizer's fp32 master or from a swap buffer: `avsd.teacher_restore`), and `AVSDStep` with
    `avsd.loss_config(rollout.temperature, V)` (mode single / consensus / arithmetic / avsd and its gate all live in
    the loss config: baselines need nothing here); the rollout engine (`rollout.engine`: `HFEngine` or `VLLMEngine`)
    and the prompt stream (`PromptStream`).
@@ -251,7 +252,7 @@ class Trainer:
         load_megatron_checkpoint(gpt, initial_checkpoint(cfg))
         self.model = wrap_ddp(gpt, cfg)
         self.optimizer = build_optimizer(self.model, cfg)
-        self.teacher = build_teacher(cfg.teacher_config(), self.model.parameters(), self.model)
+        self.teacher = build_teacher(cfg.teacher_config(), self.model.parameters(), self.model, self.optimizer)
         self.avsd = AVSDStep(self.model, self.optimizer, cfg.loss_config(self.vocab_size), self.teacher,
                              groups=self.megatron_groups)
 
@@ -450,7 +451,8 @@ class Trainer:
         """Restore model, optimizer, step, data cursor, RNG and the EMA teacher from `path` (same layout).
 
         Raises:
-            ConfigError: the checkpoint was trained with another avsd.teacher kind.
+            ConfigError: the checkpoint was trained with another avsd.teacher kind, or (teacher restore 'master')
+                its weights are not bf16 of its fp32 master.
         """
         prime_optimizer(self.model, self.optimizer)
         state, rank_state = self.checkpoints.load(path, self.model, self.optimizer)
@@ -468,6 +470,16 @@ class Trainer:
             with torch.no_grad():
                 for stored, saved in zip(self.teacher.teacher_tensors, rank_state["teacher"]):
                     stored.copy_(saved)
+        if getattr(self.teacher, "restore", "swap") == "master":
+            # θ is put back from the fp32 master after every scoring pass: the loaded weights must be bf16 of it
+            agree = torch.tensor([float(self.teacher.matches_master())], device=self._device)
+            dist.all_reduce(agree, op=dist.ReduceOp.MIN)  # every rank raises, or none
+            if agree.item() < 1.0:
+                raise ConfigError(
+                    f"{path}: the model weights are not bf16 of the optimizer's fp32 master on every rank, so "
+                    "restoring θ from the master after the scoring pass would change them; resume with "
+                    "avsd.teacher_restore='swap'"
+                )
 
     def _plan_resume(self) -> Path | None:
         """The verified checkpoint to resume from (None = a fresh run), decided from files alone.

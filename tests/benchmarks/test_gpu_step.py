@@ -46,24 +46,35 @@ def test_gpu_step_cpu_smoke_runs_every_cpu_variant(tmp_path):
         if name != "ce":
             assert {"score_teachers", "update_student", "optimizer"} <= set(r["phases"]), name
             assert math.isfinite(r["last_loss"]), name
-            assert r["loss_minus_base"] == 0.0, (name, r["loss_minus_base"])  # same weights, same rows, one step
+            if name != "avsd/swap-old":  # bf16, no bf16 base on CPU; swap-new is compared with it
+                assert r["loss_minus_base"] == 0.0, (name, r["loss_minus_base"])  # same weights and rows, one step
     assert "offload" in results["avsd/offload-all"]["phases"]
+    old, new = results["avsd/swap-old"], results["avsd/swap-new"]
+    assert (old["restore"], new["restore"], results["avsd"]["restore"]) == ("swap", "master", "swap")  # fp32 base
+    assert old["dtype"] == new["dtype"] == "bfloat16" and old["loss_minus_base"] is None
+    assert new["teacher_buffers_gib"] == pytest.approx(old["teacher_buffers_gib"] / 2)  # θ₀ only, no swap buffer
+    assert new["swap_s"] > 0 and old["swap_s"] > 0
     assert "| avsd/offload-grads |" in proc.stdout  # the markdown table
 
 
 def test_device_report_writes_one_table_and_names_missing_parts(tmp_path):
     gpu = {"results": {"avsd": {"phases": {"score_teachers": 1.0}, "swap_s": 0.5, "freed_gib": None,
-                                "loss_minus_base": 0.0, "step_s": 2.0, "mfu": 0.4, "peak_gib": 50.0}}}
+                                "loss_minus_base": 0.0, "step_s": 2.0, "mfu": 0.4, "peak_gib": 50.0},
+                       "avsd/swap-new": {"phases": {"score_teachers": 0.9}, "swap_s": 0.2, "freed_gib": None,
+                                         "loss_minus_base": 0.0, "step_s": 1.9, "mfu": 0.42, "peak_gib": 50.0,
+                                         "restore": "master", "teacher_buffers_gib": 7.6}}}
     (tmp_path / "gpu_step.json").write_text(json.dumps(gpu))
     (tmp_path / "trainer.json").write_text(json.dumps({"rc": 0, "steps_a": [1, 2, 3, 4], "steps_b": [3, 4],
                                                        "resume_max_loss_diff": 0.0, "ok": True}))
     subprocess.run([sys.executable, "benchmarks/device_report.py", str(tmp_path)], cwd=ROOT, check=True,
                    capture_output=True)
     table = (tmp_path / "device_check.md").read_text().splitlines()
-    assert table[0].startswith("| part | item |") and len(table) == 5
+    assert table[0].startswith("| part | item |") and len(table) == 6
     assert table[2].startswith("| gpu_step | avsd | 2.000 | 40.0% | 50.0 |")
-    assert table[3] == "| pinned memory | - | - | - | - | no result |"
-    assert "PASS" in table[4] and "[1, 2, 3, 4] then [3, 4]" in table[4]
+    assert table[3].startswith("| gpu_step | avsd/swap-new | 1.900 |")
+    assert "swap 0.200 s; restore master, teacher buffers 7.60 GiB" in table[3]
+    assert table[4] == "| pinned memory | - | - | - | - | no result |"
+    assert "PASS" in table[5] and "[1, 2, 3, 4] then [3, 4]" in table[5]
 
 
 def _gpu_step_module():
@@ -92,7 +103,8 @@ def test_predict_runs_without_a_gpu_and_matches_the_readme_table(argv):
     row = {(): "(defaults", ("--layers", "8", "--teacher-storage", "device"): "`--layers 8 --teacher-storage device`",
            ("--tp", "2", "--pp", "2", "--layers", "8", "--dp", "2"): "`--tp 2 --pp 2 --layers 8`"}[tuple(argv)]
     line = next(r for r in (ROOT / "benchmarks" / "README.md").read_text().splitlines() if r.startswith("| " + row))
-    cells = [c.strip() for c in line.split("|")[2:6]]
     step = times["score_teachers"] + times["update_student"] + times["optimizer"]
+    cells = [c.strip() for c in line.split("|")[2:7]]
     assert cells == [f"{times['score_teachers']:.3f}", f"{times['update_student']:.3f}", f"{times['optimizer']:.3f}",
-                     f"{step:.3f}"]
+                     f"{step:.3f}", f"{times['swap']:.3f} / {times['swap_old']:.3f}"]
+    assert times["swap"] < times["swap_old"]  # one copy in + the restore vs three copies

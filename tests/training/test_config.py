@@ -255,6 +255,25 @@ def test_config_builds_the_loss_and_teacher_configs():
     assert (overridden.teacher_chunk_tokens, overridden.logprob_chunk_size) == (None, 8)
 
 
+def test_config_teacher_restore_reaches_the_teacher_and_is_checked_before_anything_is_built():
+    assert AVSDConfig().teacher_restore == "auto"
+    assert AVSDConfig(teacher_restore="master").teacher_config().restore == "master"
+    with pytest.raises(ConfigError, match=r"avsd.teacher_restore='mastr' is not one of \('auto', 'swap', 'master'\)"):
+        AVSDConfig(teacher_restore="mastr")
+    with pytest.raises(ConfigError, match=r"avsd.teacher_restore='master' needs optim.distributed_optimizer=True"):
+        from_dict({"avsd": {"teacher_restore": "master"}, "optim": {"distributed_optimizer": False}})
+    with pytest.raises(ConfigError, match=r"avsd.teacher_restore='master' needs model.dtype bfloat16 or float16"):
+        from_dict({"avsd": {"teacher_restore": "master"}, "model": {"dtype": "float32"}})
+    # live / GRPO do not swap, so nothing is restored and nothing is refused
+    from_dict({"avsd": {"teacher_restore": "master", "teacher": "live"}, "model": {"dtype": "float32"}})
+    # what the planner assumes = what build_teacher picks: master with the distributed optimizer over bf16 / fp16
+    assert TrainConfig().teacher_restores_from_master()
+    assert from_dict({"model": {"dtype": "float16"}}).teacher_restores_from_master()
+    for changes in ({"model": {"dtype": "float32"}}, {"optim": {"distributed_optimizer": False}},
+                    {"avsd": {"teacher_restore": "swap"}}, {"avsd": {"teacher": "live"}}):
+        assert not from_dict(changes).teacher_restores_from_master(), changes
+
+
 def test_config_teacher_chunk_tokens_is_bounded_by_default_and_checked():
     assert AVSDConfig().teacher_chunk_tokens == 1024
     assert AVSDConfig().loss_config(temperature=0.7).teacher_chunk_tokens == 1024

@@ -308,8 +308,19 @@ def test_memory_model_responds_to_each_switch():
     device = plan_run(dataclasses.replace(cfg, avsd=dataclasses.replace(cfg.avsd, teacher_storage="device")),
                       scaling=False)
     weights = base.phases["rollout"].components["weights"]
-    assert device.phases["rollout"].components["teacher_copy"] == pytest.approx(2 * weights, rel=1e-3)
+    assert cfg.teacher_restores_from_master()  # bf16 + the distributed optimizer: θ₀ only, no swap buffer
+    assert device.phases["rollout"].components["teacher_copy"] == pytest.approx(weights, rel=1e-3)
     assert device.host["pinned_teacher_gib"] == 0 < base.host["pinned_teacher_gib"]
+    swap_cfg = dataclasses.replace(cfg, avsd=dataclasses.replace(cfg.avsd, teacher_restore="swap"))
+    swap = plan_run(swap_cfg, scaling=False)
+    swap_device = plan_run(dataclasses.replace(swap_cfg, avsd=dataclasses.replace(swap_cfg.avsd,
+                                                                                  teacher_storage="device")),
+                           scaling=False)
+    assert swap_device.phases["rollout"].components["teacher_copy"] == pytest.approx(2 * weights, rel=1e-3)
+    # the swap buffer doubles the pinned host copies; its two extra PCIe copies cost more than the restore
+    assert swap.host["pinned_teacher_unrounded_gib"] == pytest.approx(2 * base.host["pinned_teacher_unrounded_gib"])
+    assert swap.host["pinned_teacher_gib"] > 1.9 * base.host["pinned_teacher_gib"]
+    assert swap.step_seconds["teacher_scoring"] > base.step_seconds["teacher_scoring"]
     # pinned copies round each tensor up to a power of two (torch's CachingHostAllocator)
     assert base.host["pinned_teacher_gib"] > base.host["pinned_teacher_unrounded_gib"]
     no_recompute = plan_run(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, recompute="none")),

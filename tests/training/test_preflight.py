@@ -106,12 +106,18 @@ def test_gpu_memory_estimate_terms_for_qwen3_8b_at_tp2():
     per_rank = total / 2
     assert terms["weights"] == pytest.approx(per_rank * 2) and terms["gradients"] == pytest.approx(per_rank * 4)
     assert terms["optimizer"] == pytest.approx(per_rank * 12 / 8)  # distributed optimizer over DP 8
-    assert terms["teacher"] == pytest.approx(per_rank * 2 * 2)  # θ₀ + swap, bf16
+    assert terms["teacher"] == pytest.approx(per_rank * 2)  # θ₀ in bf16; θ comes back from the fp32 master
     assert terms["vllm"] == pytest.approx(0.4 * 80 * GIB) and terms["reserve"] == pytest.approx(0.1 * 80 * GIB)
+    swap = preflight.gpu_memory_estimate(_qwen3_8b_cfg(teacher_storage="device", teacher_restore="swap"), QWEN3_8B,
+                                         world_size=16, gpu_bytes=80 * GIB)
+    assert swap["teacher"] == pytest.approx(per_rank * 2 * 2)  # θ₀ + swap, bf16
+    ema = preflight.gpu_memory_estimate(_qwen3_8b_cfg(teacher_storage="device", teacher="ema"), QWEN3_8B,
+                                        world_size=16, gpu_bytes=80 * GIB)
+    assert ema["teacher"] == pytest.approx(per_rank * 4)  # ē in fp32, no swap buffer
 
 
 def test_teacher_storage_device_is_refused_with_numbers_where_it_cannot_fit():
-    device = _qwen3_8b_cfg(teacher_storage="device")
+    device = _qwen3_8b_cfg(teacher_storage="device", teacher_restore="swap")
     with pytest.raises(ConfigError, match=r"avsd\.teacher_storage='device' does not fit: per GPU \d+\.\d GiB "
                                           r"\(weights 7\.6, gradients 15\.3, optimizer 5\.7, teacher 15\.3, "
                                           r"vllm 32\.0, reserve 8\.0\) > 80\.0 GiB at parallel\.tp=2"):
@@ -119,6 +125,8 @@ def test_teacher_storage_device_is_refused_with_numbers_where_it_cannot_fit():
     preflight.check_teacher_storage_fits(device, QWEN3_8B, 16, gpu_bytes=141 * GIB)  # an H200 holds it
     preflight.check_teacher_storage_fits(device, QWEN3_8B, 16, gpu_bytes=None)  # no GPU: nothing to check
     preflight.check_teacher_storage_fits(_qwen3_8b_cfg(teacher_storage="cpu"), QWEN3_8B, 16, gpu_bytes=80 * GIB)
+    # without the swap buffer (θ restored from the fp32 master, the default here) θ₀ fits next to vLLM on 80 GB
+    preflight.check_teacher_storage_fits(_qwen3_8b_cfg(teacher_storage="device"), QWEN3_8B, 16, gpu_bytes=80 * GIB)
 
 
 # ----------------------------------------------------------------------------------------------------------------

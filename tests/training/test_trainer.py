@@ -103,6 +103,17 @@ def train_rank(cfg_data: dict) -> list[dict]:
     return Trainer(from_dict(cfg_data), progress=False).train()
 
 
+def restore_kind_rank(cfg_data: dict) -> dict:
+    """train_rank, and how the teacher restores θ (`teacher_kinds`: 'master' or 'swap')."""
+    from avsd_megatron.runtime import install
+    from avsd_megatron.training.trainer import Trainer
+
+    install()
+    trainer = Trainer(from_dict(cfg_data), progress=False)
+    return {"restore": trainer.teacher.restore, "metrics": trainer.train(),
+            "swap_tensors": len(trainer.teacher._swap)}
+
+
 def interrupted_run_rank(cfg_data: dict) -> dict:
     """3 steps with save_every=1; the third save fails after the shards are written, before the rename."""
     import avsd_megatron.training.checkpointing as checkpointing
@@ -569,6 +580,26 @@ def test_trainer_resume_reproduces_next_steps_and_interrupted_save_keeps_latest(
         second["avsd"]["teacher"] = "live"
         message = run_on_ranks(bad_layout_rank, 1, second, timeout=300)[0]
         assert "avsd.teacher='live' but" in message and "avsd.teacher='frozen'" in message
+
+
+@pytest.mark.integration
+def test_trainer_bf16_restores_theta_from_the_master_exactly_like_the_swap_and_resumes(hf_dir, tmp_path):
+    """bf16 + the distributed optimizer: avsd.teacher_restore auto picks the fp32 master (no swap buffer); every step's
+    loss and gradient norm equal a swap run's bit for bit, and a resume from step 1 passes the master check and
+    reproduces step 2."""
+    bf16 = {"model__dtype": "bfloat16", "checkpoint__save_every": 1}
+    master = run_on_ranks(restore_kind_rank, 1, _config(tmp_path / "master", hf_dir, **bf16), timeout=300)[0]
+    swap = run_on_ranks(restore_kind_rank, 1, _config(tmp_path / "swap", hf_dir, avsd__teacher_restore="swap",
+                                                      **bf16), timeout=300)[0]
+    assert (master["restore"], master["swap_tensors"], swap["restore"]) == ("master", 0, "swap")
+    assert swap["swap_tensors"] > 0
+    for got, want in zip(master["metrics"], swap["metrics"], strict=True):
+        assert (got["loss"], got["grad_norm"]) == (want["loss"], want["grad_norm"])
+    resume = _config(tmp_path / "resumed", hf_dir, **bf16)
+    resume["checkpoint"].update(resume=str(tmp_path / "master" / "checkpoints" / "step_00000001"))
+    resumed = run_on_ranks(restore_kind_rank, 1, resume, timeout=300)[0]
+    assert resumed["restore"] == "master" and [r["step"] for r in _records(tmp_path / "resumed")] == [2]
+    assert resumed["metrics"][0]["loss"] == master["metrics"][1]["loss"]
 
 
 @pytest.mark.integration

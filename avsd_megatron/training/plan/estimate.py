@@ -8,7 +8,8 @@ C = rollout.max_new_tokens, R = micro_batch_size * rollout.n rows per micro-batc
 Resident in every phase: weights P*b; Megatron DDP's grad buffer P*4 (`grad_reduce_in_fp32=True`; both buffers
 with the distributed optimizer's alignment padding, `shapes.ddp_buffer_elements`); Adam: fp32 master + two moments
 (12 bytes, or 8 when the params are fp32 and serve as master), / DP with the distributed optimizer; the teacher
-copy with `avsd.teacher_storage: device` (frozen: θ₀ + swap buffer, 2*P*b; EMA: P*4 + P*b);
+copy with `avsd.teacher_storage: device` (frozen: θ₀ + swap buffer, 2*P*b; EMA: P*4 + P*b; without the swap buffer's
+P*b when θ is restored from the fp32 master, `TrainConfig.teacher_restores_from_master`);
 CUDA context + NCCL; a sleeping vLLM's residue (or, with rollout.sync_every > 1, the awake engine's whole
 `gpu_memory_utilization` share: it never sleeps); an `engine: hf` rollout model (the whole model, no TP).
 
@@ -31,9 +32,10 @@ Transient, per phase:
 * checkpoint: nothing on the GPU (dist_checkpointing copies to host); host staging of the rank's shard.
 An allocator-slack share is added on the tensors (not on vLLM's own pool).
 
-Host per node: ranks/node x (process overhead + the pinned teacher copies: copy and swap buffer, each parameter
-tensor rounded up to a power of two by torch's pinned CachingHostAllocator, ATen/core/CachingHostAllocator.h:345
-`c10::llvm::PowerOf2Ceil(size)`), plus the checkpoint staging of the node's shards.
+Host per node: ranks/node x (process overhead + the pinned teacher copies: copy and swap buffer (no swap buffer
+when θ is restored from the master), each parameter tensor rounded up to a power of two by torch's pinned
+CachingHostAllocator, ATen/core/CachingHostAllocator.h:345 `c10::llvm::PowerOf2Ceil(size)`), plus the checkpoint
+staging of the node's shards.
 
 Checkpoint disk: the model's tensors in model.dtype (padded vocab) + the optimizer state: with the distributed
 optimizer ('dp_reshardable') fp32 master and both moments of the padded DDP bucket (12 bytes per element, the master
@@ -47,7 +49,8 @@ Time per step (seconds; each rank of a DP replica runs the same work; replicas i
   read of weights / TP + the batch's KV / TP over hbm_efficiency, 2 * params * batch FLOPs at mfu_decode) + 2 TP
   all-reduce latencies per layer.
 * teacher_scoring: forward FLOPs (shapes.forward_flops) / (TP * PP * peak * mfu_scoring) * the pipeline bubble
-  (1 + (PP - 1) / micro-batches), plus the teacher swap (3 copies of the rank's weights: PCIe, or HBM on device).
+  (1 + (PP - 1) / micro-batches), plus the teacher swap (3 copies of the rank's weights: PCIe, or HBM on device;
+  restored from the master: 1 copy plus the parameter all-gather over DP, like the optimizer step's).
 * student_update: 3 x forward FLOPs (4 x with recompute=full) at mfu_update, same bubble; the optimizer step
   reads and writes its shard (HBM).
 * grad_sync: reduce-scatter of the fp32 grads and all-gather of the params over DP (all-reduce without the
@@ -210,14 +213,26 @@ def compute_seconds(flops: float, gpus: int, gpu: GPUSpec, mfu: float, *, pp: in
     return flops / (gpus * gpu.bf16_tflops * 1e12 * mfu) * (1 + (pp - 1) / micro)
 
 
-def swap_seconds(rank_param_bytes: float, gpu: GPUSpec, a: Assumptions, *, teacher: str, storage: str) -> float:
+def swap_seconds(rank_param_bytes: float, gpu: GPUSpec, a: Assumptions, *, teacher: str, storage: str,
+                 restore_seconds: float | None = None) -> float:
     """The teacher swap of one scoring pass: θ -> swap buffer, teacher -> θ, swap buffer -> θ (3 copies of the
-    rank's weights; `hook.teacher_kinds`), over PCIe (storage cpu) or HBM read + write (device); 0 for live."""
+    rank's weights; `hook.teacher_kinds`), over PCIe (storage cpu) or HBM read + write (device); 0 for live.
+    `restore_seconds` (θ restored from the fp32 master, `hook.master_restore`): only teacher -> θ, plus that time."""
     if teacher == "live":
         return 0.0
+    copies, extra = (3, 0.0) if restore_seconds is None else (1, restore_seconds)
     if storage == "cpu":
-        return 3 * rank_param_bytes / (gpu.pcie_gbps * 1e9 * a.pcie_efficiency)
-    return 2 * 3 * rank_param_bytes / (gpu.hbm_gbps * 1e9 * a.hbm_efficiency)
+        return copies * rank_param_bytes / (gpu.pcie_gbps * 1e9 * a.pcie_efficiency) + extra
+    return 2 * copies * rank_param_bytes / (gpu.hbm_gbps * 1e9 * a.hbm_efficiency) + extra
+
+
+def master_restore_seconds(rank_params: float, param_bytes: int, dp: int, gpu: GPUSpec, a: Assumptions, *,
+                           dp_in_node: bool) -> float:
+    """θ restored from the fp32 master (`hook.master_restore`): this rank's 1/DP shard read in fp32 and written in
+    the param dtype (HBM), then the param all-gather over DP (ring, NVLink inside a node, else InfiniBand)."""
+    dp_bw = (gpu.nvlink_gbps if dp_in_node else gpu.ib_gbps) * 1e9 * a.collective_efficiency
+    hbm = (4 + param_bytes) * rank_params / dp / (gpu.hbm_gbps * 1e9 * a.hbm_efficiency)
+    return hbm + (dp - 1) / dp * rank_params * param_bytes / dp_bw
 
 
 def optimizer_seconds(shard_params: float, param_bytes: int, state_bytes: int, gpu: GPUSpec, a: Assumptions
@@ -280,6 +295,8 @@ def estimate(cfg: TrainConfig, source: ModelSource, gpu: GPUSpec, *, nodes: int 
                     "sequences_per_engine": cfg.prompts_per_step // dp * n}
 
     per_stage: dict[str, list[PhaseMemory]] = {p: [] for p in PHASES}
+    from_master = cfg.teacher_restores_from_master()  # the teacher then keeps no swap buffer (hook.master_restore)
+    swap_b = 0 if from_master else b
     for s, rank in enumerate(stages):
         params = rank.count
         buffer = ddp_buffer_elements(rank, dp, distributed_optimizer=cfg.optim.distributed_optimizer)
@@ -287,7 +304,7 @@ def estimate(cfg: TrainConfig, source: ModelSource, gpu: GPUSpec, *, nodes: int 
         opt_bytes = (8 if b == 4 else 12) * (buffer / dp if cfg.optim.distributed_optimizer else params)
         teacher_dev = 0.0
         if cfg.avsd.teacher != "live" and cfg.avsd.teacher_storage == "device":
-            teacher_dev = params * (b + (4 if cfg.avsd.teacher == "ema" else b))
+            teacher_dev = params * (swap_b + (4 if cfg.avsd.teacher == "ema" else b))
         base = {
             "weights": _gib(buffer * b),
             "grad_buffer": _gib(buffer * 4),
@@ -357,7 +374,8 @@ def estimate(cfg: TrainConfig, source: ModelSource, gpu: GPUSpec, *, nodes: int 
     pinned = 0
     if cfg.avsd.teacher != "live" and cfg.avsd.teacher_storage == "cpu":
         copy_bytes = 4 if cfg.avsd.teacher == "ema" else b
-        pinned = sum(_pow2_ceil(numel * copy_bytes) + _pow2_ceil(numel * b) for _, numel in worst.tensors)
+        pinned = sum(_pow2_ceil(numel * copy_bytes) + (_pow2_ceil(numel * swap_b) if swap_b else 0)
+                     for _, numel in worst.tensors)
     ranks_here = min(gpus_per_node, world)
     opt_full = 8 if b == 4 else 12
     # On disk: the model once (DP replicas write it once) + the optimizer state. The distributed optimizer
@@ -370,7 +388,7 @@ def estimate(cfg: TrainConfig, source: ModelSource, gpu: GPUSpec, *, nodes: int 
     ckpt_rank = max(r.count * b + o for r, o in zip(stages, opt_disk, strict=True)) / dp
     host_total = ranks_here * (a.host_process_gib + _gib(pinned)) + _gib(ranks_here * ckpt_rank)
     host = {"process_gib": ranks_here * a.host_process_gib, "pinned_teacher_gib": _gib(ranks_here * pinned),
-            "pinned_teacher_unrounded_gib": _gib(ranks_here * (worst.count * (b + (4 if cfg.avsd.teacher == "ema"
+            "pinned_teacher_unrounded_gib": _gib(ranks_here * (worst.count * (swap_b + (4 if cfg.avsd.teacher == "ema"
                                                   else b)) if pinned else 0)),
             "checkpoint_staging_gib": _gib(ranks_here * ckpt_rank), "total_gib": host_total,
             "capacity_gib": gpu.host_gib_per_node, "fits": host_total <= gpu.host_gib_per_node}
@@ -408,16 +426,18 @@ def estimate(cfg: TrainConfig, source: ModelSource, gpu: GPUSpec, *, nodes: int 
     gpus_replica = tp * pp
     rows_t, len_int, compl_int = views * rows, round(len_t), round(compl_t)
     score_flops = micro * forward_flops(dims, rows_t, len_int, rows_t * compl_int)
-    swap = swap_seconds(worst.count * b, gpu, a, teacher=cfg.avsd.teacher, storage=cfg.avsd.teacher_storage)
+    dp_in_node = tp * pp * dp <= gpus_per_node
+    dp_bw = (gpu.nvlink_gbps if dp_in_node else gpu.ib_gbps) * 1e9 * a.collective_efficiency
+    ring = (dp - 1) / dp
+    restore = master_restore_seconds(worst.count, b, dp, gpu, a, dp_in_node=dp_in_node) if from_master else None
+    swap = swap_seconds(worst.count * b, gpu, a, teacher=cfg.avsd.teacher, storage=cfg.avsd.teacher_storage,
+                        restore_seconds=restore)
     steps["teacher_scoring"] = compute_seconds(score_flops, gpus_replica, gpu, a.mfu_scoring, pp=pp, micro=micro) + swap
     passes = 4 if cfg.model.recompute == "full" else 3
     update_flops = micro * passes * forward_flops(dims, rows, len_int, rows * compl_int)
     shard = worst.count / (dp if cfg.optim.distributed_optimizer else 1)
     steps["student_update"] = (compute_seconds(update_flops, gpus_replica, gpu, a.mfu_update, pp=pp, micro=micro)
                                + optimizer_seconds(shard, b, opt_full, gpu, a))
-    dp_in_node = tp * pp * dp <= gpus_per_node
-    dp_bw = (gpu.nvlink_gbps if dp_in_node else gpu.ib_gbps) * 1e9 * a.collective_efficiency
-    ring = (dp - 1) / dp
     if cfg.optim.distributed_optimizer:
         grad_sync = ring * worst.count * (4 + b) / dp_bw
     else:
