@@ -234,3 +234,68 @@ def test_step_hands_packed_streams_to_the_schedules_as_one_row_of_t_tokens():
     teacher_call, student_call = schedule.calls
     assert (teacher_call["seq_length"], teacher_call["micro_batch_size"]) == (packed.teacher_seq_length, 1)
     assert (student_call["seq_length"], student_call["micro_batch_size"]) == (packed.student_seq_length, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model level on CPU: the tiny GPTModel, packed = padded (integration, gloo ranks)
+# ----------------------------------------------------------------------------------------------------------------
+
+MODEL_SEED = 1234
+MAX_SEQ = 64
+LOGPROB_ATOL = 1e-5
+GRAD_TOL = dict(rtol=1e-4, atol=1e-6)
+
+
+def packed_vs_padded_rank(tp: int, pp: int) -> dict:
+    """One rank: the same DDP(GPTModel) scores the teachers and runs the student forward-backward on a batch and on
+    its packed twin; returns the view log-probs, the per-micro-batch losses and the finalized gradients of both."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+    from avsd_megatron.hook.loss import AVSDLossConfig
+    from avsd_megatron.hook.step import AVSDStep, MegatronGroups
+    from avsd_megatron.hook.teacher_kinds import LiveTeacher
+    from avsd_megatron.testing import build_tiny_gpt_model, init_megatron, tiny_qwen3_config
+    from avsd_megatron.testing.thd_attention import THDDotProductAttention
+
+    init_megatron(tp, pp)
+    config = tiny_qwen3_config(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    config.finalize_model_grads_func = finalize_model_grads
+    gpt = build_tiny_gpt_model(config, V, MAX_SEQ, seed=MODEL_SEED, core_attention=THDDotProductAttention)
+    model = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), gpt)
+    groups = MegatronGroups.from_parallel_state()
+    step = AVSDStep(model, None, AVSDLossConfig(temperature=0.7), LiveTeacher([]), groups=groups)
+    batch = _example_batch()
+    results = {}
+    for name, b in (("padded", batch), ("packed", pack_batch(batch, **packing_multiples(tp=tp)))):
+        model.zero_grad_buffer()
+        outputs = step.score_teachers(b)
+        per_microbatch = step.update_student(b, outputs)
+        grads = {n: p.main_grad.detach().clone() for n, p in gpt.named_parameters()}
+        results[name] = dict(
+            view_logprobs=[o.view_logprobs for o in outputs] if groups.is_last_stage else None,
+            losses=[m["avsd_loss"].clone() for m in per_microbatch] if groups.is_last_stage else None,
+            grads=grads,
+        )
+    results["is_last_stage"] = groups.is_last_stage
+    results["tp_rank"] = parallel_state.get_tensor_model_parallel_rank()
+    return results
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("tp,pp", [(1, 1), (1, 2), (2, 1)], ids=["tp1pp1", "tp1pp2", "tp2pp1"])
+def test_packed_forward_backward_equals_padded_with_thd_semantics_attention(tp, pp):
+    from avsd_megatron.testing import run_on_ranks
+
+    for rank in run_on_ranks(packed_vs_padded_rank, tp * pp, tp, pp, timeout=300):
+        padded, packed = rank["padded"], rank["packed"]
+        if rank["is_last_stage"]:
+            for a, b in zip(padded["view_logprobs"], packed["view_logprobs"]):
+                assert a.shape == b.shape and bool(torch.isfinite(a).all())
+                torch.testing.assert_close(b, a, rtol=0, atol=LOGPROB_ATOL)
+            for a, b in zip(padded["losses"], packed["losses"]):
+                torch.testing.assert_close(b, a, rtol=0, atol=LOGPROB_ATOL)
+        assert padded["grads"].keys() == packed["grads"].keys()
+        for name, grad in padded["grads"].items():
+            assert bool(grad.abs().sum() > 0), name
+            torch.testing.assert_close(packed["grads"][name], grad, **GRAD_TOL, msg=name)
