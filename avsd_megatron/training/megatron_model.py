@@ -32,7 +32,7 @@ from avsd_megatron.convert import (
 )
 from avsd_megatron.convert.fingerprint import hf_fingerprint
 from avsd_megatron.training.config import TrainConfig
-from avsd_megatron.training.kernels import detect_providers, resolve_fusions
+from avsd_megatron.training.kernels import check_sequence_packing, detect_providers, resolve_fusions
 from avsd_megatron.training.notices import notice
 
 __all__ = [
@@ -67,9 +67,11 @@ def transformer_overrides(cfg: TrainConfig, *, on_cpu: bool, providers: frozense
     """The TransformerConfig switches of `cfg` on this machine (`providers`: `kernels.detect_providers()`).
 
     Raises:
-        ConfigError: a model.*_fusion field set to True whose provider is absent (on CPU: every one).
+        ConfigError: a model.*_fusion field set to True whose provider is absent (on CPU: every one), or
+            parallel.sequence_packing without CUDA and Transformer Engine.
     """
     providers = detect_providers() if providers is None else providers
+    check_sequence_packing(cfg.parallel, providers)  # THD rows need TE's attention on CUDA
     overrides = dict(calculate_per_token_loss=True, **RECOMPUTE[cfg.model.recompute])
     overrides |= resolve_fusions(cfg.model, providers)
     overrides["sequence_parallel"] = cfg.parallel.sequence_parallel
