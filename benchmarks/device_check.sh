@@ -4,7 +4,8 @@
 # the system torch, then run, each under its own time limit (under 8 minutes in all on one H200):
 #   1. benchmarks/gpu_step.py at 8 Qwen3-8B-shaped layers: every variant this machine can run (fused kernels on/off,
 #      recompute none/selective/full, overlap_grad_reduce on/off, teacher chunking, grad-buffer and optimizer
-#      offload on/off), with step time split into phases, MFU, peak memory, offload savings and the loss difference;
+#      offload on/off; THD packing, avsd/packed, where Transformer Engine is present), with step time split into
+#      phases, MFU, peak memory, offload savings, the loss difference and packing's packed = padded check;
 #   2. benchmarks/pinned_memory.py: pinned host memory reserved vs requested for the teacher's per-tensor pins;
 #   3. the tiny trainer on CUDA: 4 steps saving at step 2, then a resume from step 2 that must reproduce the losses
 #      of steps 3 and 4 (skipped, and said so, when the trainer's deps are neither installed nor in the wheel folder);

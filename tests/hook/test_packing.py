@@ -9,11 +9,20 @@ padded layout, and the loss (with its gradients) computed from hidden states lai
 (the pack's pads hold NaN: never read). Integration: the tiny Qwen3 GPTModel (local spec) whose core attention is
 Megatron's own `DotProductAttention` given a block-diagonal causal mask for packed input (the THD semantics of TE's
 attention, `testing/thd_attention.py`); everything else of the packed forward is Megatron's code, RoPE's per-segment
-THD path included. Packed = padded for the teacher view log-probs, the loss and every gradient, at TP1 and PP2.
-The same check with Transformer Engine's attention is `tests/hook/test_packing_gpu.py` (GPU only).
+THD path included. Packed = padded for the teacher view log-probs, the loss and every gradient, at TP1, PP2, TP2.
+GPU (marker `gpu`, skipped without CUDA and Transformer Engine): the same with TE's attention, bf16, through
+`benchmarks/gpu_step.py --variants avsd,avsd/packed --ragged` (its packed_check, tolerances PACKED_TOLERANCES).
 """
 
 from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -299,3 +308,29 @@ def test_packed_forward_backward_equals_padded_with_thd_semantics_attention(tp, 
         for name, grad in padded["grads"].items():
             assert bool(grad.abs().sum() > 0), name
             torch.testing.assert_close(packed["grads"][name], grad, **GRAD_TOL, msg=name)
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU: Transformer Engine's THD attention (never runs on CPU machines)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is None,
+                    reason="needs Transformer Engine (THD attention)")
+def test_packed_equals_padded_with_transformer_engine_on_gpu(tmp_path):
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "packed.json"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=str(root), MASTER_PORT=str(port))
+    env.pop("RANK", None)
+    cmd = [sys.executable, "benchmarks/gpu_step.py", "--variants", "avsd,avsd/packed", "--ragged", "--layers", "2",
+           "--micro-batches", "2", "--student-prompt", "128", "--teacher-prompt", "256", "--completion", "256",
+           "--warmup", "1", "--steps", "2", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    check = json.loads(out.read_text())["results"]["avsd/packed"]["packed_check"]
+    assert check["pass"], check
