@@ -51,10 +51,10 @@ Reported per variant: step time (median of `--steps` after `--warmup`; the offlo
 completion tokens/s (summed over DP ranks), model TFLOP/s per GPU and MFU against `--peak-tflops` (H100/H200 SXM
 dense bf16: 989), peak memory, memory the offload frees (allocated before minus during), the last step's loss and
 its difference to the base `avsd` variant (0 = bit-identical; the offload variants must give 0 where the kernels are
-deterministic). FLOPs are counted analytically, dense matmuls only, on the real rows (pads are not useful work: padded and packed
-variants are charged the same FLOPs): per layer and token 2H(Q + 2K) + 2QH + 6HF (qkv, proj, SwiGLU MLP) plus
-causal attention 4Q * (position + 1) within the row, plus 2HV per position that runs the output layer;
-training = 3 x forward (recomputation not counted), scoring = 1 x forward.
+deterministic). FLOPs are counted analytically, dense matmuls only, on the real rows (pads are not useful work:
+padded and packed variants are charged the same FLOPs): per layer and token 2H(Q + 2K) + 2QH + 6HF (qkv, proj,
+SwiGLU MLP) plus causal attention 4Q * (position + 1) within the row, plus 2HV per position that runs the output
+layer; training = 3 x forward (recomputation not counted), scoring = 1 x forward.
 """
 
 from __future__ import annotations
@@ -328,7 +328,8 @@ def runnable(args: argparse.Namespace, providers: frozenset[str]) -> list[str]:
         names.remove("avsd/sp")
     if "avsd/packed" in names and (args.local_spec or "transformer_engine" not in providers):
         names.remove("avsd/packed")
-        print("# avsd/packed skipped: packed (THD) rows need Transformer Engine's attention (parallel.sequence_packing)")
+        print("# avsd/packed skipped: packed (THD) rows need Transformer Engine's attention "
+              "(parallel.sequence_packing)")
     if args.cpu_smoke:
         print("# avsd/packed not in the CPU smoke: the local spec has no THD attention "
               "(tests/hook/test_packing.py checks packing on CPU)")

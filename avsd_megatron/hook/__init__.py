@@ -4,6 +4,7 @@
 |---------------------|-------------------------------------------------------------------------------------------|
 | `batch`             | `build_avsd_batch`: student and M teacher rows (none for GRPO), contiguous positions,     |
 |                     | completion indices, the pad-id loss mask                                                  |
+| `packing`           | `pack_batch`: a batch's rows back to back (THD, cu_seqlens, `PackedSeqParams`)            |
 | `completion_output` | `GPTModel(output_processor=...)`: the output layer only at completion positions           |
 | `scoring`           | `score_teachers`: one forward-only schedule over all M·B teacher rows                     |
 | `teacher_kinds`     | frozen θ₀ / live / EMA teachers (weights swapped in place, restored bit for bit)          |
@@ -31,6 +32,7 @@ from avsd_megatron.hook.loss import (
     TeacherOutputs,
     avsd_microbatch_loss,
 )
+from avsd_megatron.hook.packing import PackedLayout, pack_batch, packed_seq_params, packing_multiples
 from avsd_megatron.hook.scoring import TeacherScoringStep, score_teachers
 from avsd_megatron.hook.step import AVSDStep, MegatronGroups, StepResult, reduce_metrics
 from avsd_megatron.hook.teacher_kinds import (
@@ -57,6 +59,7 @@ __all__ = [
     "FrozenTeacher",
     "LiveTeacher",
     "MegatronGroups",
+    "PackedLayout",
     "StepResult",
     "StreamInputs",
     "Teacher",
@@ -69,6 +72,9 @@ __all__ = [
     "completion_hidden_states",
     "completion_logits",
     "output_weight_of",
+    "pack_batch",
+    "packed_seq_params",
+    "packing_multiples",
     "project_to_logits",
     "reduce_metrics",
     "score_teachers",

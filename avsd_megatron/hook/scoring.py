@@ -4,8 +4,8 @@
 
 runs `get_forward_backward_func()(forward_only=True, collect_non_loss_data=True)` with `batch.num_microbatches`
 micro-batches of `M * B` rows (all views of the micro-batch's B prompts together, not M separate passes) and row
-length L_t (or, packed, one [1, T_t] row of M * B segments: `packing.py`), inside `teacher.scoring_weights()` (frozen / EMA weights swapped in, spec 3.2), `torch.no_grad()` and
-eval mode. On the last pipeline stage a `GPTModel` output_processor selects the M * N completion-predicting rows
+length L_t (or, packed, one [1, T_t] row of M * B segments: `packing.py`), inside `teacher.scoring_weights()`
+(frozen / EMA weights swapped in, spec 3.2), `torch.no_grad()` and eval mode. On the last pipeline stage a `GPTModel` output_processor selects the M * N completion-predicting rows
 of the final hidden states (`completion_output`) and reduces them at once to what the loss needs, so neither full
 [L_t, M * B, V/tp] logits nor teacher logits outlive the micro-batch:
 

@@ -182,9 +182,9 @@ class ParallelConfig:
     student and the M view rows, as NeMo-RL, veRL and slime do. Needs Transformer Engine's attention (the local
     spec's refuses packed input, megatron/core/transformer/dot_product_attention.py:153), so model.layer_spec='te',
     a CUDA device and an importable transformer_engine; refused otherwise, naming this field. Off by default until
-    its GPU equivalence check (tests/hook/test_packing_gpu.py, `benchmarks/gpu_step.py --variants avsd,avsd/packed`)
-    has passed on a device; then it is meant to be on where TE is present. On CPU the packing is tested around the
-    attention (tests/hook/test_packing.py)."""
+    its GPU equivalence check (`benchmarks/gpu_step.py --variants avsd,avsd/packed --ragged`, run by the gpu test of
+    tests/hook/test_packing.py) has passed on a device; then it is meant to be on where TE is present. On CPU the
+    packing is tested around the attention, and the model with THD-semantics local attention (same file)."""
     overlap_grad_reduce: bool = True
     """DDP: start each gradient bucket's all-reduce / reduce-scatter during the backward pass (the trainer then
     hands Megatron's schedule `model.no_sync`, so only the last micro-batch's backward launches it). On, as in

@@ -7,7 +7,8 @@
 
 Modes come from `TrainConfig` fields, each read once here: `model.dtype`, `model.layer_spec` ('local' on CPU, 'te'
 on GPU), `model.recompute`, the `model.*_fusion` switches (`kernels.resolve_fusions`: on where their provider is
-detected), `parallel.sequence_parallel`, the DDP fields of `parallel` (overlap_grad_reduce, overlap_param_gather,
+detected), `parallel.sequence_parallel`, `parallel.sequence_packing` (only checked here: it needs CUDA and TE; the
+trainer packs the batches), the DDP fields of `parallel` (overlap_grad_reduce, overlap_param_gather,
 grad_reduce_in_fp32, ddp_bucket_size) and `optim.distributed_optimizer`. `calculate_per_token_loss=True` and
 `finalize_model_grads_func` are always set (AVSDStep requires both). `on_cpu` adds the TransformerConfig switches
 CPU runs need (no fused kernels, CPU init, plain p2p; see `runtime.megatron_cpu` for the runtime patches).
