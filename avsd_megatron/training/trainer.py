@@ -222,7 +222,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, *, engine: Any = None, progress: bool = True) -> None:
         self.cfg = cfg
         self.on_cpu = not torch.cuda.is_available()
-        check_sequence_packing(cfg.parallel, detect_providers())  # before anything is loaded: THD needs TE on CUDA
+        if cfg.parallel.sequence_packing:  # before anything is loaded: THD needs TE on CUDA
+            check_sequence_packing(cfg.parallel, detect_providers())
         self.rank = dist.get_rank()
         self.groups = _init_parallel(cfg)
         self.dp_rank, self.dp_size = self.groups["dp_rank"], self.groups["dp_size"]
