@@ -5,8 +5,9 @@
 #   1. benchmarks/gpu_step.py at 8 Qwen3-8B-shaped layers: every variant this machine can run (fused kernels on/off,
 #      recompute none/selective/full, overlap_grad_reduce on/off, teacher chunking, grad-buffer and optimizer
 #      offload on/off, the teacher swap old vs new: avsd/swap-old = swap buffer, avsd/swap-new = θ restored from the
-#      fp32 master), with step time split into phases (and the swap timed on its own), MFU, peak memory, offload
-#      savings, the teacher's buffers and the loss difference (swap-new vs swap-old must be 0);
+#      fp32 master; THD packing, avsd/packed, where Transformer Engine is present), with step time split into phases
+#      (and the swap timed on its own), MFU, peak memory, offload savings, the teacher's buffers, the loss difference
+#      (swap-new vs swap-old must be 0) and packing's packed = padded check;
 #   2. benchmarks/pinned_memory.py: pinned host memory reserved vs requested for the teacher's per-tensor pins;
 #   3. the tiny trainer on CUDA: 4 steps saving at step 2, then a resume from step 2 that must reproduce the losses
 #      of steps 3 and 4 (skipped, and said so, when the trainer's deps are neither installed nor in the wheel folder);

@@ -37,6 +37,10 @@ def rows(out: Path) -> list[str]:
                        if r.get("restore") else "")  # swap-old vs swap-new: the swap time and the buffers
             notes = (f"{phases}; swap {_fmt(r['swap_s'], '.3f')} s{restore}; offload frees "
                      f"{_fmt(r['freed_gib'], '.2f')} GiB; loss - base {_fmt(r['loss_minus_base'], '.3g')}")
+            check = r.get("packed_check")
+            if check:  # avsd/packed: packed = padded on the same weights (gpu_step.PACKED_TOLERANCES)
+                figures = ", ".join(f"{k} {v:.3g}" for k, v in check.items() if k != "pass")
+                notes += f"; packed = padded {'PASS' if check['pass'] else 'FAIL'} ({figures})"
             peak = _fmt(r["peak_gib"], ".1f")
             table.append(f"| gpu_step | {name} | {r['step_s']:.3f} | {r['mfu']:.1%} | {peak} | {notes} |")
     pinned = _load(out / "pinned_memory.json")

@@ -5,6 +5,7 @@ Run (one GPU; Qwen3-8B-shaped layers, 4 of its 36 layers, full vocabulary):
     python benchmarks/gpu_step.py
     python benchmarks/gpu_step.py --layers 8 --micro-batches 4 --teacher-storage device --json out.json
     python benchmarks/gpu_step.py --variants avsd,avsd/offload-all
+    python benchmarks/gpu_step.py --variants avsd,avsd/packed --ragged     # THD packing vs padding (needs TE)
 Several GPUs (TP x PP x DP = number of processes; the avsd/sp variant needs TP > 1):
     torchrun --nproc-per-node 8 benchmarks/gpu_step.py --tp 2 --pp 2 --layers 8
 CPU smoke (2-layer toy shape, gloo, Megatron's local spec, the CPU-runnable variants, 1 step each):
@@ -33,6 +34,8 @@ The model, DDP and optimizer are built by the trainer's own builders (`avsd_mega
 | avsd/swap-old        | avsd.teacher_restore swap: θ saved to a swap buffer and copied back (3 copies per pass) |
 | avsd/swap-new        | avsd.teacher_restore master: θ restored from the fp32 master + the param all-gather    |
 |                      | (1 copy per pass, no swap buffer); the base's auto picks it on GPU (bf16, dist. opt.)  |
+| avsd/packed          | parallel.sequence_packing true: THD rows with PackedSeqParams (needs TE; skipped, and  |
+|                      | said so, without it and in --cpu-smoke: the local spec has no THD attention)           |
 
 The two swap variants pin model.dtype bfloat16 (the GPU base's dtype already; on --cpu-smoke, whose base is fp32,
 it makes restore-from-master possible at all: an fp32 parameter is its own master). swap-new's loss is compared to
@@ -48,16 +51,24 @@ on its own (with restore master: the teacher copied in, then θ from the master 
 inside score_teachers. `teacher buffers` is the teacher's flat allocations (θ₀ + the swap buffer, or θ₀ alone):
 host memory with --teacher-storage cpu. Sampled-token loss, M = 3 views. Synthetic rows without padding:
 student prompt `--student-prompt` tokens, teacher prompts `--teacher-prompt`, completions `--completion`;
-B = `--micro-batch-size` prompts per micro-batch, `--micro-batches` per step per DP rank.
+B = `--micro-batch-size` prompts per micro-batch, `--micro-batches` per step per DP rank. `--ragged` draws every
+prompt and completion length uniformly from [n / 4, n] instead (the same rows for every variant), so that padding
+costs what it costs in training and packing has something to save.
+
+Packed = padded (`avsd/packed`, before its timed steps, on its fresh model = the base weights): the same rows
+padded and packed through score_teachers and update_student, and (PP = 1) the student logits at the completion
+positions; reported as `packed_check` with the tolerances PACKED_TOLERANCES (bf16: different attention kernels,
+sbhd vs THD varlen, round differently, ~ 2^-8 relative per op, accumulated over the layers) and `pass`.
 
 Reported per variant: step time (median of `--steps` after `--warmup`; the offload phase included), trained
 completion tokens/s (summed over DP ranks), model TFLOP/s per GPU and MFU against `--peak-tflops` (H100/H200 SXM
 dense bf16: 989), peak memory, memory the offload frees (allocated before minus during), the teacher's restore path
 and buffers, the last step's loss and its difference to the variant's base (`avsd`; swap-old for swap-new; 0 =
 bit-identical: the offload and swap variants must give 0 where the kernels are deterministic). FLOPs are counted
-analytically, dense matmuls only: per layer and token 2H(Q + 2K) + 2QH + 6HF (qkv, proj, SwiGLU MLP) plus causal
-attention 4Q * (position + 1), plus 2HV per position that runs the output layer; training = 3 x forward (recomputation
-not counted), scoring = 1 x forward.
+analytically, dense matmuls only, on the real rows (pads are not useful work: padded and packed variants are charged
+the same FLOPs): per layer and token 2H(Q + 2K) + 2QH + 6HF (qkv, proj, SwiGLU MLP) plus causal attention
+4Q * (position + 1) within the row, plus 2HV per position that runs the output layer; training = 3 x forward
+(recomputation not counted), scoring = 1 x forward.
 """
 
 from __future__ import annotations
@@ -93,9 +104,13 @@ VARIANTS = {
     "avsd/offload-all": {"memory": {"offload_grad_buffers": True, "offload_optimizer_states": True}},
     "avsd/swap-old": {"avsd": {"teacher_restore": "swap"}, "model": {"dtype": "bfloat16"}},
     "avsd/swap-new": {"avsd": {"teacher_restore": "master"}, "model": {"dtype": "bfloat16"}},
+    "avsd/packed": {"parallel": {"sequence_packing": True}},
 }
 LOSS_BASE = {"avsd/swap-new": "avsd/swap-old"}
 """The variant whose last loss a variant's is compared with (default: avsd)."""
+PACKED_TOLERANCES = dict(logits_rel=2e-2, view_logprob_abs=5e-2, loss_rel=1e-2, grad_cosine=0.99)
+"""avsd/packed vs padded, bf16: max |Δ student logit| / max |logit|, max |Δ ℓ_m| (nats), |Δ loss| / |loss|, and the
+cosine of the two gradients (all parameters of this rank) must be within these."""
 CPU_VARIANTS = ("ce", "avsd", "avsd/no-overlap", "avsd/chunk-none", "avsd/offload-grads", "avsd/offload-all",
                 "avsd/swap-old", "avsd/swap-new")
 """What runs on CPU: no fused kernels (no CUDA), no sequence parallelism (the local spec's norms refuse it), no
@@ -118,6 +133,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--teacher-prompt", type=int, default=1024, help="teacher prompt tokens (with the view)")
     parser.add_argument("--completion", type=int, default=1024, help="sampled completion tokens")
     parser.add_argument("--views", type=int, default=3, help="M privileged views")
+    parser.add_argument("--ragged", action="store_true",
+                        help="draw each prompt / completion length uniformly from [n/4, n] (what packing saves)")
     # AVSD
     parser.add_argument("--teacher-storage", choices=("cpu", "device"), default="cpu", help="where θ₀ lives")
     parser.add_argument("--temperature", type=float, default=0.7, help="rollout temperature τ")
@@ -206,13 +223,16 @@ def build(args: argparse.Namespace, cfg):
 
 
 def synthetic_batch(args: argparse.Namespace, cfg, dp_rank: int):
-    """This DP rank's AVSDBatch of fixed-length random rows (no padding but the SP multiple)."""
+    """This DP rank's padded AVSDBatch of random rows: fixed lengths (no padding but the SP multiple) or, with
+    --ragged, lengths uniform in [n / 4, n]."""
     from avsd_megatron.hook.batch import build_avsd_batch
 
     gen = torch.Generator().manual_seed(args.seed + dp_rank)
     vocab = hf_config(args)["vocab_size"]
 
     def ids(n: int) -> list[int]:
+        if args.ragged:
+            n = int(torch.randint(max(1, n // 4), n + 1, (1,), generator=gen))
         return torch.randint(0, vocab, (n,), generator=gen).tolist()
 
     num = args.micro_batch_size * args.micro_batches
@@ -227,6 +247,57 @@ def synthetic_batch(args: argparse.Namespace, cfg, dp_rank: int):
         pad_to_multiple_of=args.tp if cfg.parallel.sequence_parallel else 1,
     )
     return batch if args.cpu_smoke else batch.to(torch.cuda.current_device())
+
+
+def packed_batch(args: argparse.Namespace, cfg, batch):
+    """The packed twin of `batch` as the trainer makes it (`Trainer.build_batch`)."""
+    from avsd_megatron.hook.packing import pack_batch, packing_multiples
+
+    return pack_batch(batch, **packing_multiples(tp=args.tp, sequence_parallel=cfg.parallel.sequence_parallel))
+
+
+def packed_check(model, avsd, padded, packed) -> dict:
+    """Packed = padded on the same weights: student logits (PP = 1), view log-probs, loss, gradients (module doc).
+
+    Runs score_teachers + update_student on each layout (no optimizer step) and leaves the gradients zeroed."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from avsd_megatron.hook.loss import AVSDForwardStep
+
+    last = avsd.groups.is_last_stage
+    out: dict = {}
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        step = AVSDForwardStep(avsd.loss_config, tp_group=avsd.groups.tp)
+        worst, scale = 0.0, 0.0
+        with torch.no_grad():
+            for mb_a, mb_b in zip(padded.micro_batches, packed.micro_batches):
+                a = step(iter([(mb_a, None)]), model)[0].logits.float()
+                b = step(iter([(mb_b, None)]), model)[0].logits.float()
+                worst, scale = max(worst, float((a - b).abs().max())), max(scale, float(a.abs().max()))
+        out["logits_rel"] = worst / max(scale, 1e-30)
+    runs = []
+    for batch in (padded, packed):
+        avsd.zero_grads()
+        teacher = avsd.score_teachers(batch)
+        per_microbatch = avsd.update_student(batch, teacher)
+        grads = [p.main_grad.detach().float().clone() if hasattr(p, "main_grad") else p.grad.detach().float().clone()
+                 for p in model.parameters() if p.requires_grad]
+        runs.append((teacher, _loss(per_microbatch), grads))
+    avsd.zero_grads()
+    (teacher_a, loss_a, grads_a), (teacher_b, loss_b, grads_b) = runs
+    if last:
+        out["view_logprob_abs"] = max(float((a.view_logprobs - b.view_logprobs).abs().max())
+                                      for a, b in zip(teacher_a, teacher_b))
+        out["loss_rel"] = abs(loss_a - loss_b) / max(abs(loss_a), 1e-30)
+    dot = torch.stack([(a * b).sum() for a, b in zip(grads_a, grads_b)]).sum()
+    norms = torch.stack([torch.stack([(a * a).sum(), (b * b).sum()]) for a, b in zip(grads_a, grads_b)]).sum(0)
+    totals = torch.cat([dot.view(1), norms])
+    dist.all_reduce(totals, group=parallel_state.get_model_parallel_group())  # the whole model's gradient
+    out["grad_cosine"] = float(totals[0] / (totals[1].sqrt() * totals[2].sqrt()).clamp(min=1e-30))
+    out["pass"] = all(out[k] >= v if k == "grad_cosine" else out[k] <= v
+                      for k, v in PACKED_TOLERANCES.items() if k in out)
+    return out
 
 
 def ce_forward_step(data_iterator, model):
@@ -316,10 +387,20 @@ def runnable(args: argparse.Namespace, providers: frozenset[str]) -> list[str]:
         unknown = sorted(set(wanted) - set(VARIANTS))
         if unknown:
             raise SystemExit(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+        if "avsd/packed" in wanted and (args.cpu_smoke or args.local_spec or "transformer_engine" not in providers):
+            raise SystemExit("--variants avsd/packed needs Transformer Engine on CUDA (THD attention); the local spec "
+                             "and --cpu-smoke cannot run it")
         return wanted
     names = list(CPU_VARIANTS if args.cpu_smoke else VARIANTS)
     if (args.tp < 2 or args.local_spec) and "avsd/sp" in names:
         names.remove("avsd/sp")
+    if "avsd/packed" in names and (args.local_spec or "transformer_engine" not in providers):
+        names.remove("avsd/packed")
+        print("# avsd/packed skipped: packed (THD) rows need Transformer Engine's attention "
+              "(parallel.sequence_packing)")
+    if args.cpu_smoke:
+        print("# avsd/packed not in the CPU smoke: the local spec has no THD attention "
+              "(tests/hook/test_packing.py checks packing on CPU)")
     return names
 
 
@@ -334,7 +415,8 @@ def run_variant(args: argparse.Namespace, name: str) -> dict:
 
     cfg = train_config(args, VARIANTS[name])
     model, optimizer, _ = build(args, cfg)
-    batch = synthetic_batch(args, cfg, parallel_state.get_data_parallel_rank())
+    padded = synthetic_batch(args, cfg, parallel_state.get_data_parallel_rank())
+    batch = packed_batch(args, cfg, padded) if cfg.parallel.sequence_packing else padded
     teacher = build_teacher(cfg.avsd.teacher_config(), model.parameters(), model, optimizer)
     groups = MegatronGroups.from_parallel_state()
     vocab = hf_config(args)["vocab_size"]
@@ -381,6 +463,7 @@ def run_variant(args: argparse.Namespace, name: str) -> dict:
         return times, None
 
     phases = ce_phases if name == "ce" else avsd_phases
+    check = packed_check(model, avsd, padded, batch) if batch.packed else None
     if not args.cpu_smoke:
         torch.cuda.reset_peak_memory_stats()
     for _ in range(args.warmup):
@@ -403,6 +486,10 @@ def run_variant(args: argparse.Namespace, name: str) -> dict:
         last_loss=losses[-1],
         num_microbatches=batch.num_microbatches,
         seq=(batch.student_seq_length, batch.teacher_seq_length),
+        row_lengths=[(mb.student.row_lengths.tolist(), mb.teacher.row_lengths.tolist())
+                     for mb in padded.micro_batches],
+        completion_tokens=padded.num_tokens,
+        packed_check=check,
     )
     return result  # the model, optimizer and teacher die with this frame; measure() collects them
 
@@ -453,22 +540,26 @@ def measure(args: argparse.Namespace) -> dict:
     shape = TOY if args.cpu_smoke else QWEN3_8B
     world = dist.get_world_size()
     for name, r in results.items():
-        len_s, len_t = r["seq"]
-        rows_s, rows_t = args.micro_batch_size, args.views * args.micro_batch_size
-        n = args.micro_batch_size * args.completion
-        student_fwd = forward_flops(shape, rows_s, len_s, n, args.layers)
+        n = r["completion_tokens"]  # this rank's completion tokens over its micro-batches
+
+        def rows_flops(lengths, output_positions=0):
+            return sum(forward_flops(shape, 1, length, 0, args.layers) for length in lengths) + \
+                forward_flops(shape, 0, 0, output_positions, args.layers)
+
+        student = [length for s, _ in r["row_lengths"] for length in s]
+        teacher = [length for _, t in r["row_lengths"] for length in t]
         if name == "ce":
-            flops = r["num_microbatches"] * 3 * forward_flops(shape, rows_s, len_s, rows_s * len_s, args.layers)
+            flops = 3 * rows_flops(student, sum(student))
         else:
-            flops = r["num_microbatches"] * (
-                forward_flops(shape, rows_t, len_t, args.views * n, args.layers) + 3 * student_fwd)
-        r["trained_tps"] = r["num_microbatches"] * n * dp_size / r["step_s"]
+            flops = rows_flops(teacher, args.views * n) + 3 * rows_flops(student, n)
+        r["trained_tps"] = n * dp_size / r["step_s"]
         r["tflops_per_gpu"] = flops * dp_size / r["step_s"] / world / 1e12
         r["mfu"] = r["tflops_per_gpu"] / args.peak_tflops
         base = results.get(LOSS_BASE.get(name, "avsd"), {})
         base_loss = base.get("last_loss") if base.get("dtype") == r["dtype"] else None  # fp32 vs bf16: meaningless
         r["loss_minus_base"] = (None if r["last_loss"] is None or base_loss is None
                                 else r["last_loss"] - base_loss)
+        r.pop("row_lengths")
     if dist.get_rank() == 0:
         print_table(args, results, providers, dp_size)
         if not args.cpu_smoke:  # the planner models Qwen3-8B's layer shape on a GPU type, not the toy on CPU
@@ -497,6 +588,10 @@ def print_table(args: argparse.Namespace, results: dict, providers: frozenset[st
 
     for name, r in results.items():
         phases = ", ".join(f"{k} {v:.3f}" for k, v in r["phases"].items())
+        check = r.get("packed_check")
+        if check is not None:  # rank 0's view (the loss and view log-probs are the last stage's)
+            parts = ", ".join(f"{k} {v:.3g}" for k, v in check.items() if k != "pass")
+            phases += f"; packed = padded: {'PASS' if check['pass'] else 'FAIL'} ({parts})"
         print(f"| {name} | {r['step_s']:.3f} | {r['trained_tps']:,.0f} | {r['tflops_per_gpu']:.1f} | "
               f"{r['mfu']:.1%} | {fmt(r['peak_gib'], '.1f')} | {fmt(r['freed_gib'], '.2f')} | "
               f"{fmt(r['swap_s'], '.3f')} | {r['restore'] or '-'}, {r['teacher_buffers_gib']:.2f} | "

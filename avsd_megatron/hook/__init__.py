@@ -4,6 +4,7 @@
 |---------------------|-------------------------------------------------------------------------------------------|
 | `batch`             | `build_avsd_batch`: student and M teacher rows (none for GRPO), contiguous positions,     |
 |                     | completion indices, the pad-id loss mask                                                  |
+| `packing`           | `pack_batch`: a batch's rows back to back (THD, cu_seqlens, `PackedSeqParams`)            |
 | `completion_output` | `GPTModel(output_processor=...)`: the output layer only at completion positions           |
 | `scoring`           | `score_teachers`: one forward-only schedule over all M·B teacher rows                     |
 | `teacher_kinds`     | frozen θ₀ / live / EMA teachers (weights swapped in place, restored bit for bit)          |
@@ -33,6 +34,7 @@ from avsd_megatron.hook.loss import (
     avsd_microbatch_loss,
 )
 from avsd_megatron.hook.master_restore import MasterRestore
+from avsd_megatron.hook.packing import PackedLayout, pack_batch, packed_seq_params, packing_multiples
 from avsd_megatron.hook.scoring import TeacherScoringStep, score_teachers
 from avsd_megatron.hook.step import AVSDStep, MegatronGroups, StepResult, reduce_metrics
 from avsd_megatron.hook.teacher_kinds import (
@@ -60,6 +62,7 @@ __all__ = [
     "LiveTeacher",
     "MasterRestore",
     "MegatronGroups",
+    "PackedLayout",
     "StepResult",
     "StreamInputs",
     "Teacher",
@@ -72,6 +75,9 @@ __all__ = [
     "completion_hidden_states",
     "completion_logits",
     "output_weight_of",
+    "pack_batch",
+    "packed_seq_params",
+    "packing_multiples",
     "project_to_logits",
     "reduce_metrics",
     "score_teachers",

@@ -1,6 +1,7 @@
 """AVSD batch layout: per prompt one student sequence and M teacher sequences that share the sampled completion.
 
-Each micro-batch of B prompts is laid out as two forward-pass inputs, one per stream (padding, not packing):
+Each micro-batch of B prompts is laid out as two forward-pass inputs, one per stream (padding; `packing.pack_batch`
+turns a batch into its packed THD twin, each stream's rows back to back in one [1, T] row):
 
     student  B rows      row b         = [student prompt_b      | completion_b | pad ...]   length L_s
     teacher  M * B rows  row m * B + b = [teacher prompt_{m, b} | completion_b | pad ...]   length L_t
@@ -28,8 +29,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # packing.py imports this module
+    from avsd_megatron.hook.packing import PackedLayout
 
 __all__ = ["AVSDBatch", "AVSDMicroBatch", "StreamInputs", "build_avsd_batch"]
 
@@ -39,28 +44,40 @@ class StreamInputs:
     """Inputs of one forward pass (the student's B rows or the teachers' M * B rows) of one micro-batch.
 
     Attributes:
-        tokens: [R, L] int64 token ids, right-padded with `pad_id`.
-        position_ids: [R, L] int64, 0 .. L - 1 in every row.
+        tokens: [R, L] int64 token ids, right-padded with `pad_id`; packed: [1, T] (`packing.pack_stream`).
+        position_ids: [R, L] int64, 0 .. L - 1 in every row; packed: [1, T], restarting at 0 in every segment.
         gather_index: [K] int64 flat indices `position * R + row` into [L * R] (sequence-first) of the positions
             whose output predicts a completion token; K = N for the student, K = M * N (views first) for the
-            teachers.
+            teachers. Packed: `row_start + position` into [T], same order.
+        row_lengths: [R] int64 real row lengths (prompt + completion); None if the stream was built by hand.
+        packing: the `packing.PackedLayout` of a packed stream (cu_seqlens); None = padded.
     """
 
     tokens: torch.Tensor
     position_ids: torch.Tensor
     gather_index: torch.Tensor
+    row_lengths: torch.Tensor | None = None
+    packing: PackedLayout | None = None
 
     @property
     def num_rows(self) -> int:
-        return self.tokens.shape[0]
+        """R, the rows of the stream (also when they are packed into one)."""
+        return self.tokens.shape[0] if self.packing is None else self.packing.num_rows
 
     @property
     def seq_length(self) -> int:
+        """L (padded) or T (packed)."""
         return self.tokens.shape[1]
 
     def to(self, device: torch.device | str) -> StreamInputs:
         """A copy with every tensor on `device`."""
-        return StreamInputs(self.tokens.to(device), self.position_ids.to(device), self.gather_index.to(device))
+        return StreamInputs(
+            self.tokens.to(device),
+            self.position_ids.to(device),
+            self.gather_index.to(device),
+            None if self.row_lengths is None else self.row_lengths.to(device),
+            None if self.packing is None else self.packing.to(device),
+        )
 
 
 @dataclass(frozen=True)
@@ -114,8 +131,10 @@ class AVSDBatch:
         micro_batches: the micro-batches, in the order the schedules consume them.
         view_names: the M view names (teacher row m * B + b carries view m).
         micro_batch_size: B prompts per micro-batch.
-        student_seq_length: L_s, row length of every student row.
-        teacher_seq_length: L_t, row length of every teacher row (0 without teacher rows).
+        student_seq_length: L_s, row length of every student row; packed: T_s, the student pack's length.
+        teacher_seq_length: L_t, row length of every teacher row (0 without teacher rows); packed: T_t.
+        pad_id: the pad token id the rows were built with (None if unknown).
+        packed: whether every stream is packed (`packing.pack_batch`): one [1, T] row per stream and micro-batch.
     """
 
     micro_batches: tuple[AVSDMicroBatch, ...]
@@ -123,6 +142,19 @@ class AVSDBatch:
     micro_batch_size: int
     student_seq_length: int
     teacher_seq_length: int
+    pad_id: int | None = None
+    packed: bool = False
+
+    def schedule_shape(self, stream: str) -> tuple[int, int]:
+        """(seq_length, micro_batch_size) for Megatron's schedule of the 'student' or 'teacher' stream: (L, rows)
+        padded, (T, 1) packed (the p2p shape of pipeline_parallel/schedules.py:2110-2116)."""
+        if stream == "student":
+            length, rows = self.student_seq_length, self.micro_batch_size
+        elif stream == "teacher":
+            length, rows = self.teacher_seq_length, self.num_views * self.micro_batch_size
+        else:
+            raise ValueError(f"stream={stream!r} is not 'student' or 'teacher'")
+        return (length, 1) if self.packed else (length, rows)
 
     @property
     def num_microbatches(self) -> int:
@@ -145,6 +177,8 @@ class AVSDBatch:
             self.micro_batch_size,
             self.student_seq_length,
             self.teacher_seq_length,
+            self.pad_id,
+            self.packed,
         )
 
 
@@ -260,22 +294,23 @@ def build_avsd_batch(
                 completion_lengths=torch.tensor([len(c) for c in comps], dtype=torch.long),  # [B]
             )
         )
-    return AVSDBatch(tuple(micro_batches), names, micro_batch_size, student_len, teacher_len)
+    return AVSDBatch(tuple(micro_batches), names, micro_batch_size, student_len, teacher_len, pad_id)
 
 
 def _stream(prompts: list[torch.Tensor], completions: list[torch.Tensor], length: int, pad_id: int) -> StreamInputs:
     """Rows [prompt_r | completion_r | pad], positions 0..L-1, and the flat gather index in row order."""
     num_rows = len(prompts)
     tokens = torch.full((num_rows, length), pad_id, dtype=torch.long)  # [R, L]
-    index = []
+    index, lengths = [], []
     for row, (prompt, comp) in enumerate(zip(prompts, completions)):
         p, t = len(prompt), len(comp)
         tokens[row, :p] = prompt
         tokens[row, p : p + t] = comp
         predicting = torch.arange(p - 1, p - 1 + t, dtype=torch.long)  # position P - 1 + j predicts y_j
         index.append(predicting * num_rows + row)  # flat index into [L * R] (sequence-first)
+        lengths.append(p + t)
     position_ids = torch.arange(length, dtype=torch.long).expand(num_rows, length).contiguous()  # [R, L]
-    return StreamInputs(tokens, position_ids, torch.cat(index))
+    return StreamInputs(tokens, position_ids, torch.cat(index), torch.tensor(lengths, dtype=torch.long))
 
 
 def _ids(name: str, seq: Sequence[int], vocab_size: int | None) -> torch.Tensor:

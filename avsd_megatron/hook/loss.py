@@ -40,6 +40,7 @@ import torch
 
 from avsd_megatron.hook.batch import AVSDMicroBatch
 from avsd_megatron.hook.completion_output import CompletionLogits, completion_logits
+from avsd_megatron.hook.packing import packed_seq_params
 from avsd_megatron.signals.candidate import WEIGHT_MODES
 from avsd_megatron.signals.sampled import GATE_MODES, MODES, GateParams
 from avsd_megatron.vocab_parallel import (
@@ -321,9 +322,10 @@ class AVSDForwardStep:
     def __call__(self, data_iterator: Iterator, model: torch.nn.Module):
         micro_batch, teacher = next(data_iterator)
         output = model(
-            micro_batch.student.tokens,  # [B, L_s]
-            micro_batch.student.position_ids,  # [B, L_s], 0..L_s-1
+            micro_batch.student.tokens,  # [B, L_s]; packed: [1, T_s]
+            micro_batch.student.position_ids,  # [B, L_s], 0..L_s-1; packed: 0.. per segment
             None,  # causal mask; right padding cannot reach real tokens
+            packed_seq_params=packed_seq_params(micro_batch.student),  # None unless packed (THD)
             output_processor=self._student_logits,
             output_processor_context=micro_batch.student.gather_index,
         )

@@ -4,8 +4,8 @@
 
 runs `get_forward_backward_func()(forward_only=True, collect_non_loss_data=True)` with `batch.num_microbatches`
 micro-batches of `M * B` rows (all views of the micro-batch's B prompts together, not M separate passes) and row
-length L_t, inside `teacher.scoring_weights()` (frozen / EMA weights swapped in, spec 3.2), `torch.no_grad()` and
-eval mode. On the last pipeline stage a `GPTModel` output_processor selects the M * N completion-predicting rows
+length L_t (or, packed, one [1, T_t] row of M * B segments: `packing.py`), inside `teacher.scoring_weights()`
+(frozen / EMA weights swapped in, spec 3.2), `torch.no_grad()` and eval mode. On the last pipeline stage a `GPTModel` output_processor selects the M * N completion-predicting rows
 of the final hidden states (`completion_output`) and reduces them at once to what the loss needs, so neither full
 [L_t, M * B, V/tp] logits nor teacher logits outlive the micro-batch:
 
@@ -28,6 +28,7 @@ import torch
 from avsd_megatron.hook.batch import AVSDBatch, AVSDMicroBatch
 from avsd_megatron.hook.completion_output import completion_hidden_states, output_weight_of, project_to_logits
 from avsd_megatron.hook.loss import AVSD_LOSS_KINDS, AVSDLossConfig, TeacherOutputs
+from avsd_megatron.hook.packing import packed_seq_params
 from avsd_megatron.hook.teacher_kinds import Teacher
 from avsd_megatron.vocab_parallel import CandidateSet, sampled_token_logprobs, teacher_candidates
 
@@ -56,16 +57,18 @@ class TeacherScoringStep:
     def __call__(self, data_iterator, model: torch.nn.Module):
         micro_batch: AVSDMicroBatch = next(data_iterator)
         output = model(
-            micro_batch.teacher.tokens,  # [M * B, L_t], row m * B + b
-            micro_batch.teacher.position_ids,  # [M * B, L_t], 0..L_t-1
+            micro_batch.teacher.tokens,  # [M * B, L_t], row m * B + b; packed: [1, T_t]
+            micro_batch.teacher.position_ids,  # [M * B, L_t], 0..L_t-1; packed: 0.. per segment
             None,  # causal mask
+            packed_seq_params=packed_seq_params(micro_batch.teacher),  # None unless packed (THD)
             output_processor=self._process,
             output_processor_context=micro_batch,
         )
         return output, _pass_through
 
     def _process(self, *, hidden_states, output_layer, output_weight, context, scale_logits, **unused):
-        """GPTModel output_processor (last stage): hidden [L_t, M * B, H] -> `TeacherOutputs` of this micro-batch."""
+        """GPTModel output_processor (last stage): hidden [L_t, M * B, H] (packed: [T_t, 1, H]) -> `TeacherOutputs`
+        of this micro-batch."""
         micro_batch: AVSDMicroBatch = context
         selected = completion_hidden_states(
             hidden_states,
@@ -175,6 +178,7 @@ def score_teachers(
 
         forward_backward_func = get_forward_backward_func()
     step = TeacherScoringStep(config, tp_group=tp_group, copy_output_weight=teacher.kind != "live")
+    seq_length, rows = batch.schedule_shape("teacher")  # (L_t, M * B) rows per micro-batch; packed (T_t, 1)
     was_training = model.training
     model.eval()
     try:
@@ -184,8 +188,8 @@ def score_teachers(
                 data_iterator=iter(batch.micro_batches),
                 model=[model],
                 num_microbatches=batch.num_microbatches,
-                seq_length=batch.teacher_seq_length,
-                micro_batch_size=batch.num_views * batch.micro_batch_size,  # M * B rows per micro-batch
+                seq_length=seq_length,
+                micro_batch_size=rows,
                 forward_only=True,
                 collect_non_loss_data=True,
             )

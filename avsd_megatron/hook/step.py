@@ -175,13 +175,14 @@ class AVSDStep:
                 "score the same batch"
             )
         forward_step = AVSDForwardStep(self.loss_config, tp_group=self.groups.tp, view_names=batch.view_names)
+        seq_length, rows = batch.schedule_shape("student")  # (L_s, B); packed (T_s, 1)
         return self.forward_backward_func(
             forward_step_func=forward_step,
             data_iterator=iter(list(zip(batch.micro_batches, teacher_outputs))),
             model=[self.model],
             num_microbatches=batch.num_microbatches,
-            seq_length=batch.student_seq_length,
-            micro_batch_size=batch.micro_batch_size,
+            seq_length=seq_length,
+            micro_batch_size=rows,
             forward_only=False,
         )
 

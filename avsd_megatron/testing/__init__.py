@@ -5,6 +5,8 @@
 | `launcher`      | `run_on_ranks(fn, W, ...)`: W gloo ranks in spawned processes; `init_megatron(tp, pp)`   |
 | `tiny_qwen3`    | `tiny_qwen3_config()`, `build_tiny_gpt_model()`: a 2-layer Qwen3-shaped `GPTModel`        |
 | `full_state`    | `load_full_state_into()`, `gather_full_state()`: TP1PP1 weights <-> a rank's TP/PP shard  |
+| `thd_attention` | `THDDotProductAttention`: the local core attention, also for packed (THD) input (imports  |
+|                 | Megatron: import it from the module, not from this package)                             |
 
 Only `tests/` imports this package (`tests/test_layering.py`). The CPU patches themselves are production code
 (`avsd_megatron.runtime`, which the CPU trainer installs); `init_megatron` applies them inside launched ranks.

@@ -95,6 +95,7 @@ def build_tiny_gpt_model(
     seed: int = 0,
     share_embeddings_and_output_weights: bool = False,
     rotary_base: int = QWEN3_ROPE_THETA,
+    core_attention: type | None = None,
 ) -> GPTModel:
     """Build a `GPTModel` with the local layer spec (RMSNorm + QK-norm) for this rank's pipeline stage.
 
@@ -108,6 +109,8 @@ def build_tiny_gpt_model(
             caller's RNG state is untouched and the same seed gives the same logical weights at any TP size.
         share_embeddings_and_output_weights: tie the output layer to the embedding (Qwen3 <= 4B); default untied.
         rotary_base: RoPE theta.
+        core_attention: a replacement for the local spec's `DotProductAttention` class (e.g.
+            `testing.thd_attention.THDDotProductAttention`, which also takes packed input); None = the spec's.
     Returns:
         the rank-local `GPTModel` (fp32, CPU, train mode).
     Raises:
@@ -136,6 +139,8 @@ def build_tiny_gpt_model(
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
 
     layer_spec = get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization=config.normalization)
+    if core_attention is not None:
+        layer_spec.submodules.self_attention.submodules.core_attention = core_attention
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = GPTModel(

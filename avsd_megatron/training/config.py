@@ -176,6 +176,15 @@ class ParallelConfig:
     reduce-scatter + all-gather; the trainer pads every row to a multiple of tp (`build_avsd_batch`'s
     pad_to_multiple_of). Default off, as in Megatron-Bridge's Qwen3-8B recipe (sequence_parallel=False at TP4,
     recipes/qwen/qwen3.py)."""
+    sequence_packing: bool = False
+    """Pack each micro-batch's rows back to back (THD: `hook/packing.py`, one [1, T] row per stream with
+    PackedSeqParams cu_seqlens, positions restarting per row) instead of padding every row to the longest, for the
+    student and the M view rows, as NeMo-RL, veRL and slime do. Needs Transformer Engine's attention (the local
+    spec's refuses packed input, megatron/core/transformer/dot_product_attention.py:153), so model.layer_spec='te',
+    a CUDA device and an importable transformer_engine; refused otherwise, naming this field. Off by default until
+    its GPU equivalence check (`benchmarks/gpu_step.py --variants avsd,avsd/packed --ragged`, run by the gpu test of
+    tests/hook/test_packing.py) has passed on a device; then it is meant to be on where TE is present. On CPU the
+    packing is tested around the attention, and the model with THD-semantics local attention (same file)."""
     overlap_grad_reduce: bool = True
     """DDP: start each gradient bucket's all-reduce / reduce-scatter during the backward pass (the trainer then
     hands Megatron's schedule `model.no_sync`, so only the last micro-batch's backward launches it). On, as in
@@ -650,6 +659,12 @@ class TrainConfig:
                     "distributed optimizer's master is the parameter itself, which the teacher overwrites; set "
                     "avsd.teacher_restore='auto' or 'swap'"
                 )
+        if self.parallel.sequence_packing and self.model.layer_spec != "te":
+            raise ConfigError(
+                "parallel.sequence_packing=True needs model.layer_spec='te': only Transformer Engine's attention runs "
+                "packed (THD) rows; the local spec's refuses them (megatron/core/transformer/"
+                "dot_product_attention.py:153)"
+            )
         if self.parallel.sequence_parallel and self.model.layer_spec != "te":
             raise ConfigError(
                 "parallel.sequence_parallel=True needs model.layer_spec='te' (the local spec's torch norms refuse "

@@ -13,6 +13,8 @@ megatron-core does (a failing import = absent), so a broken install counts as mi
 | apply_rope_fusion            | cuda, transformer_engine                         | transformer_config.py:2183       |
 | masked_softmax_fusion        | cuda + transformer_engine (te) / Apex (local)    | dot_product_attention.py:104     |
 | gradient_accumulation_fusion | cuda, fused_weight_gradient_mlp_cuda (+ TE, te)  | tensor_parallel/layers.py:1070   |
+
+`check_sequence_packing` refuses `parallel.sequence_packing` without CUDA and Transformer Engine (THD attention).
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ from collections.abc import Callable, Collection
 
 import torch
 
-from avsd_megatron.training.config import ConfigError, ModelConfig
+from avsd_megatron.training.config import ConfigError, ModelConfig, ParallelConfig
 
-__all__ = ["FUSIONS", "PROVIDER_MODULES", "detect_providers", "fusion_requirements", "resolve_fusions"]
+__all__ = [
+    "FUSIONS", "PACKING_PROVIDERS", "PROVIDER_MODULES", "check_sequence_packing", "detect_providers",
+    "fusion_requirements", "resolve_fusions",
+]
 
 PROVIDER_MODULES = {
     "triton": "triton",  # torch.compile's GPU code generator
@@ -34,6 +39,8 @@ PROVIDER_MODULES = {
 }
 """Provider name -> the module megatron-core imports for it ('cuda' is torch.cuda.is_available())."""
 FUSIONS = ("bias_activation_fusion", "apply_rope_fusion", "masked_softmax_fusion", "gradient_accumulation_fusion")
+PACKING_PROVIDERS = ("cuda", "transformer_engine")
+"""What packed (THD) rows need: TE's fused attention with cu_seqlens (extensions/transformer_engine.py:2012-2045)."""
 
 
 def _importable(module: str) -> bool:
@@ -79,3 +86,17 @@ def resolve_fusions(model: ModelConfig, providers: Collection[str]) -> dict[str,
                               "null (on where available) or false")
         switches[name] = not missing if wanted is None else bool(wanted)
     return switches
+
+
+def check_sequence_packing(parallel: ParallelConfig, providers: Collection[str]) -> None:
+    """Refuse `parallel.sequence_packing=True` on a machine without PACKING_PROVIDERS (no silent fallback to padding).
+
+    Raises:
+        ConfigError: naming parallel.sequence_packing and what is missing.
+    """
+    missing = [p for p in PACKING_PROVIDERS if p not in providers]
+    if parallel.sequence_packing and missing:
+        what = ", ".join(f"{p} (import {PROVIDER_MODULES[p]})" if p in PROVIDER_MODULES else "a CUDA device"
+                         for p in missing)
+        raise ConfigError(f"parallel.sequence_packing=True needs {what}, which is not available here: packed (THD) "
+                          "rows run only in Transformer Engine's attention; set parallel.sequence_packing=false")

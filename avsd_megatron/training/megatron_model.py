@@ -7,7 +7,8 @@
 
 Modes come from `TrainConfig` fields, each read once here: `model.dtype`, `model.layer_spec` ('local' on CPU, 'te'
 on GPU), `model.recompute`, the `model.*_fusion` switches (`kernels.resolve_fusions`: on where their provider is
-detected), `parallel.sequence_parallel`, the DDP fields of `parallel` (overlap_grad_reduce, overlap_param_gather,
+detected), `parallel.sequence_parallel`, `parallel.sequence_packing` (only checked here: it needs CUDA and TE; the
+trainer packs the batches), the DDP fields of `parallel` (overlap_grad_reduce, overlap_param_gather,
 grad_reduce_in_fp32, ddp_bucket_size) and `optim.distributed_optimizer`. `calculate_per_token_loss=True` and
 `finalize_model_grads_func` are always set (AVSDStep requires both). `on_cpu` adds the TransformerConfig switches
 CPU runs need (no fused kernels, CPU init, plain p2p; see `runtime.megatron_cpu` for the runtime patches).
@@ -32,7 +33,7 @@ from avsd_megatron.convert import (
 )
 from avsd_megatron.convert.fingerprint import hf_fingerprint
 from avsd_megatron.training.config import TrainConfig
-from avsd_megatron.training.kernels import detect_providers, resolve_fusions
+from avsd_megatron.training.kernels import check_sequence_packing, detect_providers, resolve_fusions
 from avsd_megatron.training.notices import notice
 
 __all__ = [
@@ -67,9 +68,11 @@ def transformer_overrides(cfg: TrainConfig, *, on_cpu: bool, providers: frozense
     """The TransformerConfig switches of `cfg` on this machine (`providers`: `kernels.detect_providers()`).
 
     Raises:
-        ConfigError: a model.*_fusion field set to True whose provider is absent (on CPU: every one).
+        ConfigError: a model.*_fusion field set to True whose provider is absent (on CPU: every one), or
+            parallel.sequence_packing without CUDA and Transformer Engine.
     """
     providers = detect_providers() if providers is None else providers
+    check_sequence_packing(cfg.parallel, providers)  # THD rows need TE's attention on CUDA
     overrides = dict(calculate_per_token_loss=True, **RECOMPUTE[cfg.model.recompute])
     overrides |= resolve_fusions(cfg.model, providers)
     overrides["sequence_parallel"] = cfg.parallel.sequence_parallel

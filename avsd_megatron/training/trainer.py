@@ -47,6 +47,7 @@ One step (`train_step`), per rank:
   output, the traceback, ...) is the feedback view's payload;
 - `build_batch()`: `build_avsd_batch` of student rows and M view rows sharing each completion (none for grpo);
   completion tokens equal to the pad id leave the loss unless avsd.train_pad_tokens (the reference, spec 3.5);
+  with parallel.sequence_packing each stream's rows are packed back to back (THD, `hook/packing.pack_batch`);
 - `score_teachers()` (avsd) and `update_student()` (`AVSDStep`'s phases), then the optimizer step and the teacher
   update;
 - `sync_weights()` every `rollout.sync_every` steps: `export_hf_weights` -> `engine.update_weights`;
@@ -64,9 +65,10 @@ counts (passed, wrong_answer, syntax_error, runtime_error, timeout, extraction_f
 feedback/prompts_skipped and rollout/pass_rate (`tasks`), and their generation records the feedback status and
 payload of each logged completion.
 
-Raises at construction (`ValueError`/`ConfigError` naming the field, `SandboxUnavailableError`): a parallel layout
-that differs from an already-initialised Megatron, prompts_per_step not divisible by micro_batch_size * dp, a code
-run whose bubblewrap is missing or unusable (sandbox.unsafe_subprocess=false), a dataset whose every prompt is over
+Raises at construction (`ValueError`/`ConfigError` naming the field, `SandboxUnavailableError`):
+parallel.sequence_packing without CUDA and Transformer Engine, a parallel layout that differs from an
+already-initialised Megatron, prompts_per_step not divisible by micro_batch_size * dp, a code run whose bubblewrap
+is missing or unusable (sandbox.unsafe_subprocess=false), a dataset whose every prompt is over
 prompts.max_prompt_tokens (at the first step).
 """
 
@@ -93,6 +95,7 @@ from avsd_megatron.convert.safetensors_io import copy_hf_assets
 from avsd_megatron.data.examples import CodeExample, MathExample, load_examples
 from avsd_megatron.data.prompts import EncodedPrompts, PromptReport
 from avsd_megatron.hook.batch import AVSDBatch, build_avsd_batch
+from avsd_megatron.hook.packing import pack_batch, packing_multiples
 from avsd_megatron.hook.step import AVSDStep, MegatronGroups, StepResult, reduce_metrics
 from avsd_megatron.hook.teacher_kinds import build_teacher
 from avsd_megatron.rollout.engine import Completion, SamplingParams, request_seed
@@ -107,6 +110,7 @@ from avsd_megatron.training.checkpointing import (
     remove_checkpoints,
 )
 from avsd_megatron.training.config import ConfigError, TrainConfig, dump_config, to_dict
+from avsd_megatron.training.kernels import check_sequence_packing, detect_providers
 from avsd_megatron.training.megatron_model import DTYPES, build_gpt_model, build_optimizer, initial_checkpoint, wrap_ddp
 from avsd_megatron.training.metrics_log import MetricsLog, PhaseTimer
 from avsd_megatron.training.notices import notice
@@ -219,6 +223,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, *, engine: Any = None, progress: bool = True) -> None:
         self.cfg = cfg
         self.on_cpu = not torch.cuda.is_available()
+        if cfg.parallel.sequence_packing:  # before anything is loaded: THD needs TE on CUDA
+            check_sequence_packing(cfg.parallel, detect_providers())
         self.rank = dist.get_rank()
         self.groups = _init_parallel(cfg)
         self.dp_rank, self.dp_size = self.groups["dp_rank"], self.groups["dp_size"]
@@ -348,7 +354,7 @@ class Trainer:
     def build_batch(self, rollout: Rollout, rows: TeacherRows) -> AVSDBatch:
         n = self.cfg.rollout.n
         prompts = [p for p in rollout.prompts for _ in range(n)]  # completions of a prompt are consecutive
-        return build_avsd_batch(
+        batch = build_avsd_batch(
             [p.student_ids for p in prompts],
             rows.ids,
             [list(c.token_ids) for c in rollout.completions],
@@ -358,6 +364,11 @@ class Trainer:
             train_pad_tokens=self.cfg.avsd.train_pad_tokens,
             pad_to_multiple_of=self.cfg.parallel.tp if self.cfg.parallel.sequence_parallel else 1,  # SP: S % tp == 0
         )
+        if not self.cfg.parallel.sequence_packing:
+            return batch
+        # THD: each stream's rows back to back; with SP the pack length is a multiple of tp (hook/packing.py)
+        return pack_batch(batch, **packing_multiples(tp=self.cfg.parallel.tp,
+                                                     sequence_parallel=self.cfg.parallel.sequence_parallel))
 
     def set_lr(self) -> float:
         lr = self.cfg.optim.lr_at(self.step, self.cfg.max_steps)

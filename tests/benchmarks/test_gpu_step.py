@@ -1,6 +1,9 @@
 """benchmarks/gpu_step.py's CPU smoke mode (toy shape, gloo, one step per variant) and the device check's report:
 the GPU benchmark's code paths (the trainer's model builders, teacher scoring, student update, optimizer, the
 rollout offload) must keep running, so CI catches breakage before a GPU run does. Timings are not checked.
+The avsd/packed variant's packed = padded check (`gpu_step.packed_check`) runs here on the tiny model whose local
+attention is given THD semantics (`testing/thd_attention.py`): it passes, and it fails when the attention ignores
+the segment boundaries of the pack.
 
 Run: python -m pytest -q tests/benchmarks/test_gpu_step.py
 """
@@ -13,9 +16,11 @@ import os
 import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,26 +60,7 @@ def test_gpu_step_cpu_smoke_runs_every_cpu_variant(tmp_path):
     assert new["teacher_buffers_gib"] == pytest.approx(old["teacher_buffers_gib"] / 2)  # θ₀ only, no swap buffer
     assert new["swap_s"] > 0 and old["swap_s"] > 0
     assert "| avsd/offload-grads |" in proc.stdout  # the markdown table
-
-
-def test_device_report_writes_one_table_and_names_missing_parts(tmp_path):
-    gpu = {"results": {"avsd": {"phases": {"score_teachers": 1.0}, "swap_s": 0.5, "freed_gib": None,
-                                "loss_minus_base": 0.0, "step_s": 2.0, "mfu": 0.4, "peak_gib": 50.0},
-                       "avsd/swap-new": {"phases": {"score_teachers": 0.9}, "swap_s": 0.2, "freed_gib": None,
-                                         "loss_minus_base": 0.0, "step_s": 1.9, "mfu": 0.42, "peak_gib": 50.0,
-                                         "restore": "master", "teacher_buffers_gib": 7.6}}}
-    (tmp_path / "gpu_step.json").write_text(json.dumps(gpu))
-    (tmp_path / "trainer.json").write_text(json.dumps({"rc": 0, "steps_a": [1, 2, 3, 4], "steps_b": [3, 4],
-                                                       "resume_max_loss_diff": 0.0, "ok": True}))
-    subprocess.run([sys.executable, "benchmarks/device_report.py", str(tmp_path)], cwd=ROOT, check=True,
-                   capture_output=True)
-    table = (tmp_path / "device_check.md").read_text().splitlines()
-    assert table[0].startswith("| part | item |") and len(table) == 6
-    assert table[2].startswith("| gpu_step | avsd | 2.000 | 40.0% | 50.0 |")
-    assert table[3].startswith("| gpu_step | avsd/swap-new | 1.900 |")
-    assert "swap 0.200 s; restore master, teacher buffers 7.60 GiB" in table[3]
-    assert table[4] == "| pinned memory | - | - | - | - | no result |"
-    assert "PASS" in table[5] and "[1, 2, 3, 4] then [3, 4]" in table[5]
+    assert "avsd/packed not in the CPU smoke" in proc.stdout  # said, not silently dropped
 
 
 def _gpu_step_module():
@@ -84,6 +70,81 @@ def _gpu_step_module():
     finally:
         sys.path.pop(0)
     return gpu_step
+
+
+def packed_check_rank(broken: bool) -> dict:
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+    from avsd_megatron.hook.batch import build_avsd_batch
+    from avsd_megatron.hook.loss import AVSDLossConfig
+    from avsd_megatron.hook.packing import pack_batch
+    from avsd_megatron.hook.step import AVSDStep, MegatronGroups
+    from avsd_megatron.hook.teacher_kinds import LiveTeacher
+    from avsd_megatron.testing import build_tiny_gpt_model, init_megatron, tiny_qwen3_config
+    from avsd_megatron.testing.thd_attention import THDDotProductAttention
+
+    class PackBlindAttention(THDDotProductAttention):
+        """A broken THD attention: the whole pack as one causal sequence (segment boundaries ignored)."""
+
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                    packed_seq_params=None):
+            if packed_seq_params is None:
+                return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias)
+            return super(THDDotProductAttention, self).forward(
+                query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), None, attn_mask_type=attn_mask_type)
+
+    init_megatron(1, 1)
+    config = tiny_qwen3_config()
+    config.finalize_model_grads_func = finalize_model_grads
+    attention = PackBlindAttention if broken else THDDotProductAttention
+    gpt = build_tiny_gpt_model(config, 64, 64, seed=5, core_attention=attention)
+    model = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), gpt)
+    no_optimizer = types.SimpleNamespace(zero_grad=lambda: None)  # the check runs no optimizer step
+    avsd = AVSDStep(model, no_optimizer, AVSDLossConfig(temperature=0.7), LiveTeacher([]),
+                    groups=MegatronGroups.from_parallel_state())
+    gen = torch.Generator().manual_seed(11)
+
+    def ids():
+        return torch.randint(1, 64, (int(torch.randint(2, 9, (1,), generator=gen)),), generator=gen).tolist()
+
+    padded = build_avsd_batch([ids() for _ in range(4)], [[ids(), ids()] for _ in range(4)],
+                              [ids() for _ in range(4)], view_names=("a", "b"), micro_batch_size=2, pad_id=0)
+    return _gpu_step_module().packed_check(model, avsd, padded, pack_batch(padded))
+
+
+@pytest.mark.integration
+def test_packed_check_passes_for_thd_attention_and_fails_when_it_ignores_the_segments():
+    from avsd_megatron.testing import run_on_ranks
+
+    good = run_on_ranks(packed_check_rank, 1, False, timeout=300)[0]
+    tolerances = _gpu_step_module().PACKED_TOLERANCES
+    assert good["pass"] and set(tolerances) <= set(good)
+    assert good["logits_rel"] < 1e-5 and good["view_logprob_abs"] < 1e-5 and good["grad_cosine"] > 1 - 1e-6
+    bad = run_on_ranks(packed_check_rank, 1, True, timeout=300)[0]
+    assert not bad["pass"] and bad["view_logprob_abs"] > tolerances["view_logprob_abs"]
+
+
+def test_device_report_writes_one_table_and_names_missing_parts(tmp_path):
+    avsd = {"phases": {"score_teachers": 1.0}, "swap_s": 0.5, "freed_gib": None, "loss_minus_base": 0.0,
+            "step_s": 2.0, "mfu": 0.4, "peak_gib": 50.0}
+    swap_new = dict(avsd, phases={"score_teachers": 0.9}, swap_s=0.2, step_s=1.9, mfu=0.42, restore="master",
+                    teacher_buffers_gib=7.6)
+    packed = dict(avsd, step_s=1.5, packed_check={"view_logprob_abs": 0.01, "grad_cosine": 0.999, "pass": True})
+    gpu = {"results": {"avsd": avsd, "avsd/swap-new": swap_new, "avsd/packed": packed}}
+    (tmp_path / "gpu_step.json").write_text(json.dumps(gpu))
+    (tmp_path / "trainer.json").write_text(json.dumps({"rc": 0, "steps_a": [1, 2, 3, 4], "steps_b": [3, 4],
+                                                       "resume_max_loss_diff": 0.0, "ok": True}))
+    subprocess.run([sys.executable, "benchmarks/device_report.py", str(tmp_path)], cwd=ROOT, check=True,
+                   capture_output=True)
+    table = (tmp_path / "device_check.md").read_text().splitlines()
+    assert table[0].startswith("| part | item |") and len(table) == 7
+    assert table[2].startswith("| gpu_step | avsd | 2.000 | 40.0% | 50.0 |") and "packed" not in table[2]
+    assert table[3].startswith("| gpu_step | avsd/swap-new | 1.900 |")
+    assert "swap 0.200 s; restore master, teacher buffers 7.60 GiB" in table[3]
+    assert table[4].startswith("| gpu_step | avsd/packed | 1.500 |")
+    assert "packed = padded PASS (view_logprob_abs 0.01, grad_cosine 0.999)" in table[4]
+    assert table[5] == "| pinned memory | - | - | - | - | no result |"
+    assert "PASS" in table[6] and "[1, 2, 3, 4] then [3, 4]" in table[6]
 
 
 @pytest.mark.parametrize("argv", [[], ["--layers", "8", "--teacher-storage", "device"],

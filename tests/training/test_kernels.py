@@ -11,7 +11,13 @@ import types
 import pytest
 
 from avsd_megatron.training.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig, from_dict
-from avsd_megatron.training.kernels import FUSIONS, PROVIDER_MODULES, detect_providers, resolve_fusions
+from avsd_megatron.training.kernels import (
+    FUSIONS,
+    PROVIDER_MODULES,
+    check_sequence_packing,
+    detect_providers,
+    resolve_fusions,
+)
 from avsd_megatron.training.megatron_model import CPU_OVERRIDES, ddp_config, transformer_overrides
 
 NGC = frozenset({"cuda", "triton", "transformer_engine", "fused_weight_gradient_mlp_cuda", "apex_masked_softmax"})
@@ -97,6 +103,21 @@ def test_transformer_overrides_gpu_and_cpu():
                               providers=frozenset())
 
 
+def test_sequence_packing_is_refused_without_cuda_and_transformer_engine():
+    packing = ParallelConfig(sequence_packing=True)
+    check_sequence_packing(packing, NGC)  # TE on CUDA: fine
+    check_sequence_packing(ParallelConfig(), frozenset())  # off: nothing is needed
+    with pytest.raises(ConfigError, match=r"parallel.sequence_packing=True needs a CUDA device, transformer_engine "
+                                          r"\(import transformer_engine\)"):
+        check_sequence_packing(packing, frozenset())
+    with pytest.raises(ConfigError, match=r"parallel.sequence_packing=True needs transformer_engine .*THD"):
+        check_sequence_packing(packing, frozenset({"cuda", "triton"}))
+    cfg = TrainConfig(parallel=packing)  # the model builder checks before it builds anything
+    with pytest.raises(ConfigError, match=r"parallel.sequence_packing=True needs a CUDA device"):
+        transformer_overrides(cfg, on_cpu=True, providers=frozenset())
+    assert transformer_overrides(cfg, on_cpu=False, providers=NGC)["calculate_per_token_loss"] is True
+
+
 def test_ddp_config_follows_the_parallel_section():
     default = ddp_config(TrainConfig())
     flags = (default.overlap_grad_reduce, default.overlap_param_gather, default.grad_reduce_in_fp32)
@@ -122,6 +143,8 @@ def test_ddp_config_follows_the_parallel_section():
         ({"parallel": {"sequence_parallel": True}}, r"parallel.sequence_parallel=True needs parallel.tp > 1"),
         ({"parallel": {"tp": 2, "sequence_parallel": True}, "model": {"layer_spec": "local"}},
          r"parallel.sequence_parallel=True needs model.layer_spec='te'"),
+        ({"parallel": {"sequence_packing": True}, "model": {"layer_spec": "local"}},
+         r"parallel.sequence_packing=True needs model.layer_spec='te'"),
         ({"parallel": {"ddp_bucket_size": 0}}, r"parallel.ddp_bucket_size=0 must be >= 1"),
         ({"model": {"apply_rope_fusion": "yes"}}, r"model.apply_rope_fusion must be true or false"),
     ],
@@ -134,8 +157,8 @@ def test_config_refuses_parallel_and_kernel_settings_that_cannot_work(data, matc
 def test_config_gpu_defaults_and_yaml_nulls():
     cfg = TrainConfig()
     assert dataclasses.asdict(cfg.parallel) == dict(
-        tp=1, pp=1, sequence_parallel=False, overlap_grad_reduce=True, overlap_param_gather=False,
-        grad_reduce_in_fp32=True, ddp_bucket_size=None,
+        tp=1, pp=1, sequence_parallel=False, sequence_packing=False, overlap_grad_reduce=True,
+        overlap_param_gather=False, grad_reduce_in_fp32=True, ddp_bucket_size=None,
     )
     assert all(getattr(cfg.model, name) is None for name in FUSIONS)
     loaded = from_dict({"model": {"apply_rope_fusion": None, "gradient_accumulation_fusion": False}})
@@ -161,3 +184,12 @@ def test_trainer_pads_rows_to_a_multiple_of_tp_under_sequence_parallelism():
     assert (plain.student_seq_length, plain.teacher_seq_length) == (5, 6)
     sp = batch(ParallelConfig(tp=4, sequence_parallel=True))
     assert (sp.student_seq_length, sp.teacher_seq_length) == (8, 8)
+    assert not plain.packed and not sp.packed
+    # parallel.sequence_packing: rows back to back, student 5 + 3 and teacher 6 + 3 tokens (SP: T a multiple of tp)
+    packed = batch(ParallelConfig(tp=4, sequence_packing=True))
+    assert packed.packed and (packed.student_seq_length, packed.teacher_seq_length) == (8, 9)
+    assert packed.micro_batches[0].student.tokens.tolist() == [[1, 2, 3, 6, 7, 4, 5, 8]]
+    assert packed.micro_batches[0].student.packing.cu_seqlens.tolist() == [0, 5, 8]
+    packed_sp = batch(ParallelConfig(tp=4, sequence_parallel=True, sequence_packing=True))
+    assert (packed_sp.student_seq_length, packed_sp.teacher_seq_length) == (8, 12)
+    assert packed_sp.micro_batches[0].teacher.packing.cu_seqlens_padded.tolist() == [0, 6, 12]
