@@ -21,7 +21,7 @@ Phases (wall time of each goes to summary.json):
    `single`, the baseline avsd.mode=single with full_solution; `grpo`, algorithm=grpo (rewards from math-verify,
    --grpo-n completions of --prompts-per-step / n prompts per step, so it samples as many completions per step as
    the others; no teacher). Same warm start, loss, data order, rollout seeds, lr and steps. Metrics go to
-   `<out>/<run>/metrics.jsonl`.
+   `<out>/<run>/metrics.jsonl`, each run's own output (its plan, library notices) to `<out>/<run>/train.log`.
 6. `export`: the last checkpoint of each run -> `<out>/hf_<run>` (`convert.convert_megatron_to_hf`).
 7. `eval`: `evaluate.evaluate_hf_dir` of hf_warm and every run's model on the first `--heldout` problems of the
    bundled held-out split (disjoint from train), k samples each at the rollout temperature, same seeds
@@ -241,7 +241,9 @@ def _train(cfg_paths: dict[str, Path], threads: int, steps: int, parallel: int =
     machine).
 
     The runs have no bars of their own (two processes would garble one terminal line); one tqdm bar here counts the
-    steps all runs have logged (`steps` each; their metrics.jsonl, next to each config), with rate and ETA."""
+    steps all runs have logged (`steps` each; their metrics.jsonl, next to each config), with rate and ETA. Each
+    run's own output (its plan, library notices, its log lines) goes to `train.log` next to its config, not to the
+    job's terminal; a failed run's error quotes the end of that log."""
     from tqdm import tqdm
 
     failed = []
@@ -255,16 +257,25 @@ def _train(cfg_paths: dict[str, Path], threads: int, steps: int, parallel: int =
                 env = os.environ | {"OMP_NUM_THREADS": str(threads), "MASTER_ADDR": "127.0.0.1",
                                     "MASTER_PORT": str(get_free_port()), "RANK": "0", "WORLD_SIZE": "1"}
                 cmd = [sys.executable, "-m", "avsd_megatron", "train", "--config", str(cfg_path), "--no-progress"]
-                procs[name] = (cmd, subprocess.Popen(cmd, env=env))
-            while any(proc.poll() is None for _, proc in procs.values()):
+                log_path = cfg_path.parent / "train.log"
+                with open(log_path, "ab") as log:  # the child holds its own descriptor
+                    procs[name] = (cmd, log_path, subprocess.Popen(cmd, env=env, stdout=log,
+                                                                   stderr=subprocess.STDOUT))
+            while any(proc.poll() is None for _, _, proc in procs.values()):
                 time.sleep(poll_s)
                 if (done := _steps_logged(metrics)) > bar.n:
                     bar.update(done - bar.n)
-            failed += [f"run {name!r} exit {rc}: {' '.join(cmd)}"
-                       for name, (cmd, proc) in procs.items() if (rc := proc.wait()) != 0]
+            failed += [f"run {name!r} exit {rc}: {' '.join(cmd)}; the end of {log_path}:\n{_tail(log_path)}"
+                       for name, (cmd, log_path, proc) in procs.items() if (rc := proc.wait()) != 0]
         bar.update(_steps_logged(metrics) - bar.n)
     if failed:
-        raise RuntimeError("training failed: " + "; ".join(failed))
+        raise RuntimeError("training failed: " + "\n".join(failed))
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    """The last `lines` non-empty lines of a log (progress-bar carriage returns count as line breaks)."""
+    text = path.read_bytes()[-64_000:].decode("utf-8", errors="replace").replace("\r", "\n")
+    return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
 
 
 def _verdict(delta: float, stderr: float) -> str:

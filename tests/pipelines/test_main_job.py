@@ -55,6 +55,9 @@ def test_main_job_miniature_writes_summary(tmp_path, capfd):
     output = capfd.readouterr()
     for notice in KNOWN_NOTICES:
         assert notice not in output.err and notice not in output.out, notice
+    for name in ("avsd", "single", "grpo"):  # each run's own output (its plan, library notices) is in its train.log
+        assert "verdict: fits" in (out / name / "train.log").read_text(), name
+    assert "verdict: fits" not in output.out and "GPTModel IS DEPRECATED" not in output.out + output.err
     for phase in ("init", "sft", "probe", "convert", "train", "export_avsd", "eval_single"):  # start and duration
         assert re.search(rf"\[main_job\] {phase} \.\.\. \(job at \d+ s\)\n", output.out), phase
         assert re.search(rf"\[main_job\] {phase}: [0-9.]+ s \(job at \d+ s\)\n", output.out), phase
@@ -75,6 +78,18 @@ def _check_summary_png(path, summary):
     fig = plot_summary(summary, labels, {n: path.parent / n for n in ("avsd", "single")}, path.parent / "again.png")
     titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
     assert titles == ["held-out Avg@1 ± s.e. (4 problems)", *(c.title for c in CURVES)]
+
+
+def test_a_failed_run_names_its_log_and_quotes_its_end(tmp_path, capfd):
+    run = tmp_path / "bad"
+    run.mkdir()
+    (run / "config.yaml").write_text("optim:\n  lr: -1.0\n")
+    with pytest.raises(RuntimeError, match="run 'bad' exit 2") as err:
+        main_job._train({"bad": run / "config.yaml"}, threads=1, steps=1, poll_s=0.1)
+    log = (run / "train.log").read_text()
+    assert "optim.lr" in log and "optim.lr" in str(err.value) and str(run / "train.log") in str(err.value)
+    output = capfd.readouterr()
+    assert "optim.lr" not in output.out + output.err  # in the log and the error, not on the terminal
 
 
 def test_paired_stderr_is_the_spread_of_per_problem_differences():
