@@ -50,9 +50,11 @@ result was seen:
 * Prediction of the paper's argument: AVSD >= each single view and >= consensus / arithmetic by more than 2 paired
   s.e., with AVSD's gate lower than under the default data. Any other outcome is reported as measured.
 * Limits: a 4-layer random-init model warm-started by SFT on 3000 synthetic problems; one seed; 2-core CPU.
-  The full design (7 runs x 100 steps + 8 evaluations) should take about half an hour on 2 idle cores (estimated
-  from the default job's measured phases, not measured) and has not been run;
   tests/pipelines/test_main_job.py runs its plumbing at miniature size (numbers there mean nothing).
+* Measured (2026-12-01, 2446 s on 2 shared cores): README "An experiment where views disagree" has the table and
+  its reading. In short: every distillation run improved on the warm start; AVSD tied the single full_solution view
+  (+0.50 ± 0.71 for the view) and the ungated consensus (-0.12 ± 0.45) and led partial_solution, answer_only and the
+  arithmetic mixture by 1.0-1.6 paired s.e.: the prediction (> 2 s.e. against each) was not confirmed.
 
 The loss is `--loss candidate --token-clip 0`: the generalized JSD against the AVSD target over the views' top-k
 union (spec 2.3), without the reference's per-token clamp at 0.05. Clamping from above zeroes the gradient of
@@ -85,8 +87,7 @@ heldout_accuracy_grpo_after (Avg@k, %; None for a run not made), their standard 
 heldout_delta (AVSD - warm start), heldout_delta_single and heldout_delta_grpo with paired standard errors
 (`_paired_stderr`: same problems and seeds), `runs` (per run: Avg@k, s.e., deltas vs the warm start and vs AVSD
 with paired s.e.), `run_stats` (mean / first / last of each STAT_KEYS series), `experiment`, the warm start's view
-probe, pass@k and format rate per model, steps, settings and seconds per phase. The GRPO row of the default job
-has not been measured at full size yet (the table below predates it).
+probe, pass@k and format rate per model, steps, settings and seconds per phase.
 
 Threads: training and evaluation processes use `--threads` intra-op threads (default 1: two busy threads on a shared
 2-core machine were measured over 100x slower per small forward than one, 0.31 s vs 1.3 ms); the SFT's larger

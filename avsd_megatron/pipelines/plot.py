@@ -158,9 +158,12 @@ def plot_summary(summary: Mapping[str, Any], labels: Mapping[str, str], run_dirs
     names = [name for name in labels if name in summary["scores"]]
     means = [summary["scores"][n][f"avg@{k}"] for n in names]
     errors = [summary["scores"][n][f"avg@{k}_stderr"] for n in names]
+    crowded = len(names) > 4  # e.g. the views-disagree experiment's 8 models: slanted names, values on two lines
     bars = ax.bar(range(len(names)), means, yerr=errors, capsize=6, color=[f"C{i}" for i in range(len(names))])
-    ax.bar_label(bars, labels=[f"{m:.1f} ± {e:.1f}" for m, e in zip(means, errors)], padding=3, fontsize=8)
-    ax.set_xticks(range(len(names)), [labels[n] for n in names], fontsize=8)
+    ax.bar_label(bars, labels=[f"{m:.1f}{chr(10) if crowded else ' '}± {e:.1f}" for m, e in zip(means, errors)],
+                 padding=3, fontsize=7 if crowded else 8)
+    ax.set_xticks(range(len(names)), [labels[n] for n in names], fontsize=8, rotation=30 if crowded else 0,
+                  ha="right" if crowded else "center")
     ax.set_ylabel(f"Avg@{k} (%)")
     ax.set_title(f"held-out Avg@{k} ± s.e. ({summary['settings']['heldout']} problems)")
     ax.set_ylim(0, max([m + e for m, e in zip(means, errors)] + [1.0]) * 1.25)
