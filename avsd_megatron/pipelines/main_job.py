@@ -65,8 +65,9 @@ the candidate loss with the clamp gave -0.25 (lr 1e-4); without the clamp it gav
 2e-4 and 3e-4. The paired s.e. is 1.5 where it was recorded (the last two).
 
 Measured with the defaults (`make main-job` on a fresh clone; 2 CPU cores, 2026-12-01; Avg@4 on the 200 held-out
-problems, T=0.7; s.e. over problems, deltas with the paired s.e.), 937 s in all (SFT 530 s, the three runs 310 s,
-four evaluations 90 s; AVSD and single view gave the same numbers as the two-run job of 2026-11-30). The warm start's greedy probe on 40 held-out problems: student prompt 35.0%, full_solution
+problems, T=0.7; s.e. over problems, deltas with the paired s.e.), 864 s in all (SFT 455 s, the three runs 320 s,
+four evaluations 83 s), on a machine without bubblewrap; the same numbers as the runs of 2026-11-30 and of the
+earlier 937 s run. The warm start's greedy probe on 40 held-out problems: student prompt 35.0%, full_solution
 97.5%, partial_solution 92.5%, answer_only 87.5%.
 
 | model                                         | Avg@4 (%)    | Pass@4 (%) | delta vs warm start |
