@@ -33,9 +33,10 @@ Transient, per phase:
 An allocator-slack share is added on the tensors (not on vLLM's own pool).
 
 Host per node: ranks/node x (process overhead + the pinned teacher copies: copy and swap buffer (no swap buffer
-when θ is restored from the master), each parameter tensor rounded up to a power of two by torch's pinned
-CachingHostAllocator, ATen/core/CachingHostAllocator.h:345 `c10::llvm::PowerOf2Ceil(size)`), plus the checkpoint
-staging of the node's shards.
+when θ is restored from the master), exactly their bytes: each is one flat buffer per dtype page-locked in place
+with cudaHostRegister (`hook.teacher_kinds._SwappingTeacher`), so torch's pinned CachingHostAllocator and its
+power-of-two rounding (ATen/core/CachingHostAllocator.h `c10::llvm::PowerOf2Ceil(size)`) are not involved), plus
+the checkpoint staging of the node's shards.
 
 Checkpoint disk: the model's tensors in model.dtype (padded vocab) + the optimizer state: with the distributed
 optimizer ('dp_reshardable') fp32 master and both moments of the padded DDP bucket (12 bytes per element, the master
@@ -204,10 +205,6 @@ def _gib(nbytes: float) -> float:
     return nbytes / GIB
 
 
-def _pow2_ceil(n: int) -> int:
-    return 1 << (n - 1).bit_length() if n > 1 else 1
-
-
 def compute_seconds(flops: float, gpus: int, gpu: GPUSpec, mfu: float, *, pp: int = 1, micro: int = 1) -> float:
     """FLOPs of one DP replica spread over its `gpus` at `mfu` of peak, times the 1F1B bubble (1 + (PP-1)/m)."""
     return flops / (gpus * gpu.bf16_tflops * 1e12 * mfu) * (1 + (pp - 1) / micro)
@@ -374,8 +371,7 @@ def estimate(cfg: TrainConfig, source: ModelSource, gpu: GPUSpec, *, nodes: int 
     pinned = 0
     if cfg.avsd.teacher != "live" and cfg.avsd.teacher_storage == "cpu":
         copy_bytes = 4 if cfg.avsd.teacher == "ema" else b
-        pinned = sum(_pow2_ceil(numel * copy_bytes) + (_pow2_ceil(numel * swap_b) if swap_b else 0)
-                     for _, numel in worst.tensors)
+        pinned = worst.count * (copy_bytes + swap_b)  # the flat teacher (and swap) buffers, no rounding
     ranks_here = min(gpus_per_node, world)
     opt_full = 8 if b == 4 else 12
     # On disk: the model once (DP replicas write it once) + the optimizer state. The distributed optimizer
@@ -388,8 +384,6 @@ def estimate(cfg: TrainConfig, source: ModelSource, gpu: GPUSpec, *, nodes: int 
     ckpt_rank = max(r.count * b + o for r, o in zip(stages, opt_disk, strict=True)) / dp
     host_total = ranks_here * (a.host_process_gib + _gib(pinned)) + _gib(ranks_here * ckpt_rank)
     host = {"process_gib": ranks_here * a.host_process_gib, "pinned_teacher_gib": _gib(ranks_here * pinned),
-            "pinned_teacher_unrounded_gib": _gib(ranks_here * (worst.count * (swap_b + (4 if cfg.avsd.teacher == "ema"
-                                                  else b)) if pinned else 0)),
             "checkpoint_staging_gib": _gib(ranks_here * ckpt_rank), "total_gib": host_total,
             "capacity_gib": gpu.host_gib_per_node, "fits": host_total <= gpu.host_gib_per_node}
     save_every = cfg.checkpoint.save_every

@@ -126,8 +126,8 @@ def format_table(est: Estimate) -> str:
     lines += [
         "",
         f"host memory per node: {est.host['total_gib']:.0f} GiB of {est.host['capacity_gib']:.0f} "
-        f"(processes {est.host['process_gib']:.0f}, pinned teacher {est.host['pinned_teacher_gib']:.1f} "
-        f"[{est.host['pinned_teacher_unrounded_gib']:.1f} before power-of-two rounding], checkpoint staging "
+        f"(processes {est.host['process_gib']:.0f}, pinned teacher {est.host['pinned_teacher_gib']:.1f}, "
+        f"checkpoint staging "
         f"{est.host['checkpoint_staging_gib']:.1f})",
         f"checkpoint disk: {est.checkpoint['per_checkpoint_gib']:.1f} GiB each, {est.checkpoint['kept']} kept = "
         f"{est.checkpoint['keep_last_gib']:.1f} GiB ({est.checkpoint['saves']} saves)",
