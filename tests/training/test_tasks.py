@@ -162,6 +162,7 @@ def test_math_rewards_grade_with_math_verify_and_unparseable_answers_get_the_fai
     assert graded[0].extras == {"answer": "42", "gold": "42"}
 
 
+@pytest.mark.bwrap
 def test_code_rewards_run_the_public_tests_and_missing_programs_get_the_failure_reward(tokenizer):
     cfg = from_dict({"data": {"sources": ["x.jsonl"], "task": "code"}, "avsd": {"views": CODE_VIEWS},
                      "algorithm": "grpo", "rollout": {"n": 3}, "grpo": {"failure_reward": -1.0},

@@ -259,6 +259,7 @@ def _leftover_cgroups(box: Sandbox) -> list[Path]:
     return [p for parent in box.cgroups.parents for p in parent.glob("avsd-sandbox-*")]
 
 
+@pytest.mark.bwrap
 @pytest.mark.parametrize("cgroup", ["auto", "off"], ids=["cgroup-or-fallback", "rlimit-fallback"])
 def test_sandbox_process_count_is_bounded(cgroup, recwarn):
     """200 forks: at most max_processes processes exist in the sandbox (the old sandbox let all 200 run)."""
@@ -285,6 +286,7 @@ print(held)
 """
 
 
+@pytest.mark.bwrap
 def test_sandbox_memory_is_bounded_for_all_processes_together():
     """8 children x 300 MiB, each under the per-process 512 MiB: with a cgroup at most one can hold its block."""
     box = Sandbox(SandboxConfig(wall_time_s=60.0, memory_mb=512))
@@ -297,6 +299,7 @@ def test_sandbox_memory_is_bounded_for_all_processes_together():
     assert _leftover_cgroups(box) == []
 
 
+@pytest.mark.bwrap
 @pytest.mark.parametrize("where", ["/dev/shm", "/tmp"])
 def test_sandbox_dev_shm_and_tmp_are_size_capped(where):
     box = Sandbox(SandboxConfig(tmpfs_mb=8, max_output_bytes=256 * 2**20))
@@ -314,6 +317,7 @@ except OSError as err:
     assert result.stdout.strip() == "ENOSPC", (result.stdout, result.stderr)
 
 
+@pytest.mark.bwrap
 def test_sandbox_runs_as_an_unprivileged_uid_without_capabilities(sandbox, unsafe):
     program = """
 import os
@@ -324,6 +328,7 @@ print(os.getuid(), os.geteuid(), os.getgid(), caps[0])
     assert result.stdout.split() == ["65534", "65534", "65534", "0000000000000000"], result.stderr
 
 
+@pytest.mark.bwrap
 def test_sandbox_sees_only_the_interpreter_and_system_libraries(sandbox, unsafe):
     probes = ["/etc/shadow", "/etc/passwd", str(REPO_ROOT / "avsd_megatron"), str(Path.home() / ".bashrc")]
     program = f"import os\nprint([os.path.exists(p) for p in {probes!r}])\nprint(sorted(os.listdir('/')))"
@@ -337,6 +342,7 @@ def test_sandbox_sees_only_the_interpreter_and_system_libraries(sandbox, unsafe)
     assert eval(control.stdout.splitlines()[0])[1] and eval(control.stdout.splitlines()[0])[2]
 
 
+@pytest.mark.bwrap
 def test_sandbox_without_a_cgroup_states_the_weaker_guarantee(monkeypatch):
     from avsd_megatron.verify import sandbox as sandbox_module
 
