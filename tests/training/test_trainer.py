@@ -153,27 +153,36 @@ def baselines_rank(cfg_datas: list[dict]) -> list[float]:
     return losses
 
 
+def _scripted_completions(engine, prompt_token_ids, n, texts) -> list:
+    """A scripted engine's completions: per prompt the first n of `texts(decoded prompt)`, each encoded and ended
+    with the engine's EOS (real tokenizer, no sampling)."""
+    from avsd_megatron.rollout.engine import Completion
+
+    out = []
+    for ids in prompt_token_ids:
+        for text in texts(engine.tokenizer.decode(ids))[:n]:
+            token_ids = engine.tokenizer.encode(text, add_special_tokens=False) + [engine.eos_token_ids[0]]
+            out.append(Completion(tuple(token_ids), text, "stop"))
+    return out
+
+
 def grpo_train_rank(cfg_data: dict) -> dict:
     """algorithm=grpo on the tiny math set with a scripted engine: per prompt completion 0 boxes the right answer,
     completion 1 states it without a box (unparseable: the reward-hacking guard gives it the failure reward)."""
     from avsd_megatron.data.tiny import TINY_TRAIN_PATH, read_jsonl
-    from avsd_megatron.rollout.engine import Completion
     from avsd_megatron.rollout.hf_engine import HFEngine
     from avsd_megatron.runtime import install
     from avsd_megatron.training.trainer import Trainer
 
     answers = {row["problem"]: row["answer"] for row in read_jsonl(TINY_TRAIN_PATH)}
 
+    def texts(prompt):
+        (answer,) = [a for problem, a in answers.items() if f"Problem: {problem}\n" in prompt]
+        return f"So it is \\boxed{{{answer}}}.", f"So it is {answer}."
+
     class ScriptedMathEngine(HFEngine):
         def generate(self, prompt_token_ids, params, seed, first_index=0):
-            out = []
-            for ids in prompt_token_ids:
-                prompt = self.tokenizer.decode(ids)
-                (answer,) = [a for problem, a in answers.items() if f"Problem: {problem}\n" in prompt]
-                for text in (f"So it is \\boxed{{{answer}}}.", f"So it is {answer}.")[: params.n]:
-                    token_ids = self.tokenizer.encode(text, add_special_tokens=False) + [self.eos_token_ids[0]]
-                    out.append(Completion(tuple(token_ids), text, "stop"))
-            return out
+            return _scripted_completions(self, prompt_token_ids, params.n, texts)
 
     install()
     cfg = from_dict(cfg_data)
@@ -188,7 +197,6 @@ def grpo_train_rank(cfg_data: dict) -> dict:
 def code_train_rank(cfg_data: dict, real_cfg_data: dict | None) -> dict:
     """`cfg_data` (data.task=code) for max_steps with a scripted engine (tests/training/test_trainer.py docstring), recording
     each step's completions and decoded feedback rows; then `real_cfg_data` (if given) with the real HF engine."""
-    from avsd_megatron.rollout.engine import Completion
     from avsd_megatron.rollout.hf_engine import HFEngine
     from avsd_megatron.runtime import install
     from avsd_megatron.training.trainer import Trainer
@@ -201,14 +209,11 @@ def code_train_rank(cfg_data: dict, real_cfg_data: dict | None) -> dict:
             self.programs = programs
 
         def generate(self, prompt_token_ids, params, seed, first_index=0):
-            out = []
-            for ids in prompt_token_ids:
-                prompt = self.tokenizer.decode(ids)
-                (reference,) = [code for problem, code in self.programs.items() if f"Problem:\n{problem}\n" in prompt]
-                for text in (f"<final_code>\n```python\n{reference}```\n</final_code>", "print('wrong')")[: params.n]:
-                    token_ids = self.tokenizer.encode(text, add_special_tokens=False) + [self.eos_token_ids[0]]
-                    out.append(Completion(tuple(token_ids), text, "stop"))
-            return out
+            return _scripted_completions(self, prompt_token_ids, params.n, self.texts)
+
+        def texts(self, prompt):
+            (reference,) = [code for problem, code in self.programs.items() if f"Problem:\n{problem}\n" in prompt]
+            return f"<final_code>\n```python\n{reference}```\n</final_code>", "print('wrong')"
 
     install()
     cfg = from_dict(cfg_data)
