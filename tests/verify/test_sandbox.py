@@ -8,6 +8,7 @@ tiny program; the few `kind="subprocess"` runs are the controls showing that the
 sandbox blocks.
 """
 
+import shutil
 import socket
 import sys
 import textwrap
@@ -352,3 +353,16 @@ def test_sandbox_without_a_cgroup_states_the_weaker_guarantee(monkeypatch):
     with pytest.warns(RuntimeWarning, match="no per-run cgroup \\(test: none here\\); weaker guarantee"):
         box = Sandbox(SandboxConfig(max_processes=16))
     assert "RLIMIT_NPROC 16 for uid 65534" in box.guarantee and "memory per process only" in box.guarantee
+
+
+def test_an_unmarked_test_that_finds_bwrap_fails():
+    """The guard of tests/conftest.py: this test has no `bwrap` marker, so finding bubblewrap must raise (where bwrap
+    is installed) instead of letting the test depend on it; without bwrap the lookup's own error comes first."""
+    from avsd_megatron.verify import sandbox as sandbox_module
+
+    if shutil.which("bwrap") is None:
+        with pytest.raises(SandboxUnavailableError, match="not on PATH"):
+            sandbox_module._find_bwrap(None)
+    else:
+        with pytest.raises(RuntimeError, match="not marked @pytest.mark.bwrap"):
+            sandbox_module._find_bwrap(None)
