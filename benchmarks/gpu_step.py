@@ -344,6 +344,8 @@ def predicted(args: argparse.Namespace, dp: int) -> dict[str, float]:
 
     if args.gpu not in GPUS:
         raise SystemExit(f"--gpu {args.gpu!r} is not one of {sorted(GPUS)}")
+    if dp < 1:
+        raise SystemExit(f"--dp {dp} must be >= 1 (the data-parallel size the planner assumes)")
     a, gpu = Assumptions(), GPUS[args.gpu]
     dims = dataclasses.replace(model_dims("Qwen3-8B").dims, num_layers=args.layers)
     gpus, rows, micro = args.tp * args.pp, args.micro_batch_size, args.micro_batches

@@ -169,3 +169,10 @@ def test_predict_runs_without_a_gpu_and_matches_the_readme_table(argv):
     assert cells == [f"{times['score_teachers']:.3f}", f"{times['update_student']:.3f}", f"{times['optimizer']:.3f}",
                      f"{step:.3f}", f"{times['swap']:.3f} / {times['swap_old']:.3f}"]
     assert times["swap"] < times["swap_old"]  # one copy in + the restore vs three copies
+
+
+@pytest.mark.parametrize("argv, message", [(["--gpu", "h900"], "--gpu 'h900' is not one of"),
+                                           (["--dp", "0"], "--dp 0 must be >= 1")])
+def test_predict_rejects_a_bad_gpu_or_dp(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        _gpu_step_module().main(["--predict", *argv])
